@@ -1,0 +1,22 @@
+"""jax_paged_attn: paged-KV-cache attention, KV-cache ops and fused MoE for LLM serving in JAX.
+
+The public API (see SPEC.md / README.md): ``KVCache``, ``write_kv``, ``copy_blocks``,
+``gather_blocks``, ``scatter_blocks``, ``update_kv_scales``, ``AttentionMetadata``,
+``check_metadata``, ``paged_attention``, ``paged_decode``, ``PagedAttention``, ``moe_topk``,
+``fused_moe``.
+"""
+
+from jax_paged_attn.attention import PagedAttention, paged_attention, paged_decode
+from jax_paged_attn.backends import BACKENDS
+from jax_paged_attn.cache import (KVCache, copy_blocks, gather_blocks, scatter_blocks,
+                                  update_kv_scales, write_kv)
+from jax_paged_attn.metadata import AttentionMetadata, check_metadata, metadata_checks
+from jax_paged_attn.moe import fused_moe, moe_topk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "AttentionMetadata", "KVCache", "PagedAttention", "check_metadata",
+    "copy_blocks", "fused_moe", "gather_blocks", "metadata_checks", "moe_topk",
+    "paged_attention", "paged_decode", "scatter_blocks", "update_kv_scales", "write_kv",
+]

@@ -1,0 +1,167 @@
+"""The ``xla`` backend: pure JAX, runs on every platform, and the readable oracle.
+
+Attention walks the KV cache in chunks of whole blocks with an online softmax, so it never
+materialises logits of size ``[T, H, max_context]``. Queries are processed in *q-tiles*: a
+tile is up to ``q_tile`` consecutive query rows of one sequence, so each KV block is gathered
+once per tile, not once per row. The tiles are enumerated on the device from
+``cu_seqlens_q`` (a prefix sum of ``ceil(n_i / q_tile)``) under a static bound, so nothing
+syncs with the host and a new batch composition does not recompile.
+
+The fused MoE sorts the (token, expert) pairs by expert and runs two grouped matmuls
+(``lax.ragged_dot``): each token meets only the experts it was routed to.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_HI = lax.Precision.HIGHEST
+
+
+def _tiles(cu_seqlens_q, context_lens, num_tokens: int, q_tile: int):
+    """Enumerates q-tiles: for tile ``i`` its sequence, first row and row count.
+
+    Returns (seq [NT], rows [NT, q_tile] (row index, ``T`` where invalid), pos [NT, q_tile]
+    (absolute position of each row in its context, -1 where invalid)).
+    """
+    num_seqs = context_lens.shape[0]
+    n_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]                      # [S]
+    tiles_per_seq = (n_q + q_tile - 1) // q_tile
+    tile_end = jnp.cumsum(tiles_per_seq)                            # [S]
+    # Each non-empty tile holds >= 1 row and each sequence adds at most one partial tile.
+    num_tiles = min(num_tokens, -(-num_tokens // q_tile) + num_seqs)
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    seq = jnp.searchsorted(tile_end, tile, side="right").astype(jnp.int32)
+    live = seq < num_seqs
+    seq = jnp.minimum(seq, num_seqs - 1)
+    first_tile = tile_end[seq] - tiles_per_seq[seq]
+    j = (tile - first_tile)[:, None] * q_tile + jnp.arange(q_tile, dtype=jnp.int32)[None, :]
+    valid = live[:, None] & (j < n_q[seq][:, None])
+    rows = jnp.where(valid, cu_seqlens_q[seq][:, None] + j, num_tokens)
+    pos = jnp.where(valid, (context_lens[seq] - n_q[seq])[:, None] + j, -1)
+    return seq, rows, pos
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_q, *,
+                    scale: float, softcap: float | None, sliding_window: int | None,
+                    alibi_slopes, sinks, k_scale, v_scale, q_tile: int | None = None,
+                    kv_chunk: int | None = None):
+    """SPEC §3 attention over a paged cache; arguments as in pallas_kernels/INTERFACE.md.
+
+    ``q_tile`` query rows share each KV gather; ``kv_chunk`` keys are processed per step
+    (rounded to whole blocks).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_pages.shape
+    group = num_heads // num_kv_heads
+    max_blocks = block_tables.shape[1]
+    if q_tile is None:   # one row per tile when the batch looks like decode
+        q_tile = 1 if num_tokens <= 2 * context_lens.shape[0] else 16
+    if kv_chunk is None:
+        kv_chunk = 128
+    blocks_per_step = max(1, kv_chunk // block_size)
+
+    seq, rows, pos = _tiles(cu_seqlens_q, context_lens, num_tokens, q_tile)
+    num_tiles = seq.shape[0]
+    lo = jnp.zeros_like(pos) if sliding_window is None else pos - sliding_window + 1
+    lo = jnp.maximum(lo, 0)
+
+    q_rows = jnp.take(q, rows, axis=0, mode="fill", fill_value=0)   # [NT, QT, H, D]
+    qt = q_rows.astype(jnp.float32).reshape(num_tiles, q_tile, num_kv_heads, group, head_dim)
+    slopes = None if alibi_slopes is None else alibi_slopes.reshape(num_kv_heads, group)
+
+    # The KV loop covers the union of what the tiles see, in whole steps of blocks.
+    any_row = pos >= 0
+    first_block = jnp.min(jnp.where(any_row, lo // block_size, max_blocks))
+    last_block = jnp.max(jnp.where(any_row, pos // block_size + 1, 0))
+    num_steps = jnp.maximum(last_block - first_block + blocks_per_step - 1, 0) // blocks_per_step
+
+    def dequant(pages, scale_vec):
+        x = pages.astype(jnp.float32)                       # [NT, BPS, Hkv, BS, D]
+        if scale_vec is not None:
+            x = x * scale_vec[None, None, :, None, None]
+        x = jnp.swapaxes(x, 1, 2)                           # [NT, Hkv, BPS, BS, D]
+        return x.reshape(num_tiles, num_kv_heads, blocks_per_step * block_size, head_dim)
+
+    def step(i, carry):
+        m, l, acc = carry                                   # [NT, Hkv, G, QT](,D)
+        blk = first_block + i * blocks_per_step + jnp.arange(blocks_per_step)
+        ids = block_tables[seq][:, jnp.minimum(blk, max_blocks - 1)]  # [NT, BPS]
+        k = dequant(k_pages[ids], k_scale)                  # [NT, Hkv, K, D]
+        v = dequant(v_pages[ids], v_scale)
+        key = (blk[:, None] * block_size + jnp.arange(block_size)).reshape(-1)  # [K]
+        visible = ((key[None, None, :] <= pos[:, :, None]) &
+                   (key[None, None, :] >= lo[:, :, None]) &
+                   (blk[:, None] < max_blocks).repeat(block_size, 1).reshape(-1))  # [NT, QT, K]
+        s = jnp.einsum("nqkgd,nksd->nkgqs", qt, k, precision=_HI) * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        if slopes is not None:
+            rel = (key[None, None, :] - pos[:, :, None]).astype(jnp.float32)  # [NT, QT, K]
+            s = s + slopes[None, :, :, None, None] * rel[:, None, None, :, :]
+        vis = visible[:, None, None, :, :]
+        s = jnp.where(vis, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # no key seen yet: avoid inf - inf
+        p = jnp.exp(s - m_safe[..., None])                  # masked logits give exactly 0
+        alpha = jnp.exp(m - m_safe)
+        # Masked keys may be NaN in the cache (unused slots): zero them, as 0 * NaN = NaN.
+        v = jnp.where(jnp.any(visible, axis=1)[:, None, :, None], v, 0.0)
+        pv = jnp.einsum("nkgqs,nksd->nkgqd", p, v, precision=_HI)
+        return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
+
+    shape = (num_tiles, num_kv_heads, group, q_tile)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    m, l, acc = lax.fori_loop(0, num_steps, step, init)
+    if sinks is not None:
+        sink = sinks.reshape(num_kv_heads, group)[None, :, :, None]
+        m_fin = jnp.maximum(m, sink)
+        l = l * jnp.exp(m - m_fin) + jnp.exp(sink - m_fin)
+        acc = acc * jnp.exp(m - m_fin)[..., None]
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(num_tiles * q_tile, num_heads, head_dim)
+    result = jnp.zeros((num_tokens, num_heads, head_dim), q.dtype)
+    return result.at[rows.reshape(-1)].set(out.astype(q.dtype), mode="drop")
+
+
+def paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs):
+    num_seqs = q.shape[0]
+    cu = jnp.arange(num_seqs + 1, dtype=jnp.int32)
+    return paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu, q_tile=1,
+                           **kwargs)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation: str):
+    """SPEC §4 fused MoE: expert-sorted tokens through two grouped matmuls."""
+    num_tokens, _ = x.shape
+    num_experts, _, inter2 = w_gate_up.shape
+    inter = inter2 // 2
+    top_k = topk_ids.shape[1]
+    ids = topk_ids.reshape(-1)
+    valid = (ids >= 0) & (ids < num_experts)
+    key = jnp.where(valid, ids, num_experts)        # other devices' experts sort last
+    order = jnp.argsort(key, stable=True)
+    token = order // top_k
+    group_sizes = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    xs = x[token]                                   # [T*k, Hd] in expert order
+    h = lax.ragged_dot(xs, w_gate_up, group_sizes, preferred_element_type=jnp.float32)
+    a = ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]
+    y = lax.ragged_dot(a.astype(x.dtype), w_down, group_sizes,
+                       preferred_element_type=jnp.float32)
+    w = topk_weights.reshape(-1)[order].astype(jnp.float32)
+    # Rows past sum(group_sizes) belong to no local expert: they contribute exactly zero.
+    y = jnp.where(valid[order][:, None], y * w[:, None], 0.0)
+    out = jnp.zeros((num_tokens, x.shape[1]), jnp.float32).at[token].add(y)
+    return out.astype(x.dtype)
