@@ -20,6 +20,10 @@ import pytest
 
 import jax_paged_attn as jpa
 
+# 8 host devices for the shard_map tests (set before the CPU backend starts; a GPU machine
+# keeps its GPUs as the default devices).
+jax.config.update("jax_num_cpu_devices", 8)
+
 FP8 = jnp.float8_e4m3fn
 
 # Tolerances by the query/activation dtype: |out - ref| <= atol + rtol * |ref| elementwise and
