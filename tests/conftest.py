@@ -13,6 +13,9 @@ import math
 import os
 import zlib
 
+# Several pytest-xdist workers share one GPU: none may grab 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import jax
 import jax.numpy as jnp
 import numpy as np
