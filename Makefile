@@ -13,7 +13,8 @@ BACKENDS ?= xla
 PYTEST_WORKERS ?= 2
 
 # JAX >= 0.11 needs Python >= 3.12; the machine's python3 may be older, so look for one.
-PYTHON312 := $(shell for p in python3.13 python3.12 $$(ls -d /root/.pyenv/versions/3.1[2-9]*/bin/python3 $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV) python3; do \
+PYTHON312 := $(shell for p in python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3 /root/.pyenv/versions/3.12*/bin/python3 2>/dev/null | sort -rV) \
+	  python3.13 $$(ls -d $$HOME/.pyenv/versions/3.1[3-9]*/bin/python3 /root/.pyenv/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV) python3; do \
 	  if $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then echo $$p; break; fi; done)
 
 .PHONY: demo test test-pinned test-newest gpu-test bench clean venv
