@@ -1,0 +1,1 @@
+"""KV-cache write kernels (slot-mapping scatter into the paged cache): ``triton.py``."""
