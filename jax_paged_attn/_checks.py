@@ -24,7 +24,7 @@ def dtype_name(dtype) -> str:
 def as_array(name: str, x, *, ndim: int | None = None) -> jax.Array:
     if x is None:
         raise ValueError(f"{name} must be an array, got None")
-    if not hasattr(x, "shape"):
+    if not isinstance(x, jax.Array):   # NumPy arrays and lists become JAX arrays
         try:
             x = jnp.asarray(x)
         except Exception as e:  # noqa: BLE001 - re-raised with the argument's name

@@ -127,6 +127,10 @@ def resolve(backend: str, op: str, *, interpret: bool, case: str | None = None,
         raise NotImplementedError(
             f"backend={backend!r} has no {op} kernels in this build; backends that implement "
             f"{op}: {available(op)}. Use backend='xla' (runs everywhere) or backend='auto'.")
+    if backend == "metal" and not interpret and p == "mps":
+        import metal_plugin
+        if not metal_plugin.dispatch_available():   # it says why, once
+            return "xla"
     if interpret:
         if not TABLE[backend].interpretable:
             raise NotImplementedError(f"backend={backend!r} has no interpret mode")

@@ -60,6 +60,30 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+# The query dtype the suite runs a backend in by default: Mosaic GPU kernels take bf16/f16
+# only (wgmma), so its conformance runs in bf16 with the bf16 tolerances.
+SUITE_DTYPE = {"mosaic": jnp.bfloat16}
+
+
+def suite_dtype(backend: str):
+    return SUITE_DTYPE.get(backend, jnp.float32)
+
+
+def supports(backend: str, *, head_dim, block_size, q_dtype, kv_dtype) -> bool:
+    """Whether the backend's kernels run this configuration (else they must raise
+    NotImplementedError naming what they support)."""
+    if backend == "xla":
+        return True
+    from jax_paged_attn import backends
+    try:
+        backends.module(backend, "attention").check_supported(
+            head_dim=head_dim, block_size=block_size, q_dtype=jnp.dtype(q_dtype),
+            kv_dtype=jnp.dtype(kv_dtype))
+    except NotImplementedError:
+        return False
+    return True
+
+
 def run_kw(backend: str) -> dict:
     """Keyword arguments that run ``backend`` here: interpreted kernels on a CPU."""
     return dict(backend=backend, interpret=backend != "xla" and on_cpu())

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_paged_attn as jpa
-from tests.conftest import assert_close, build_case, run_kw
+from tests.conftest import assert_close, build_case, run_kw, suite_dtype
 
 
 @st.composite
@@ -45,10 +45,11 @@ def test_random_batches_match_oracle(backend, batch):
         batch["pad_rows"] = 1                       # q needs at least one row
     case = build_case(np.random.default_rng(batch["seed"]), batch["seqs"],
                       num_heads=batch["num_heads"], num_kv_heads=batch["num_kv_heads"],
-                      head_dim=64, block_size=batch["block_size"], pad_rows=batch["pad_rows"])
+                      head_dim=64, block_size=batch["block_size"], pad_rows=batch["pad_rows"],
+                      dtype=suite_dtype(backend))
     opts = {k: (np.asarray(v, np.float32) if isinstance(v, list) else v)
             for k, v in batch["opts"].items()}
     out = jpa.paged_attention(case.q, case.cache, case.meta,
                               **{k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v)
                                  for k, v in opts.items()}, **run_kw(backend))
-    assert_close(out, case.reference(**opts), jnp.float32, what=str(batch))
+    assert_close(out, case.reference(**opts), case.q.dtype, what=str(batch))

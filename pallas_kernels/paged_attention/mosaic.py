@@ -16,8 +16,9 @@ Grids (all bounds static, from shapes):
 * prefill / mixed: ``(Hkv * G // num_wgs, NT)``. The q rows (all sequences packed) are cut into
   tiles of 64 rows that never cross a sequence; ``_plan_tiles`` enumerates them in jnp with a
   prefix sum over ``cu_seqlens_q`` (plus one pseudo-sequence with L = 0 for the padding rows
-  past ``cu_seqlens_q[S]``, so they come out as zeros). NT = T // 64 + S + 1 bounds the count;
-  spare tiles store nothing. GQA: the ``num_wgs`` warpgroups of a CTA are query heads sharing
+  past ``cu_seqlens_q[S]``, so they come out as zeros). Tiles start on multiples of 8 rows (TMA
+  into the tiled q buffer); NT = cdiv(T + 70 (S + 1), 64) bounds the count; spare tiles store
+  nothing. GQA: the ``num_wgs`` warpgroups of a CTA are query heads sharing
   one KV head, so each K/V page is loaded once for them. Each row is stored exactly once
   (a logarithmic ladder of TMA stores, as ``ragged_dot_mgpu``, writes only the tile's rows).
 * decode (``mosaic_decode.py``): ``(Hkv, S, splits)``; the GQA group is the M dimension of the

@@ -1,0 +1,236 @@
+"""Smoke test of the benchmark harness: the quick CPU path end to end (JSON fields, table, plot),
+and the counting formulas of benchmarks/shapes.py against brute force."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import shapes as S  # noqa: E402
+
+
+def test_decode_bytes():
+    # 64 seqs x 4096 tokens x 8 KV heads x 128 x 2 bytes, for K and for V: exactly 1 GiB.
+    assert S.DECODE.kv_bytes == 2**30
+    assert S.DECODE_LONG.kv_bytes == 2**30
+
+
+@pytest.mark.parametrize("shape", [S.TINY_MIXED, S.TINY_PREFILL, S.MIXED,
+                                   S.AttentionShape("x", ((0, 1), (5, 3), (17, 17)), 4, 2, 64)])
+def test_visible_pairs_brute_force(shape):
+    total = 0
+    for c, n in shape.seqs:
+        for j in range(n):
+            p = c + j                # SPEC §3: row j of n sits at p = L - n + j, sees t <= p
+            total += p + 1
+    assert shape.visible_pairs == total
+    assert shape.flops == 4 * total * shape.head_dim * shape.num_heads
+
+
+def test_prefill_flops_is_about_half_of_dense():
+    L = 8192
+    dense = 4 * L * L * 128 * 32
+    assert abs(S.PREFILL_8K.flops / dense - 0.5) < 1e-3
+
+
+def test_moe_counts():
+    s = S.MOE_MIXTRAL
+    assert s.flops == 2 * 4096 * 2 * (4096 * 2 * 14336 + 14336 * 4096)
+    assert sum(s.gemm_flops.values()) == s.flops
+    assert s.weight_bytes(8) == 8 * 3 * 4096 * 14336 * 2
+
+
+def test_kv_write_bytes():
+    assert S.KV_WRITE.bytes == 4 * 65536 * 8 * 128 * 2
+    assert S.KV_WRITE.num_blocks >= 65536 // 16
+
+
+def test_suites_have_the_same_groups():
+    full, tiny = S.suite(False), S.suite(True)
+    assert set(full) == set(tiny) == set(S.GROUPS)
+    for g in S.GROUPS:
+        assert len(full[g]) > 0 or g == "ceilings"
+        assert {type(x) for x in full[g]} == {type(x) for x in tiny[g]}
+    assert [s.seq_len for s in S.PREFILL_SWEEP] == [1024, 2048, 4096, 8192, 16384]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    js, png = str(d / "bench.json"), str(d / "bench.png")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env.pop("OUT", None)
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--backends", "xla,triton",
+           "--only", "decode,sweep,moe,kv_write",
+           "--shapes", "tiny_decode,tiny_prefill_32,tiny_prefill_64,tiny_moe_decode,tiny_kv_write",
+           "--json", js, "--plot", png]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with open(js) as f:
+        doc = json.load(f)
+    return doc, png, p.stdout
+
+
+def test_quick_run_json(quick_run):
+    doc, _, _ = quick_run
+    for key in ("device", "platform", "jax_version", "date", "ceilings", "rows", "counting"):
+        assert key in doc, key
+    assert doc["platform"] == "cpu"
+    assert doc["ceilings"]["copy"]["best"] > 0 and doc["ceilings"]["matmul"]["best"] > 0
+    rows = doc["rows"]
+    for r in rows:
+        for key in ("group", "shape", "impl", "kind", "status", "metric", "error"):
+            assert key in r, (key, r)
+        assert r["status"] in ("ok", "invalid", "error", "not_implemented", "skipped"), r
+        if r["status"] in ("ok", "invalid"):
+            assert r["time_s"] > 0 and r["value"] > 0 and r["iters"] >= 3, r
+        else:
+            assert r["error"], r          # a failure always says why
+    by = {(r["group"], r["shape"], r["impl"]): r for r in rows}
+    # our xla backend ran on every selected shape, and its numbers are related to the ceilings
+    for g, shape in (("decode", "tiny_decode"), ("sweep", "tiny_prefill_32"),
+                     ("sweep", "tiny_prefill_64"), ("moe", "tiny_moe_decode"),
+                     ("kv_write", "tiny_kv_write")):
+        r = by[(g, shape, "xla")]
+        assert r["status"] == "ok", r
+        assert r["frac_of_ceiling"] is not None and r["frac_of_ceiling"] > 0
+    assert by[("decode", "tiny_decode", "xla")]["metric"] == "TB/s"
+    assert by[("sweep", "tiny_prefill_64", "xla")]["metric"] == "TFLOP/s"
+    assert by[("moe", "tiny_moe_decode", "xla")]["metric"] == "TB/s"   # decode-shaped MoE
+    # a backend with no kernels here is recorded with its error, not dropped
+    t = by[("decode", "tiny_decode", "triton")]
+    assert t["status"] == "not_implemented" and "NotImplementedError" in t["error"]
+    # peers ran against the xla backend's output, or say why not
+    naive = by[("decode", "tiny_decode", "xla_gather_softmax")]
+    assert naive["status"] == "ok" and naive["check"]["ok"] and naive["check"]["rel_err"] < 2e-2
+    dpa = by[("sweep", "tiny_prefill_64", "xla_dpa")]
+    assert dpa["status"] == "ok" and dpa["check"]["ok"]
+    assert by[("sweep", "tiny_prefill_64", "cudnn")]["status"] == "skipped"
+    assert by[("moe", "tiny_moe_decode", "lax_ragged_dot:gate_up")]["status"] == "ok"
+    kv = by[("kv_write", "tiny_kv_write", "xla")]
+    assert "in_place" in kv and kv["config"]["donate_argnums"] == 0
+    # prefill work counted by the formula of PERF.md
+    assert by[("sweep", "tiny_prefill_64", "xla")]["work"]["flops"] == S.TINY_PREFILL.flops
+
+
+def test_quick_run_table_and_plot(quick_run):
+    _, png, stdout = quick_run
+    assert "group" in stdout and "tiny_decode" in stdout and "wrote" in stdout
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(png) > 10_000
+
+
+def test_plot_renders_from_json(quick_run, tmp_path):
+    from benchmarks import plot
+    doc, _, _ = quick_run
+    js = tmp_path / "x.json"
+    js.write_text(json.dumps(doc))
+    out = plot.render(str(js), str(tmp_path / "x.png"))
+    assert os.path.getsize(out) > 10_000
+    both = plot.render([str(js), str(js)], str(tmp_path / "y.png"))   # several runs, one figure
+    assert os.path.getsize(both) > 10_000
+
+
+def test_compare_flags_wrong_and_nan():
+    from benchmarks.run import compare
+    r = np.random.default_rng(0).normal(size=(8, 4, 16)).astype(np.float32)
+    assert compare(r, r, "bfloat16")["ok"]
+    bad = r.copy()
+    bad[0, 0, 0] = np.nan
+    c = compare(bad, r, "bfloat16")
+    assert not c["ok"] and c["nan_count"] == 1
+    assert not compare(r * 1.1, r, "bfloat16")["ok"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch peers' wiring (layouts, GQA, checks) with a tiny numpy stand-in for torch: torch
+# is not installed on the CPU machines, only on the GPU one.
+
+class _FakeTensor:
+    def __init__(self, a):
+        self.a = np.asarray(a, np.float32)
+
+    shape = property(lambda self: self.a.shape)
+
+    def clone(self):
+        return _FakeTensor(self.a.copy())
+
+    def copy_(self, src):
+        self.a[...] = src.a
+        return self
+
+    def repeat_interleave(self, n, dim):
+        return _FakeTensor(np.repeat(self.a, n, axis=dim))
+
+    def float(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.a
+
+
+def _fake_sdpa(q, k, v, is_causal=False, enable_gqa=False):
+    q, k, v = q.a, k.a, v.a
+    if k.shape[1] != q.shape[1]:
+        assert enable_gqa, "heads differ without enable_gqa"
+        k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+        v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
+    s = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if is_causal:   # torch's causal mask is top-left aligned
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return _FakeTensor(np.einsum("bhqk,bhkd->bhqd", p, v))
+
+
+def _fake_torch():
+    import types
+    torch = types.ModuleType("torch")
+    torch.__version__ = "fake"
+    torch.float32 = torch.bfloat16 = "dtype"
+    torch.from_dlpack = lambda x: _FakeTensor(np.asarray(x, np.float32))
+    torch.randn = lambda *shape, device=None, dtype=None: _FakeTensor(
+        np.random.default_rng(0).normal(size=shape))
+    torch.empty_like = lambda t: _FakeTensor(np.empty_like(t.a))
+    torch.matmul = lambda a, b: _FakeTensor(a.a @ b.a)
+    torch.cuda = types.SimpleNamespace(synchronize=lambda: None, empty_cache=lambda: None,
+                                       is_available=lambda: True)
+    nn = types.ModuleType("torch.nn")
+    functional = types.ModuleType("torch.nn.functional")
+    functional.scaled_dot_product_attention = _fake_sdpa
+    torch.nn, nn.functional = nn, functional
+    return torch, {"torch": torch, "torch.nn": nn, "torch.nn.functional": functional}
+
+
+def test_torch_peer_wiring(tmp_path, monkeypatch):
+    from benchmarks import run as R
+    torch, modules = _fake_torch()
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    args = R.parse_args(["--quick", "--backends", "xla", "--json", str(tmp_path / "t.json"),
+                         "--plot", "none", "--iters", "3"])
+    ctx = R.Ctx(args)
+    ctx.torch = torch
+    R.bench_ceilings(ctx)
+    R.bench_decode(ctx, S.TINY_DECODE)
+    R.bench_attention(ctx, S.TINY_PREFILL, "prefill")
+    by = {(r["shape"], r["impl"]): r for r in ctx.rows}
+    assert by[("copy_16MiB", "copy_torch")]["status"] == "ok"
+    assert by[("matmul_256", "matmul_torch")]["status"] == "ok"
+    for shape in ("tiny_decode", "tiny_prefill_64"):
+        r = by[(shape, "torch_sdpa")]
+        assert r["status"] == "ok", r
+        assert r["check"]["ok"] and r["check"]["rel_err"] < 2e-2, r["check"]
+        assert {t["config"]["enable_gqa"] for t in r["tried"]} == {True, False}
