@@ -9,7 +9,7 @@ VENV := .venv
 VENV_NEWEST := .venv-newest
 PY := $(VENV)/bin/python
 # Backends the conformance suite runs on this machine (kernels under their interpreters).
-BACKENDS ?= xla
+BACKENDS ?= xla,triton,mosaic,metal
 PYTEST_WORKERS ?= 2
 
 # JAX >= 0.11 needs Python >= 3.12; the machine's python3 may be older, so look for one.

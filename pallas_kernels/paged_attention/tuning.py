@@ -72,14 +72,16 @@ def dtype_kind(q_dtype, kv_dtype) -> str:
 # [block_m, D] within the register file.
 _TABLE: dict[tuple[int, str, str], BlockSizes] = {
     (64, "half", "prefill"): BlockSizes(block_m=128, block_k=64, num_warps=4, num_stages=3),
-    (128, "half", "prefill"): BlockSizes(block_m=128, block_k=64, num_warps=8, num_stages=3),
+    # H100 sweep (benchmarks/NOTES.md): 248 TFLOP/s on 1x8192 causal vs 227 with block_k=64.
+    (128, "half", "prefill"): BlockSizes(block_m=128, block_k=128, num_warps=8, num_stages=3),
     (256, "half", "prefill"): BlockSizes(block_m=64, block_k=32, num_warps=4, num_stages=2),
     (64, "f32", "prefill"): BlockSizes(block_m=64, block_k=32, num_warps=4, num_stages=2),
     (128, "f32", "prefill"): BlockSizes(block_m=64, block_k=32, num_warps=4, num_stages=2),
     (256, "f32", "prefill"): BlockSizes(block_m=32, block_k=32, num_warps=4, num_stages=2),
     # Decode streams K/V once: deep pipelines of 64-key tiles keep enough bytes in flight.
     (64, "half", "decode"): BlockSizes(block_k=128, num_warps=4, num_stages=3),
-    (128, "half", "decode"): BlockSizes(block_k=64, num_warps=4, num_stages=3),
+    # H100 sweep: 2.03 TB/s on 64 x 4096 vs 1.79 with 64-key tiles and 4 warps.
+    (128, "half", "decode"): BlockSizes(block_k=128, num_warps=8, num_stages=3),
     (256, "half", "decode"): BlockSizes(block_k=32, num_warps=4, num_stages=3),
     (64, "f32", "decode"): BlockSizes(block_k=64, num_warps=4, num_stages=2),
     (128, "f32", "decode"): BlockSizes(block_k=32, num_warps=4, num_stages=2),
