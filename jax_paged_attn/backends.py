@@ -24,6 +24,7 @@ class Backend:
     platforms: tuple[str, ...]   # JAX platforms it compiles for (interpret mode: any)
     modules: dict                # op -> module path holding the kernel entry points
     interpretable: bool          # can run on the CPU with interpret=True
+    min_capability: float = 0.0  # NVIDIA compute capability it needs (Hopper: 9.0)
 
 
 TABLE = {
@@ -38,7 +39,7 @@ TABLE = {
         "mosaic", ("gpu", "cuda"),
         {"attention": "pallas_kernels.paged_attention.mosaic",
          "moe": "pallas_kernels.moe.mosaic"},
-        True),
+        True, min_capability=9.0),
     "metal": Backend(
         "metal", ("mps",),
         {"attention": "metal_plugin", "kv_write": "metal_plugin", "moe": "metal_plugin"},
@@ -67,6 +68,18 @@ def platform() -> str:
 
 def _is_nvidia(p: str) -> bool:
     return p in ("gpu", "cuda")
+
+
+def _capability() -> float:
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", "0"))
+    except (ValueError, RuntimeError):
+        return 0.0
+
+
+def _runs_here(backend: str) -> bool:
+    need = TABLE[backend].min_capability
+    return need == 0.0 or _capability() >= need
 
 
 def built(backend: str, op: str) -> bool:
@@ -112,7 +125,7 @@ def resolve(backend: str, op: str, *, interpret: bool, case: str | None = None,
         else:
             choices = ()
         for name in choices:
-            if name == "xla" or not built(name, op):
+            if name == "xla" or not built(name, op) or not _runs_here(name):
                 continue
             if name == "metal":
                 import metal_plugin
@@ -142,6 +155,10 @@ def resolve(backend: str, op: str, *, interpret: bool, case: str | None = None,
         raise NotImplementedError(
             f"backend={backend!r} runs on {TABLE[backend].platforms}, but JAX runs on {p!r}. "
             f"Pass interpret=True to run its kernels on the CPU (tests), or use backend='xla'.")
+    elif not _runs_here(backend):
+        raise NotImplementedError(
+            f"backend={backend!r} needs compute capability >= {TABLE[backend].min_capability} "
+            f"(this GPU: {_capability()}); use backend='triton' or 'xla'.")
     if supported is not None:
         supported(backend)
     return backend
