@@ -50,13 +50,14 @@ TABLE = {
 # run the configuration (check_supported) is skipped, and xla is always the last resort.
 # "decode" is paged_decode; "prefill" is paged_attention (prefill chunks, decode tokens or any
 # mix). Measured on an H100 (benchmarks/NOTES.md, 2026-11-24):
-#   prefill 1x8192 causal bf16: mosaic 436 TFLOP/s, triton 248;  decode 64x4096: triton 2.03
-#   TB/s, mosaic 1.63;  MoE Mixtral: triton 481 TFLOP/s, mosaic 480;  MoE decode (64 tokens):
-#   xla (lax.ragged_dot) 2.05 TB/s of weights, triton 1.51.
+#   prefill 1x8192 causal bf16: mosaic 436 TFLOP/s, triton 248;  decode 64x4096: triton 2.53
+#   TB/s, mosaic 2.24;  KV write 64k tokens: triton 2.39 TB/s, XLA scatter 0.40;  MoE Mixtral:
+#   triton 465 TFLOP/s, mosaic 461;  MoE decode (64 tokens): xla (lax.ragged_dot) 2.40 TB/s of
+#   weights, triton 1.47.
 AUTO_GPU = {
     ("attention", "decode"): ("triton", "mosaic"),
     ("attention", "prefill"): ("mosaic", "triton"),
-    ("kv_write", None): ("xla",),
+    ("kv_write", None): ("triton",),
     ("moe", "prefill"): ("triton", "mosaic"),
     ("moe", "decode"): ("xla",),
 }

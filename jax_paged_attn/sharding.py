@@ -30,7 +30,7 @@ axis adds the devices' partial outputs.
 >>> mesh = Mesh(np.array(jax.devices()[:1]), ("tp",))
 >>> specs = attention_specs(mesh, "tp", num_heads=8, num_kv_heads=2)
 >>> specs.q, specs.cache.k
-(PartitionSpec(None, 'tp'), PartitionSpec(None, 'tp'))
+(P(None, 'tp'), P(None, 'tp'))
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax_paged_attn import _checks
 from jax_paged_attn.attention import PagedAttention, paged_attention, paged_decode
 from jax_paged_attn.cache import KVCache, validated_cache, write_kv
-from jax_paged_attn.metadata import AttentionMetadata
+from jax_paged_attn.metadata import AttentionMetadata, validated
 from jax_paged_attn.moe import fused_moe
 
 # The shard_maps below run with check_vma=False: the per-device bodies are the unchanged
@@ -356,8 +356,9 @@ def local_layer(layer: PagedAttention, axis_size: int) -> PagedAttention:
     on local shards. ALiBi slopes differ per device, so a layer with ``alibi_slopes`` raises
     ``ValueError``: use :func:`shard_layer`, which slices them per device.
 
-    >>> local_layer(PagedAttention(32, 128, 8), 16)      # 8 KV heads on 16 devices: 2 copies
-    PagedAttention(num_heads=2, head_dim=128, num_kv_heads=1, scale=None, softcap=None, sliding_window=None, alibi_slopes=None, backend='auto')
+    >>> local = local_layer(PagedAttention(32, 128, 8), 16)   # 8 KV heads on 16 devices: 2 copies
+    >>> local.num_heads, local.num_kv_heads, local.head_dim
+    (2, 1, 128)
     """
     if not isinstance(layer, PagedAttention):
         raise ValueError(f"layer must be a PagedAttention, got {type(layer).__name__}")
@@ -388,6 +389,7 @@ def shard_layer(mesh: Mesh, axis: str, layer: PagedAttention):
     base = dataclasses.replace(layer, alibi_slopes=None)
     local = local_layer(base, n)
     slopes = None if layer.alibi_slopes is None else jnp.asarray(layer.alibi_slopes, jnp.float32)
+    # The KV-write backend PagedAttention.__call__ picks (only the ALiBi path below needs it).
     write_backend = layer.backend if layer.backend in ("auto", "xla", "metal") else "auto"
 
     def step(q, k, v, cache, meta, *, sinks=None, interpret=False):
@@ -401,7 +403,15 @@ def shard_layer(mesh: Mesh, axis: str, layer: PagedAttention):
                 f"cache has {cache.num_kv_heads} KV heads of dim {cache.head_dim}; the layer "
                 f"on {n} devices expects {layout.cache_kv_heads} of dim {layer.head_dim} "
                 f"(build it with shard_cache(cache, mesh, {axis!r}, {layer.num_heads}))")
+        meta = validated(meta, num_tokens=q.shape[0], need_slots=True)
         k, v = (_checks.as_array(name, x, ndim=3) for name, x in (("k", k), ("v", v)))
+        heads = {layer.num_kv_heads, layout.cache_kv_heads}
+        if k.shape[1:] not in [(h, layer.head_dim) for h in heads]:
+            raise ValueError(f"k must have shape [T, Hkv, {layer.head_dim}] with Hkv in "
+                             f"{sorted(heads)} (the layer's KV heads, or replicated as the "
+                             f"cache is), got {tuple(k.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
         if k.shape[1] == layer.num_kv_heads and layout.replicas > 1:
             k, v = replicate_kv_heads(k, n), replicate_kv_heads(v, n)
         if sinks is not None:
