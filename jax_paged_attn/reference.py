@@ -46,6 +46,16 @@ def _tiles(cu_seqlens_q, context_lens, num_tokens: int, q_tile: int):
     return seq, rows, pos
 
 
+def _varying_like(x, tree):
+    """Inside ``shard_map`` (check_vma), loop carries must vary over the axes ``x`` varies over."""
+    aval = jax.typeof(x)
+    axis_type = getattr(aval, "manual_axis_type", None)   # jax 0.11; older: aval.vma
+    vma = tuple(sorted(axis_type.varying if axis_type is not None else getattr(aval, "vma", ())))
+    if not vma:
+        return tree
+    return jax.tree.map(lambda a: lax.pcast(a, vma, to="varying"), tree)
+
+
 def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_q, *,
                     scale: float, softcap: float | None, sliding_window: int | None,
                     alibi_slopes, sinks, k_scale, v_scale, q_tile: int | None = None,
@@ -117,6 +127,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
     shape = (num_tiles, num_kv_heads, group, q_tile)
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(shape + (head_dim,), jnp.float32))
+    init = _varying_like(q, init)
     m, l, acc = lax.fori_loop(0, num_steps, step, init)
     if sinks is not None:
         sink = sinks.reshape(num_kv_heads, group)[None, :, :, None]
