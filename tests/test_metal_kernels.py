@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("metal_plugin")
 import metal_plugin  # noqa: E402
+from tests import oracle  # noqa: E402
 from metal_plugin import specs  # noqa: E402
 
 FP8 = jnp.float8_e4m3fn
@@ -27,36 +28,18 @@ TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
 # ----------------------------------------------------------------------------- oracle
 def attention_oracle(q, kp, vp, bt, ctx, cu, *, scale, softcap=None, window=None,
                      alibi=None, sinks=None, k_scale=None, v_scale=None):
-    """SPEC §3 in float64, one query row at a time."""
-    q = np.asarray(q, np.float64)
-    kp = np.asarray(kp.astype(np.float32), np.float64)
-    vp = np.asarray(vp.astype(np.float32), np.float64)
-    T, H, D = q.shape
-    hkv, bs = kp.shape[1], kp.shape[2]
-    if k_scale is not None:
-        kp = kp * np.asarray(k_scale, np.float64)[None, :, None, None]
-        vp = vp * np.asarray(v_scale, np.float64)[None, :, None, None]
-    out = np.zeros((T, H, D))
-    for i in range(len(ctx)):
-        n, L = int(cu[i + 1] - cu[i]), int(ctx[i])
-        for j in range(n):
-            p = L - n + j
-            ts = np.arange(max(0, p - window + 1) if window else 0, p + 1)
-            if len(ts) == 0:
-                continue
-            blocks, offs = bt[i, ts // bs], ts % bs
-            for h in range(H):
-                kh = h // (H // hkv)
-                s = scale * (kp[blocks, kh, offs] @ q[cu[i] + j, h])
-                if softcap:
-                    s = softcap * np.tanh(s / softcap)
-                if alibi is not None:
-                    s = s + alibi[h] * (ts - p)
-                m = s.max() if sinks is None else max(s.max(), sinks[h])
-                w = np.exp(s - m)
-                den = w.sum() + (0.0 if sinks is None else math.exp(sinks[h] - m))
-                out[cu[i] + j, h] = (w / den) @ vp[blocks, kh, offs]
-    return out
+    """SPEC §3 in float64 (tests/oracle.py) on the keys the block tables address."""
+    def per_seq(pages, scale_vec):
+        pages = np.asarray(pages.astype(np.float32), np.float64)
+        if scale_vec is not None:
+            pages = pages * np.asarray(scale_vec, np.float64)[None, :, None, None]
+        bs = pages.shape[2]
+        return [pages[bt[i, np.arange(L) // bs], :, np.arange(L) % bs]   # [L, Hkv, D]
+                for i, L in enumerate(np.asarray(ctx))]
+
+    return oracle.attention(q, per_seq(kp, k_scale), per_seq(vp, v_scale), np.asarray(ctx),
+                            np.asarray(cu), scale=scale, softcap=softcap,
+                            sliding_window=window, alibi_slopes=alibi, sinks=sinks)
 
 
 def build_case(rng, seqs, *, heads, kv_heads, head_dim, block_size, q_dtype="float32",
@@ -285,24 +268,9 @@ def test_e4m3_encoding_matches_ml_dtypes_on_every_grid_point():
 
 # ----------------------------------------------------------------------------- MoE
 def moe_oracle(x, wgu, wd, w, ids, activation):
-    x, wgu, wd = (np.asarray(a, np.float64) for a in (x, wgu.astype(np.float32),
-                                                       wd.astype(np.float32)))
-    inter = wgu.shape[-1] // 2
-    y = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = ids[t, j]
-            if not 0 <= e < wgu.shape[0]:
-                continue
-            g, u = x[t] @ wgu[e, :, :inter], x[t] @ wgu[e, :, inter:]
-            if activation == "silu":
-                a = g / (1 + np.exp(-g))
-            elif activation == "gelu":
-                a = 0.5 * g * (1 + np.vectorize(math.erf)(g / math.sqrt(2)))
-            else:
-                a = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
-            y[t] += w[t, j] * ((a * u) @ wd[e])
-    return y
+    return oracle.moe(np.asarray(x, np.float64), np.asarray(wgu.astype(np.float32)),
+                      np.asarray(wd.astype(np.float32)), np.asarray(w), np.asarray(ids),
+                      activation)
 
 
 @pytest.mark.parametrize("activation,dtype", [("silu", "float32"), ("gelu", "float32"),
