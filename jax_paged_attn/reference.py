@@ -72,16 +72,24 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
     if q_tile is None:   # one row per tile when the batch looks like decode
         q_tile = 1 if num_tokens <= 2 * context_lens.shape[0] else 16
     if kv_chunk is None:
-        kv_chunk = 128
-    blocks_per_step = max(1, kv_chunk // block_size)
+        # Few, large steps: each gathers about 2^24 K elements (64 MiB in f32), at least 128
+        # and at most 4096 keys, so a loop step's fixed cost stays small against its bytes.
+        tiles = min(num_tokens, -(-num_tokens // q_tile) + context_lens.shape[0])
+        per_key = tiles * num_kv_heads * head_dim
+        kv_chunk = max(128, min(4096, max_blocks * block_size, (1 << 24) // per_key))
+    blocks_per_step = max(1, min(max_blocks, kv_chunk // block_size))
 
     seq, rows, pos = _tiles(cu_seqlens_q, context_lens, num_tokens, q_tile)
     num_tiles = seq.shape[0]
     lo = jnp.zeros_like(pos) if sliding_window is None else pos - sliding_window + 1
     lo = jnp.maximum(lo, 0)
 
+    # Half-precision q and pages stay in their dtype for the two matmuls (exact products, f32
+    # accumulation); float32 and float8 (scaled) caches compute in float32.
+    half = q.dtype == k_pages.dtype and q.dtype != jnp.float32
+    compute = q.dtype if half else jnp.float32
     q_rows = jnp.take(q, rows, axis=0, mode="fill", fill_value=0)   # [NT, QT, H, D]
-    qt = q_rows.astype(jnp.float32).reshape(num_tiles, q_tile, num_kv_heads, group, head_dim)
+    qt = q_rows.astype(compute).reshape(num_tiles, q_tile, num_kv_heads, group, head_dim)
     slopes = None if alibi_slopes is None else alibi_slopes.reshape(num_kv_heads, group)
 
     # The KV loop covers the union of what the tiles see, in whole steps of blocks.
@@ -91,7 +99,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
     num_steps = jnp.maximum(last_block - first_block + blocks_per_step - 1, 0) // blocks_per_step
 
     def dequant(pages, scale_vec):
-        x = pages.astype(jnp.float32)                       # [NT, BPS, Hkv, BS, D]
+        x = pages.astype(compute)                           # [NT, BPS, Hkv, BS, D]
         if scale_vec is not None:
             x = x * scale_vec[None, None, :, None, None]
         x = jnp.swapaxes(x, 1, 2)                           # [NT, Hkv, BPS, BS, D]
@@ -107,7 +115,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
         visible = ((key[None, None, :] <= pos[:, :, None]) &
                    (key[None, None, :] >= lo[:, :, None]) &
                    (blk[:, None] < max_blocks).repeat(block_size, 1).reshape(-1))  # [NT, QT, K]
-        s = jnp.einsum("nqkgd,nksd->nkgqs", qt, k, precision=_HI) * scale
+        s = jnp.einsum("nqkgd,nksd->nkgqs", qt, k, precision=_HI,
+                       preferred_element_type=jnp.float32) * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         if slopes is not None:
@@ -120,8 +129,9 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
         p = jnp.exp(s - m_safe[..., None])                  # masked logits give exactly 0
         alpha = jnp.exp(m - m_safe)
         # Masked keys may be NaN in the cache (unused slots): zero them, as 0 * NaN = NaN.
-        v = jnp.where(jnp.any(visible, axis=1)[:, None, :, None], v, 0.0)
-        pv = jnp.einsum("nkgqs,nksd->nkgqd", p, v, precision=_HI)
+        v = jnp.where(jnp.any(visible, axis=1)[:, None, :, None], v, jnp.zeros((), v.dtype))
+        pv = jnp.einsum("nkgqs,nksd->nkgqd", p.astype(compute), v, precision=_HI,
+                        preferred_element_type=jnp.float32)
         return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
     shape = (num_tiles, num_kv_heads, group, q_tile)

@@ -114,6 +114,19 @@ def test_align_layout(T, k, E, block_m):
     assert np.all(np.diff(mine) > 0) and len(mine) == counts[e]
 
 
+@pytest.mark.parametrize("T,k,E,block_m", [(13, 2, 5, 4), (1, 1, 8, 16), (40, 3, 4, 16),
+                                           (7, 2, 64, 8), (64, 2, 8, 32), (300, 6, 64, 16)])
+def test_common_align_matches_align(T, k, E, block_m):
+  """The kernels' while-loop-free alignment is align.align_tokens bit for bit."""
+  ids = np.random.default_rng(T + E).integers(-2, E + 2, size=(T, k)).astype(np.int32)
+  want = moe_align.align_tokens(jnp.asarray(ids), E, block_m)
+  fn = jax.jit(common.align_tokens, static_argnums=(1, 2))
+  got = fn(jnp.asarray(ids), E, block_m)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  assert "while" not in fn.lower(jnp.asarray(ids), E, block_m).as_text()
+
+
 def test_align_all_invalid():
   a = moe_align.align_tokens(jnp.full((5, 2), 9, jnp.int32), 4, 16)
   assert int(a.num_rows) == 0
@@ -126,6 +139,13 @@ def test_align_all_invalid():
 SMALL = tuning.MoeBlocks(16, tuning.GemmBlocks(16, 32, group_m=2),
                          tuning.GemmBlocks(32, 16, group_m=2))
 
+# Split-K down GEMM (3 splits of a ragged K = 40: the last split is partly past the end;
+# K = 48 in 2 splits of 32 overshoots an exactly tiled K) and evict-first weight loads.
+SPLIT3 = tuning.MoeBlocks(16, tuning.GemmBlocks(16, 32, group_m=2, evict_first=True),
+                          tuning.GemmBlocks(32, 16, group_m=2, split_k=3, evict_first=True))
+SPLIT2 = tuning.MoeBlocks(16, tuning.GemmBlocks(32, 16, group_m=1 << 20),
+                          tuning.GemmBlocks(16, 16, group_m=1 << 20, split_k=2))
+
 CASES = [  # (seed, T, Hd, I, E, k, dtype, activation, blocks)
     (0, 13, 48, 40, 5, 2, jnp.float32, "silu", SMALL),       # ragged K and N edges
     (1, 13, 48, 40, 5, 2, jnp.float32, "gelu", SMALL),
@@ -134,6 +154,8 @@ CASES = [  # (seed, T, Hd, I, E, k, dtype, activation, blocks)
     (4, 9, 32, 48, 4, 1, jnp.bfloat16, "gelu", SMALL),
     (5, 17, 64, 64, 6, 2, jnp.float16, "gelu_tanh", SMALL),
     (6, 19, 64, 48, 8, 2, jnp.float32, "silu", None),        # tuning-table blocks
+    (15, 13, 48, 40, 5, 2, jnp.float32, "silu", SPLIT3),
+    (16, 11, 32, 48, 4, 2, jnp.bfloat16, "gelu", SPLIT2),
 ]
 
 
@@ -174,6 +196,8 @@ def test_triton_unsupported():
     moe_triton.check_supported(dtype=jnp.float32, activation="relu")
   with pytest.raises(ValueError, match="block_n"):
     tuning.GemmBlocks(24, 32)
+  with pytest.raises(ValueError, match="launch"):
+    tuning.GemmBlocks(32, 32, split_k=0)
 
 
 def test_erf_approximation():

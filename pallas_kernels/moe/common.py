@@ -70,11 +70,66 @@ def check_supported(*, dtype, backend: str, activation: str = "silu", w_dtype=No
 
 
 def combine(rows_out, positions, num_tokens: int, top_k: int, out_dtype):
-  """y[t] = sum_j rows_out[positions[t*k + j]] in f32, without a scatter.
+  """y[t] = sum_s sum_j rows_out[s, positions[t*k + j]] in f32, without a scatter.
 
-  ``rows_out`` f32[P, Hd] is the down-GEMM output in padded expert order, already scaled
-  by the routing weights; slots with ids outside [0, E) have ``position == P`` and read 0.
+  ``rows_out`` f32[P, Hd] (or f32[S, P, Hd]: S partial sums over split K ranges) is the
+  down-GEMM output in padded expert order, already scaled by the routing weights; slots
+  with ids outside [0, E) have ``position == P`` and read 0. Only rows named by
+  ``positions`` are read (rows of unused tiles may hold anything). One XLA fusion.
   """
-  g = jnp.take(rows_out, positions, axis=0, mode="fill", fill_value=0)  # [N, Hd]
-  g = g.reshape(num_tokens, top_k, rows_out.shape[-1]).astype(jnp.float32)
-  return jnp.sum(g, axis=1).astype(out_dtype)
+  parts = rows_out if rows_out.ndim == 3 else rows_out[None]
+  g = jnp.take(parts, positions, axis=1, mode="fill", fill_value=0)  # [S, N, Hd]
+  g = g.reshape(parts.shape[0], num_tokens, top_k, parts.shape[-1]).astype(jnp.float32)
+  return jnp.sum(g, axis=(0, 2)).astype(out_dtype)
+
+
+def align_tokens(topk_ids, num_experts: int, block_m: int):
+  """``align.align_tokens`` (same ``Alignment``, bit for bit) without its while loops.
+
+  ``jnp.searchsorted``'s default method is a binary search in a ``while`` loop: on a GPU
+  each iteration is its own kernel launch(es), a fixed cost of tens of microseconds per
+  call that a 1 ms decode step notices. Here both searches are a broadcast comparison
+  (``method="compare_all"``: [E+1, N] and [P, E] booleans, one fused reduction each),
+  which is cheap for every expert count the kernels meet (E <= a few hundred).
+  """
+  from pallas_kernels.moe import align as _align   # noqa: PLC0415 (align imports nothing)
+
+  if topk_ids.ndim != 2:
+    raise ValueError(f"topk_ids must be [T, k], got shape {topk_ids.shape}")
+  num_slots = topk_ids.size
+  num_rows_bound = _align.padded_rows(num_slots, num_experts, block_m)
+  search = lambda a, v, side: jnp.searchsorted(  # noqa: E731
+      a, v, side=side, method="compare_all").astype(jnp.int32)
+
+  flat = topk_ids.reshape(-1).astype(jnp.int32)
+  valid = (flat >= 0) & (flat < num_experts)
+  key = jnp.where(valid, flat, num_experts)  # invalid ids sort after every expert
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)  # [N]
+  sorted_key = key[order]
+
+  experts = jnp.arange(num_experts + 1, dtype=jnp.int32)
+  starts = search(sorted_key, experts, "left")  # [E+1]
+  counts = starts[1:] - starts[:-1]  # [E]
+  padded_counts = (counts + block_m - 1) // block_m * block_m
+  padded_ends = jnp.cumsum(padded_counts).astype(jnp.int32)  # [E]
+  padded_starts = padded_ends - padded_counts
+  num_rows = padded_ends[-1]
+
+  rows = jnp.arange(num_rows_bound, dtype=jnp.int32)
+  row_expert = search(padded_ends, rows, "right")
+  e_c = jnp.minimum(row_expert, num_experts - 1)
+  rank = rows - padded_starts[e_c]
+  row_used = (row_expert < num_experts) & (rank < counts[e_c])
+  src = jnp.clip(starts[e_c] + rank, 0, num_slots - 1)
+  sorted_slots = jnp.where(row_used, order[src], num_slots).astype(jnp.int32)
+
+  tile_expert = row_expert[::block_m]
+  tile_experts = jnp.where(tile_expert < num_experts, tile_expert, -1).astype(jnp.int32)
+
+  i = jnp.arange(num_slots, dtype=jnp.int32)
+  ke = jnp.minimum(sorted_key, num_experts - 1)
+  pos_sorted = jnp.where(sorted_key < num_experts,
+                         padded_starts[ke] + i - starts[ke], num_rows_bound)
+  positions = jnp.zeros((num_slots,), jnp.int32).at[order].set(
+      pos_sorted.astype(jnp.int32), unique_indices=True)
+  return _align.Alignment(sorted_slots, tile_experts, positions, num_rows)

@@ -3,22 +3,26 @@
     y[t] = sum_j w[t, j] * (act(x[t] @ Wg[e]) * (x[t] @ Wu[e])) @ Wd[e],  e = ids[t, j]
 
 Three steps, all on the device, all with static shapes:
-1. ``align.align_tokens``: the T*k (token, slot) pairs sorted by expert, each expert padded
-   to ``block_m`` rows, one expert id per ``block_m``-row tile (-1: unused tile).
+1. ``common.align_tokens`` (the layout of ``align.align_tokens``): the T*k (token, slot)
+   pairs sorted by expert, each expert padded to ``block_m`` rows, one expert id per
+   ``block_m``-row tile (-1: unused tile).
 2. Kernel 1 (``moe_gate_up``): grouped GEMM. Program (m, n) gathers the ``block_m`` rows
    of ``x`` named by tile m, multiplies them by the n-th ``block_n`` columns of both the
    gate and the up half of ``w_gate_up[e]`` (two accumulators in one program, so the
    epilogue fuses ``act(gate) * up``) and writes ``h`` [P, I] in padded expert order.
-3. Kernel 2 (``moe_down``): grouped GEMM ``h @ w_down[e]``, scaled per row by the routing
-   weight in the epilogue, written in f32 in padded expert order; then the top-k combine
-   gathers each token's k rows and sums them in f32 (no scatter, no atomics).
+3. Kernel 2 (``moe_down``): grouped GEMM ``h @ w_down[e]``, optionally split over K into
+   ``split_k`` f32 partial sums (decode: N = Hd alone gives too few, too long programs),
+   scaled per row by the routing weight in the epilogue, written in padded expert order;
+   then the top-k combine gathers each token's k rows of every split and sums them in f32
+   (no scatter, no atomics).
 
-Grid: one axis of ``grid_m * grid_n`` programs, swizzled so ``group_m`` row tiles run
-next to each other over each weight tile (L2 reuse). Decode-shaped calls use
+Grid: one axis of ``grid_m * grid_n`` (x ``split_k``) programs, swizzled so ``group_m``
+row tiles run next to each other over each weight tile (L2 reuse). Decode-shaped calls use
 ``group_m >= grid_m``: all tiles of an expert read a weight tile at the same time, so the
-weights stream from HBM once. Tiles with expert -1 write zeros and skip the GEMM; rows
-that pad an expert's run load ``x`` as zeros (masked gather), so every output element is
-written with a defined value. Static: the shapes, ``top_k``, ``activation``, the blocks.
+weights stream from HBM once. Tiles with expert -1 skip the GEMM and write nothing (no
+later step reads their rows); rows that pad an expert's run load ``x`` as zeros (masked
+gather), so every row a later step reads is written with a defined value. Static: the
+shapes, ``top_k``, ``activation``, the blocks.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.moe import common
 from pallas_kernels.moe import tuning
-from pallas_kernels.moe.align import align_tokens
 from pallas_kernels.moe.tuning import GemmBlocks, MoeBlocks
 
 ACTIVATIONS = common.ACTIVATIONS
@@ -79,8 +82,12 @@ def _and(a, b):
   return a & b
 
 
-def _load(ref, mask):
+def _load(ref, mask, evict_first: bool = False):
   # Masked-off elements read as 0 (padding rows, K/N edges); unmasked loads stay plain.
+  # ``evict_first``: streamed weights, read once, should not push x / h out of L2.
+  if evict_first:
+    return pltr.load(ref, mask=mask, other=None if mask is None else 0,
+                     eviction_policy="evict_first")
   if mask is None:
     return ref[...]
   return pltr.load(ref, mask=mask, other=0)
@@ -113,10 +120,8 @@ def _gate_up_kernel(
   out_ref = h_ref.at[pl.ds(row0, block_m), pl.ds(col0, bn)]
   expert = experts_ref[m]
 
-  @pl.when(expert < 0)
-  def _():
-    _store(out_ref, jnp.zeros((block_m, bn), h_ref.dtype), out_mask)
-
+  # Unused tiles (expert -1) write nothing: no later step reads their rows (the down
+  # kernel skips them too and the combine only gathers rows of routed slots).
   @pl.when(expert >= 0)
   def _():
     slots = slots_ref[pl.ds(row0, block_m)]  # [block_m]
@@ -133,14 +138,22 @@ def _gate_up_kernel(
       # Row gather: both indices as arrays (the interpreter cannot mix arrays and slices).
       cols = k0 + jnp.arange(bk, dtype=jnp.int32)
       x = _load(x_ref.at[tokens[:, None], cols[None, :]], x_mask)  # [bm, bk]
-      w_g = _load(w_ref.at[expert, pl.ds(k0, bk), pl.ds(col0, bn)], w_mask)  # [bk, bn]
-      w_u = _load(w_ref.at[expert, pl.ds(k0, bk), pl.ds(inter + col0, bn)], w_mask)
+      w_g = _load(w_ref.at[expert, pl.ds(k0, bk), pl.ds(col0, bn)], w_mask,
+                  blocks.evict_first)  # [bk, bn]
+      w_u = _load(w_ref.at[expert, pl.ds(k0, bk), pl.ds(inter + col0, bn)], w_mask,
+                  blocks.evict_first)
       return acc_g + _dot(x, w_g), acc_u + _dot(x, w_u)
 
     zeros = jnp.zeros((block_m, bn), jnp.float32)
     acc_g, acc_u = lax.fori_loop(0, pl.cdiv(hidden, bk), body, (zeros, zeros))
     h = common.apply_activation(acc_g, activation) * acc_u
     _store(out_ref, h.astype(h_ref.dtype), out_mask)
+
+
+def split_k_chunk(inter: int, blocks: GemmBlocks) -> int:
+  """K rows per split of the down GEMM: a multiple of block_k covering inter in split_k."""
+  per = pl.cdiv(inter, blocks.split_k)
+  return pl.cdiv(per, blocks.block_k) * blocks.block_k
 
 
 def _down_kernel(
@@ -151,37 +164,40 @@ def _down_kernel(
     w_ref,        # [E, I, Hd]
     tw_ref,       # f32[N]   routing weight of each slot
     # outputs
-    o_ref,        # f32[P, Hd]  routing-weighted expert outputs, padded expert order
+    o_ref,        # f32[S, P, Hd]  routing-weighted partial sums over K split s, padded order
     *, num_slots: int, block_m: int, blocks: GemmBlocks, grid_m: int, grid_n: int):
   bn, bk = blocks.block_n, blocks.block_k
-  inter, hidden = h_ref.shape[1], o_ref.shape[1]
-  m, n = _tile_coords(pl.program_id(0), grid_m, grid_n, blocks.group_m)
+  inter, hidden = h_ref.shape[1], o_ref.shape[2]
+  chunk = split_k_chunk(inter, blocks)
+  pid = pl.program_id(0)
+  s = pid // (grid_m * grid_n)   # K split: outermost, tiles of one split run together
+  m, n = _tile_coords(pid % (grid_m * grid_n), grid_m, grid_n, blocks.group_m)
   row0 = pl.multiple_of(m * block_m, block_m)
   col0 = pl.multiple_of(n * bn, bn)
+  k_begin = pl.multiple_of(s * chunk, bk)
   n_mask = _edge_mask(col0, bn, hidden)
+  # K tiles need a mask when the last one crosses ``inter`` (ragged K, or splits that
+  # overshoot it); statically known.
+  k_masked = inter % bk != 0 or chunk * blocks.split_k > inter
   out_mask = None if n_mask is None else n_mask[None, :]
-  out_ref = o_ref.at[pl.ds(row0, block_m), pl.ds(col0, bn)]
+  out_ref = o_ref.at[s, pl.ds(row0, block_m), pl.ds(col0, bn)]
   expert = experts_ref[m]
 
-  @pl.when(expert < 0)
-  def _():
-    _store(out_ref, jnp.zeros((block_m, bn), o_ref.dtype), out_mask)
-
-  @pl.when(expert >= 0)
+  @pl.when(expert >= 0)   # unused tiles: nothing reads their rows (see the combine)
   def _():
 
     def body(i, acc):
-      k0 = pl.multiple_of(i * bk, bk)
-      k_mask = _edge_mask(k0, bk, inter)
+      k0 = pl.multiple_of(k_begin + i * bk, bk)
+      k_mask = (k0 + jnp.arange(bk) < inter) if k_masked else None
       h_mask = None if k_mask is None else k_mask[None, :]
       w_mask = _and(None if k_mask is None else k_mask[:, None],
                     None if n_mask is None else n_mask[None, :])
       h = _load(h_ref.at[pl.ds(row0, block_m), pl.ds(k0, bk)], h_mask)  # [bm, bk]
-      w = _load(w_ref.at[expert, pl.ds(k0, bk), pl.ds(col0, bn)], w_mask)  # [bk, bn]
+      w = _load(w_ref.at[expert, pl.ds(k0, bk), pl.ds(col0, bn)], w_mask,
+                blocks.evict_first)  # [bk, bn]
       return acc + _dot(h, w)
 
-    acc = lax.fori_loop(0, pl.cdiv(inter, bk), body,
-                        jnp.zeros((block_m, bn), jnp.float32))
+    acc = lax.fori_loop(0, chunk // bk, body, jnp.zeros((block_m, bn), jnp.float32))
     slots = slots_ref[pl.ds(row0, block_m)]
     row_ok = slots < num_slots
     tw = pltr.load(tw_ref.at[jnp.where(row_ok, slots, 0)], mask=row_ok, other=0.0)
@@ -190,7 +206,12 @@ def _down_kernel(
 
 def moe_gate_up(sorted_slots, tile_experts, x, w_gate_up, *, top_k: int, activation: str,
                 block_m: int, blocks: GemmBlocks, interpret: bool = False):
-  """Kernel 1: h[P, I] = act(x[rows] @ Wg[e]) * (x[rows] @ Wu[e]) per row tile."""
+  """Kernel 1: h[P, I] = act(x[rows] @ Wg[e]) * (x[rows] @ Wu[e]) per row tile.
+
+  Rows of unused tiles (expert -1) are left unwritten.
+  """
+  if blocks.split_k != 1:
+    raise ValueError(f"the gate/up GEMM cannot split K (nonlinear epilogue): {blocks}")
   num_rows = sorted_slots.shape[0]
   inter = w_gate_up.shape[2] // 2
   grid_m, grid_n = num_rows // block_m, pl.cdiv(inter, blocks.block_n)
@@ -211,7 +232,11 @@ def moe_gate_up(sorted_slots, tile_experts, x, w_gate_up, *, top_k: int, activat
 
 def moe_down(sorted_slots, tile_experts, h, w_down, slot_weights, *, block_m: int,
              blocks: GemmBlocks, interpret: bool = False):
-  """Kernel 2: o[P, Hd] = slot_weight[row] * (h[rows] @ Wd[e]) in f32 per row tile."""
+  """Kernel 2: o[s, P, Hd] = slot_weight[row] * (h[rows, K_s] @ Wd[e][K_s]) in f32.
+
+  ``blocks.split_k`` = S partial sums over disjoint K ranges (summed by the combine);
+  rows of unused tiles are left unwritten.
+  """
   num_rows = sorted_slots.shape[0]
   hidden = w_down.shape[2]
   grid_m, grid_n = num_rows // block_m, pl.cdiv(hidden, blocks.block_n)
@@ -220,12 +245,13 @@ def moe_down(sorted_slots, tile_experts, h, w_down, slot_weights, *, block_m: in
       grid_m=grid_m, grid_n=grid_n)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((num_rows, hidden), jnp.float32),  # o
-      grid=(grid_m * grid_n,),
+      out_shape=jax.ShapeDtypeStruct((blocks.split_k, num_rows, hidden), jnp.float32),
+      grid=(grid_m * grid_n * blocks.split_k,),
       compiler_params=pltr.CompilerParams(num_warps=blocks.num_warps,
                                           num_stages=blocks.num_stages),
       interpret=interpret,
-      name=f"moe_down_bm{block_m}_bn{blocks.block_n}_bk{blocks.block_k}",
+      name=(f"moe_down_bm{block_m}_bn{blocks.block_n}_bk{blocks.block_k}"
+            f"_sk{blocks.split_k}"),
   )(sorted_slots, tile_experts, h, w_down, slot_weights)
 
 
@@ -248,7 +274,7 @@ def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation: str,
   if blocks is None:
     blocks = tuning.get_blocks(num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
                                hidden=hidden, inter=two_inter // 2, dtype=x.dtype)
-  a = align_tokens(topk_ids, num_experts, blocks.block_m)
+  a = common.align_tokens(topk_ids, num_experts, blocks.block_m)
   h = moe_gate_up(a.sorted_slots, a.tile_experts, x, w_gate_up, top_k=top_k,
                   activation=activation, block_m=blocks.block_m, blocks=blocks.gate_up,
                   interpret=interpret)

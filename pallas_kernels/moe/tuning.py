@@ -30,13 +30,16 @@ class GemmBlocks:
   group_m: int = 8      # tiles of M launched next to each other (L2 reuse of weight tiles)
   num_warps: int = 4
   num_stages: int = 3
+  split_k: int = 1      # down GEMM only: K ranges summed afterwards (f32 partials)
+  evict_first: bool = False  # weight loads marked evict-first (streamed once, keep x/h in L2)
 
   def __post_init__(self):
     for name in ("block_n", "block_k"):
       v = getattr(self, name)
       if not (_pow2(v) and v >= 16):
         raise ValueError(f"{name}={v} must be a power of two >= 16")
-    if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+    if (self.group_m < 1 or self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1
+        or self.split_k < 1):
       raise ValueError(f"invalid launch parameters in {self}")
 
 

@@ -56,6 +56,16 @@ LOG2E = math.log2(math.e)
 # are additionally zeroed with `where`, so such rows keep l == 0 and come out as exact zeros.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _NUM_OPTIONAL = 4  # alibi_slopes, sinks, k_scale, v_scale
+# Code-shape switches read at trace time (scripts/triton_attn_sweep.py flips them and calls
+# jax.clear_caches()); the defaults are the measured best (benchmarks/NOTES.md, "Triton attention").
+#   prefetch_pages: the block-table ids of tile j + 1 are loaded in iteration j and carried, so
+#     the K/V gathers of the loop depend on a loop-carried value, not on a load of the same
+#     iteration: Triton's pipeliner then gives K/V num_stages - 1 buffers instead of splitting
+#     the stages between the page-id load and the K/V load (1 buffer at num_stages 3).
+#   fold_scale: unmasked tiles take the row max of the raw q.k and compute exp2(s * c - m) (one
+#     FMA per logit instead of a multiply and a subtract).
+#   heads_inner: prefill grid (Hkv, tiles) instead of (tiles, Hkv).
+EXPERIMENT = dict(prefetch_pages=False, fold_scale=False, heads_inner=False)
 
 
 def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
@@ -102,21 +112,24 @@ def _split_range(b0, b1, f0, f1):
   return c0, c1
 
 
-def _load_kv(bt_ref, k_ref, v_ref, seq, h_kv, t, key_ok, d_ok, *, block_size, num_kv_heads,
-             dp):
-  """Gathers K and V of key positions ``t`` [BK] of sequence ``seq``: [BK, dp] each.
+def _page_rows(bt_ref, seq, h_kv, t, key_ok, *, block_size, num_kv_heads):
+  """Rows of key positions ``t`` [BK] of sequence ``seq`` in the [NB * Hkv * BS, D] view.
 
   Page ids come from the block table per key, so a tile may span several pages or part of one.
-  The pages are viewed as rows [NB * Hkv * BS, D]: row offsets are computed on [BK] vectors, and
-  only ``row * D + d`` on the full tile. Keys with ``key_ok == False`` (past the context: NaN in
-  unused slots) and padded head-dim columns load as 0 and are never read from memory.
+  Keys with ``key_ok == False`` read no block-table entry (row of page 0: never loaded).
   """
   blk, off = lax.div(t, block_size), lax.rem(t, block_size)
   if key_ok is None:
     page = plgpu.load(bt_ref.at[seq, blk])
   else:
     page = plgpu.load(bt_ref.at[seq, blk], mask=key_ok, other=0)
-  row = (page * num_kv_heads + h_kv) * block_size + off                 # [BK]
+  return (page * num_kv_heads + h_kv) * block_size + off                # [BK]
+
+
+def _load_rows(k_ref, v_ref, row, key_ok, d_ok, *, dp):
+  """K and V rows ``row`` [BK]: [BK, dp] each. Row offsets are computed on [BK] vectors, and
+  only ``row * D + d`` on the full tile. Keys with ``key_ok == False`` (past the context: NaN in
+  unused slots) and padded head-dim columns load as 0 and are never read from memory."""
   d = jnp.arange(dp, dtype=jnp.int32)
   idx = (row[:, None], d[None, :])
   mask = d_ok if key_ok is None else (key_ok[:, None] if d_ok is None else key_ok[:, None] & d_ok)
@@ -126,11 +139,55 @@ def _load_kv(bt_ref, k_ref, v_ref, seq, h_kv, t, key_ok, d_ok, *, block_size, nu
           plgpu.load(v_ref.at[idx], mask=mask, other=0.0))
 
 
-def _attend_tile(carry, q, k, v, t, pos, vis, qk_scale, slope2, *, softcap, cdt):
-  """One online-softmax step of a q tile [M, dp] against a KV tile [BK, dp] (base 2)."""
+def _kv_loop(bt_ref, k_ref, v_ref, seq, h_kv, ctx, ranges, carry, step, *, block_k, block_size,
+             num_kv_heads, d_ok, dp, key_ok_fn):
+  """Runs ``step(j, carry, k, v, t, masked)`` over the KV tiles of ``ranges``: a list of
+  (start, stop, masked) fori_loops run in order, contiguous. ``key_ok_fn(t)`` masks the keys of
+  masked tiles. With EXPERIMENT["prefetch_pages"] the page rows of tile j + 1 are loaded in
+  iteration j (masked by ``t < ctx``) and carried."""
+  geo = dict(block_size=block_size, num_kv_heads=num_kv_heads)
+  keys = lambda j: j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+
+  if not EXPERIMENT["prefetch_pages"]:
+    def body(j, carry, masked):
+      t = keys(j)
+      key_ok = key_ok_fn(t) if masked else None
+      row = _page_rows(bt_ref, seq, h_kv, t, key_ok, **geo)
+      k, v = _load_rows(k_ref, v_ref, row, key_ok, d_ok, dp=dp)
+      return step(j, carry, k, v, t, masked)
+    for start, stop, masked in ranges:
+      carry = lax.fori_loop(start, stop, functools.partial(body, masked=masked), carry)
+    return carry
+
+  def body(j, carry_row, masked):
+    carry, row = carry_row
+    t = keys(j)
+    t_next = t + block_k
+    row_next = _page_rows(bt_ref, seq, h_kv, t_next, t_next < ctx, **geo)
+    key_ok = key_ok_fn(t) if masked else None
+    k, v = _load_rows(k_ref, v_ref, row, key_ok, d_ok, dp=dp)
+    return step(j, carry, k, v, t, masked), row_next
+  t0 = keys(ranges[0][0])
+  row = _page_rows(bt_ref, seq, h_kv, t0, t0 < ctx, **geo)
+  for start, stop, masked in ranges:
+    carry, row = lax.fori_loop(start, stop, functools.partial(body, masked=masked), (carry, row))
+  return carry
+
+
+def _attend_tile(carry, q, k, v, t, pos, vis, qk_scale, slope2, *, softcap, cdt, fold=False):
+  """One online-softmax step of a q tile [M, dp] against a KV tile [BK, dp] (base 2).
+
+  ``fold`` (static) requires vis, softcap and slope2 None and qk_scale > 0."""
   acc, m, l = carry
   precision = lax.Precision.HIGHEST if cdt == jnp.float32 else None
   s = plgpu.dot(q, k.astype(cdt), trans_b=True, precision=precision)       # [M, BK] f32
+  if fold:  # unmasked, no softcap / ALiBi, qk_scale > 0: max of the raw logits, then one FMA
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * qk_scale - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(cdt), v.astype(cdt), precision=precision)
+    return acc, m_new, l
   if softcap is None:
     s = s * qk_scale
   else:  # c * tanh(logit / c), in log2 units
@@ -181,8 +238,9 @@ def _prefill_kernel(
     scale: float, softcap: float | None, window: int | None, cdt):
   qt = q_per_tile
   # Latest tiles first: under a causal mask they carry the most keys (better tail balance).
-  tile = num_tiles - 1 - pl.program_id(0)
-  h_kv = pl.program_id(1)
+  tile_axis = 1 if EXPERIMENT["heads_inner"] else 0
+  tile = num_tiles - 1 - pl.program_id(tile_axis)
+  h_kv = pl.program_id(1 - tile_axis)
 
   # Sequence of this tile: the largest i in [0, S] with cu[i] // QT + i <= tile (i == S: padding).
   def bisect(_, lohi):
@@ -234,24 +292,24 @@ def _prefill_kernel(
       full_lo = _cdiv(jnp.maximum(p_max - window + 1, 0), block_k)
     c0, c1 = _split_range(lo_blk, hi_blk, full_lo, full_hi)
 
-    def body(j, carry, masked):
-      t = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
-      key_ok = (t < ctx) if masked else None
-      k, v = _load_kv(bt_ref, k_ref, v_ref, seq, h_kv, t, key_ok, d_ok,
-                      block_size=block_size, num_kv_heads=num_kv_heads, dp=dp)
+    fold = (EXPERIMENT["fold_scale"] and softcap is None and slope2 is None
+            and k_scale_ref is None and scale > 0)
+
+    def step(j, carry, k, v, t, masked):
       vis = None
       if masked:
         vis = t[None, :] <= pos[:, None]
         if window is not None:
           vis = vis & (t[None, :] > pos[:, None] - window)
       return _attend_tile(carry, q, k, v, t, pos, vis, qk_scale, slope2,
-                          softcap=softcap, cdt=cdt)
+                          softcap=softcap, cdt=cdt, fold=fold and not masked)
 
-    masked_body = functools.partial(body, masked=True)
+    ranges = [(c0, c1, False), (c1, hi_blk, True)]
     if window is not None:
-      carry = lax.fori_loop(lo_blk, c0, masked_body, carry)
-    carry = lax.fori_loop(c0, c1, functools.partial(body, masked=False), carry)
-    acc, _, l = lax.fori_loop(c1, hi_blk, masked_body, carry)
+      ranges.insert(0, (lo_blk, c0, True))
+    acc, _, l = _kv_loop(bt_ref, k_ref, v_ref, seq, h_kv, ctx, ranges, carry, step,
+                         block_k=block_k, block_size=block_size, num_kv_heads=num_kv_heads,
+                         d_ok=d_ok, dp=dp, key_ok_fn=lambda t: t < ctx)
 
     inv = 1.0 / jnp.where(l == 0.0, 1.0, l)   # l == 0 only for rows with no key (acc == 0)
     if v_scale_ref is not None:
@@ -310,7 +368,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
       window=sliding_window, cdt=_compute_dtype(q.dtype, k_pages.dtype))
   out = pl.pallas_call(
       _bind_optional(kernel, 6, present),
-      grid=(num_tiles, num_kv_heads),
+      grid=(num_kv_heads, num_tiles) if EXPERIMENT["heads_inner"] else (num_tiles, num_kv_heads),
       out_shape=jax.ShapeDtypeStruct((num_tokens * num_heads, head_dim), q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
       interpret=interpret,
@@ -377,22 +435,21 @@ def _decode_kernel(
     b1 = jnp.minimum(hi_blk, b0 + per)
   c0, c1 = _split_range(b0, b1, _cdiv(lo, block_k), lax.div(ctx, block_k))
 
-  def body(j, carry, masked):
-    t = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
-    key_ok = None
-    if masked:
-      key_ok = (t < ctx) if window is None else (t < ctx) & (t >= lo)
-    k, v = _load_kv(bt_ref, k_ref, v_ref, seq, h_kv, t, key_ok, d_ok,
-                    block_size=block_size, num_kv_heads=num_kv_heads, dp=dp)
-    vis = None if key_ok is None else key_ok[None, :]
-    return _attend_tile(carry, q, k, v, t, pos, vis, qk_scale, slope2,
-                        softcap=softcap, cdt=cdt)
+  fold = (EXPERIMENT["fold_scale"] and softcap is None and slope2 is None
+          and k_scale_ref is None and scale > 0)
+  key_ok_fn = (lambda t: t < ctx) if window is None else (lambda t: (t < ctx) & (t >= lo))
 
-  masked_body = functools.partial(body, masked=True)
+  def step(j, carry, k, v, t, masked):
+    vis = key_ok_fn(t)[None, :] if masked else None
+    return _attend_tile(carry, q, k, v, t, pos, vis, qk_scale, slope2,
+                        softcap=softcap, cdt=cdt, fold=fold and not masked)
+
+  ranges = [(c0, c1, False), (c1, b1, True)]
   if window is not None:
-    carry = lax.fori_loop(b0, c0, masked_body, carry)
-  carry = lax.fori_loop(c0, c1, functools.partial(body, masked=False), carry)
-  acc, m, l = lax.fori_loop(c1, b1, masked_body, carry)
+    ranges.insert(0, (b0, c0, True))
+  acc, m, l = _kv_loop(bt_ref, k_ref, v_ref, seq, h_kv, ctx, ranges, carry, step,
+                       block_k=block_k, block_size=block_size, num_kv_heads=num_kv_heads,
+                       d_ok=d_ok, dp=dp, key_ok_fn=key_ok_fn)
 
   vs = 1.0 if v_scale_ref is None else v_scale_ref[h_kv]
   if num_splits == 1:
