@@ -14,6 +14,7 @@ plus a bf16 8192^3 XLA matmul and a device-copy ceiling measured in the same run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import time
@@ -44,11 +45,11 @@ def _time(fn, *args, iters=20, min_sample_s=2e-3):
   return float(np.median(ts))
 
 
-def sweep(iters=10, budget_s=150.0):
+def sweep(iters=10, budget_s=150.0, whole_only=False):
   """Decode shape: each step timed alone (alignment, gate/up, down, combine) per block
   config, then whole calls for the best pairs. One line per config."""
   from jax_paged_attn import reference
-  from pallas_kernels.moe import align, common, triton
+  from pallas_kernels.moe import align, common, triton, tuning
   from pallas_kernels.moe.tuning import GemmBlocks as G, MoeBlocks
 
   t_end = time.perf_counter() + budget_s
@@ -71,13 +72,17 @@ def sweep(iters=10, budget_s=150.0):
       (64, 256, 4, 3, 2, False), (64, 256, 4, 4, 4, False), (32, 256, 4, 4, 4, False),
       (256, 64, 8, 4, 4, False), (128, 64, 4, 5, 4, False), (64, 128, 4, 4, 8, False),
       (128, 128, 8, 4, 4, False), (128, 128, 4, 4, 4, True), (64, 128, 4, 4, 4, True),
-      (128, 256, 4, 3, 4, False), (32, 128, 4, 6, 4, False)]
+      (128, 256, 4, 2, 4, False), (32, 128, 4, 6, 4, False)]
 
   def line(*a):
     print(*a, flush=True)
 
+  v = jnp.ones((1 << 28,), jnp.bfloat16)
+  t = _time(jax.jit(lambda v: v * 1.5), v, iters=iters)
+  line(f"XLA copy x*1.5: {2 * v.nbytes / t / 1e12:.2f} TB/s")
+  del v
   best = {}
-  for bm in (32, 16):
+  for bm in () if whole_only else (32, 16):
     old = jax.jit(align.align_tokens, static_argnums=(1, 2))
     new = jax.jit(common.align_tokens, static_argnums=(1, 2))
     line(f"bm={bm} align: align.align_tokens {_time(old, ids, E, bm, iters=iters)*1e6:.1f} us,"
@@ -136,7 +141,22 @@ def sweep(iters=10, budget_s=150.0):
 
   # Whole calls: the best pair per block_m, the old table's decode entry, the runners-up.
   old_g = G(64, 128, group_m=big, num_warps=4, num_stages=4)
-  whole = [("old-table", MoeBlocks(32, old_g, old_g))]
+  whole = [("old-table", MoeBlocks(32, old_g, old_g)),
+           ("table", tuning.get_blocks(num_tokens=T, top_k=k, num_experts=E, hidden=Hd,
+                                       inter=I, dtype=x.dtype))]
+  if whole_only:  # neighbours of the table's decode entry, one change each
+    tb = whole[1][1]
+    whole += [
+        ("down sk1", dataclasses.replace(tb, down=dataclasses.replace(tb.down, split_k=1))),
+        ("down sk4 bk256 s2", dataclasses.replace(tb, down=G(
+            128, 256, group_m=big, num_warps=4, num_stages=2, split_k=4))),
+        ("gate_up bk64 w4 s4", dataclasses.replace(tb, gate_up=G(
+            128, 64, group_m=big, num_warps=4, num_stages=4))),
+        ("down evict", dataclasses.replace(tb, down=dataclasses.replace(
+            tb.down, evict_first=True))),
+        ("gate_up evict", dataclasses.replace(tb, gate_up=dataclasses.replace(
+            tb.gate_up, evict_first=True))),
+        ("table again", tb)]
   for bm, (g, d, res_gu, res_dn) in best.items():
     whole.append((f"best bm={bm}", MoeBlocks(bm, g, d)))
     gs = [r[1] for r in sorted(res_gu, key=lambda r: r[0])[:2]]
@@ -145,8 +165,8 @@ def sweep(iters=10, budget_s=150.0):
               if (gg, dd) != (g, d)]
   xla_fn = jax.jit(functools.partial(reference.fused_moe, activation="silu"))
   touched = int(jnp.unique(ids).size) * (gu_bytes + dn_bytes) // E
-  line(f"whole xla: {_time(xla_fn, x, wgu, wd, w, ids, iters=iters)*1e3:.3f} ms "
-       f"{touched/_time(xla_fn, x, wgu, wd, w, ids, iters=iters)/1e12:.2f} TB/s")
+  t = _time(xla_fn, x, wgu, wd, w, ids, iters=iters)
+  line(f"whole xla: {t*1e3:.3f} ms {touched/t/1e12:.2f} TB/s")
   for name, blocks in whole:
     if time.perf_counter() > t_end + 60:
       break
@@ -180,9 +200,10 @@ def main(argv=None):
   p.add_argument("--json", default=None)
   p.add_argument("--sweep", action="store_true", help="decode stage/block sweep only")
   p.add_argument("--budget-s", type=float, default=150.0)
+  p.add_argument("--whole-only", action="store_true", help="--sweep: whole calls only")
   args = p.parse_args(argv)
   if args.sweep:
-    sweep(iters=args.iters, budget_s=args.budget_s)
+    sweep(iters=args.iters, budget_s=args.budget_s, whole_only=args.whole_only)
     return
   from jax_paged_attn import reference
   from pallas_kernels.moe import mosaic, triton

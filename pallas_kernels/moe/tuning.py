@@ -4,8 +4,9 @@ One tile height ``block_m`` is shared by both GEMMs (the alignment pads every ex
 each GEMM has its own N/K tiles, launch group and pipeline depth. The regime is chosen by
 the expected rows per expert ``T*k / min(E, T*k)``: decode-shaped calls (a few rows per
 expert) are bound by streaming the touched experts' weights, so they use a short tile
-(block_m 16-32) and deep K tiles; prefill-shaped calls use 64-128-row tiles. One table
-for Ampere/Hopper-class GPUs so far (untuned on hardware: re-tune on the H100).
+(block_m 16-32), 128-wide N tiles and a split-K down GEMM (tuned on the H100 for the
+Mixtral decode shape); prefill-shaped calls use 64-128-row tiles. One table for
+Ampere/Hopper-class GPUs so far.
 The Mosaic kernels keep their own blocks in mosaic.py (MosaicBlocks, get_blocks).
 """
 
@@ -60,10 +61,16 @@ class MoeBlocks:
 # Half precision on Hopper/Ampere-class GPUs. Starting points from the usual Triton
 # fused-MoE settings, to be re-tuned on the GPU (benchmarks/NOTES.md).
 _HALF_TABLE: tuple[tuple[float, MoeBlocks], ...] = (
-    (8, MoeBlocks(16, GemmBlocks(64, 128, group_m=1 << 20, num_warps=4, num_stages=4),
-                  GemmBlocks(64, 128, group_m=1 << 20, num_warps=4, num_stages=4))),
-    (24, MoeBlocks(32, GemmBlocks(64, 128, group_m=1 << 20, num_warps=4, num_stages=4),
-                   GemmBlocks(64, 128, group_m=1 << 20, num_warps=4, num_stages=4))),
+    # Decode: streaming the routed experts' weights. H100 sweep (benchmarks/NOTES.md, "MoE
+    # decode"): 128-wide N tiles (half the re-reads of the activation tile per weight
+    # byte of 64) and a down GEMM split in 2 over K (f32 partials summed by the combine:
+    # 2x the programs, half the K loop) were the fastest of the configurations tried.
+    (8, MoeBlocks(16, GemmBlocks(128, 128, group_m=1 << 20, num_warps=4, num_stages=3),
+                  GemmBlocks(128, 128, group_m=1 << 20, num_warps=4, num_stages=4,
+                             split_k=2))),
+    (24, MoeBlocks(32, GemmBlocks(128, 128, group_m=1 << 20, num_warps=8, num_stages=3),
+                   GemmBlocks(128, 128, group_m=1 << 20, num_warps=4, num_stages=4,
+                              split_k=2))),
     # Many small experts (e.g. 64 experts, a few hundred rows each): 64-row tiles waste
     # less padding than 128-row ones.
     (512, MoeBlocks(64, GemmBlocks(128, 64, group_m=8, num_warps=4, num_stages=4),
