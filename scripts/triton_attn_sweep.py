@@ -1,33 +1,222 @@
-"""Block-size sweep of the Triton paged-attention kernels on PERF.md shapes (GPU)."""
-import sys, time, jax, jax.numpy as jnp, numpy as np
+"""Sweep of the Triton paged-attention kernels on the PERF.md shapes (GPU; tiny smoke run on CPU).
+
+Each row: a code-shape switch set (``pa.EXPERIMENT``, see triton.py) x BlockSizes. Timing: warm-up,
+then >= 20 samples, each ``reps`` back-to-back calls (a sample lasts >= 3 ms, so host dispatch
+overlaps the device) followed by block_until_ready; the median sample / reps. Every row's output
+is compared with the first row of its shape (relative L2 error printed: a wrong variant shows).
+Copy ceilings (torch copy, XLA x * 1.5) are measured in the same process.
+  python3 scripts/triton_attn_sweep.py [--budget-s 200] [--only decode,long,prefill]
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from pallas_kernels.paged_attention import triton as pa
 from pallas_kernels.paged_attention.tuning import BlockSizes as B
-I = jax.default_backend() != "gpu"; SM = 1 if I else 1
-def tm(f, *a, n=3 if I else 30):
-  f(*a).block_until_ready(); ts = []
-  for _ in range(n):
-    t = time.perf_counter(); f(*a).block_until_ready(); ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
-def cache(S, ctx, Hkv, D, BS):
-  nb = S * ctx // BS; ks = jax.random.split(jax.random.key(0), 3)
+
+CPU = jax.default_backend() != "gpu"
+ap = argparse.ArgumentParser()
+ap.add_argument("--budget-s", type=float, default=200.0)
+ap.add_argument("--only", default="decode,prefill,long,more")
+ap.add_argument("--iters", type=int, default=3 if CPU else 20)
+args = ap.parse_args()
+T0 = time.perf_counter()
+KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None,
+          v_scale=None, interpret=CPU)
+DEFAULT = dict(pa.EXPERIMENT)
+
+
+def median_time(f, *a, min_sample_s=3e-3):
+  jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
+  t = time.perf_counter(); jax.block_until_ready(f(*a)); one = time.perf_counter() - t
+  reps = 1 if CPU else max(1, int(min_sample_s / max(one, 1e-6)))
+  ts = []
+  for _ in range(args.iters):
+    t = time.perf_counter()
+    for _ in range(reps):
+      out = f(*a)
+    jax.block_until_ready(out)
+    ts.append((time.perf_counter() - t) / reps)
+  return float(np.median(ts)), out
+
+
+def cache(S, ctx, Hkv, D, BS, seed=0):
+  nb = S * ctx // BS
+  ks = jax.random.split(jax.random.key(seed), 3)
   k, v = (jax.random.normal(x, (nb, Hkv, BS, D), jnp.bfloat16) for x in ks[:2])
   bt = jax.random.permutation(ks[2], nb).reshape(S, ctx // BS).astype(jnp.int32)
   return k, v, bt
-kw = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None, v_scale=None, interpret=I)
-def decode(S, ctx, H=32, Hkv=8, D=128, BS=16, b=None):
-  k, v, bt = cache(S, ctx, Hkv, D, BS); q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16); L = jnp.full((S,), ctx, jnp.int32)
-  f = jax.jit(lambda *a: pa.paged_decode(*a, scale=D**-.5, block_sizes=b, **kw))
-  t = tm(f, q, k, v, bt, L); print(f"decode S={S} ctx={ctx} {b}: {t*1e6:.0f} us {4*S*ctx*Hkv*D/t/1e12:.2f} TB/s", flush=True)
-def prefill(S, n, ctx, H=32, Hkv=8, D=128, BS=16, b=None):
-  k, v, bt = cache(S, ctx, Hkv, D, BS); q = jax.random.normal(jax.random.key(7), (S * n, H, D), jnp.bfloat16)
-  L = jnp.full((S,), ctx, jnp.int32); cu = jnp.arange(S + 1, dtype=jnp.int32) * n
-  f = jax.jit(lambda *a: pa.paged_attention(*a, scale=D**-.5, block_sizes=b, **kw))
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def run_rows(name, rows, make, call, figure):
+  """rows: [(label, experiment dict, BlockSizes | None)]."""
+  inputs = make()
+  ref = None
+  for label, exp, b in rows:
+    if time.perf_counter() - T0 > args.budget_s:
+      print(f"{name} {label} {b}: skipped (budget)", flush=True); continue
+    pa.EXPERIMENT.clear(); pa.EXPERIMENT.update(DEFAULT | exp)
+    jax.clear_caches()
+    f = jax.jit(lambda *a, b=b: call(*a, b))
+    try:
+      t, out = median_time(f, *inputs)
+    except Exception as e:  # noqa: BLE001 - a failing config is reported, the sweep goes on
+      print(f"{name} {label} {b}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      continue
+    ref = out if ref is None else ref
+    print(f"{name} {label} {b}: {t * 1e6:8.1f} us {figure(t)} err {rel_err(out, ref):.1e}",
+          flush=True)
+  pa.EXPERIMENT.clear(); pa.EXPERIMENT.update(DEFAULT)
+
+
+def decode_rows(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
+  def make():
+    k, v, bt = cache(S, ctx, Hkv, D, BS)
+    q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
+    return q, k, v, bt, jnp.full((S,), ctx, jnp.int32)
+  run_rows(name, rows, make,
+           lambda q, k, v, bt, L, b: pa.paged_decode(q, k, v, bt, L, scale=D ** -.5,
+                                                     block_sizes=b, **KW),
+           lambda t: f"{4 * S * ctx * Hkv * D / t / 1e12:.3f} TB/s")
+
+
+def prefill_rows(name, S, n, ctx, rows, H=32, Hkv=8, D=128, BS=16):
+  def make():
+    k, v, bt = cache(S, ctx, Hkv, D, BS)
+    q = jax.random.normal(jax.random.key(7), (S * n, H, D), jnp.bfloat16)
+    return (q, k, v, bt, jnp.full((S,), ctx, jnp.int32),
+            jnp.arange(S + 1, dtype=jnp.int32) * n)
   pairs = S * sum(min(ctx, ctx - n + j + 1) for j in range(n))
-  t = tm(f, q, k, v, bt, L, cu); print(f"prefill S={S} n={n} ctx={ctx} {b}: {t*1e3:.2f} ms {4*pairs*D*H/t/1e12:.0f} TFLOP/s", flush=True)
-x = jnp.ones((1 << (20 if I else 29),), jnp.bfloat16); t = tm(jax.jit(lambda x: x * 1.5), x); print(f"copy {4*x.size/t/1e12:.2f} TB/s")
-if I:
-  decode(2, 64, 8, 2, 64); prefill(1, 64, 64, 8, 2, 64); sys.exit()
-for b in [None, B(block_k=32, num_stages=4), B(block_k=128, num_stages=2), B(block_k=64, num_warps=8, num_stages=4)]:
-  decode(64, 4096, b=b); decode(8, 32768, b=b)
-for b in [None, B(block_m=128, block_k=128, num_warps=8, num_stages=3), B(block_m=64, block_k=64, num_warps=4, num_stages=3), B(block_m=128, block_k=32, num_warps=4, num_stages=4)]:
-  prefill(1, 8192, 8192, b=b); prefill(4, 2048, 4096, b=b)
+  run_rows(name, rows, make,
+           lambda q, k, v, bt, L, cu, b: pa.paged_attention(q, k, v, bt, L, cu, scale=D ** -.5,
+                                                            block_sizes=b, **KW),
+           lambda t: f"{4 * pairs * D * H / t / 1e12:.1f} TFLOP/s")
+
+
+def ceilings():
+  x = jnp.ones((1 << (20 if CPU else 28),), jnp.float32)
+  t, _ = median_time(jax.jit(lambda x: x * 1.5), x)
+  line = f"ceiling xla x*1.5: {2 * x.nbytes / t / 1e12:.3f} TB/s"
+  y = jnp.ones((1 << (20 if CPU else 29),), jnp.bfloat16)   # read-only: 1 GiB reduced
+  t, _ = median_time(jax.jit(lambda y: jnp.sum(y, dtype=jnp.float32)), y)
+  line += f"  xla sum (read only): {y.nbytes / t / 1e12:.3f} TB/s"
+  del y
+  try:
+    import torch
+    if torch.cuda.is_available():
+      src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
+      dst = torch.empty_like(src)
+      for _ in range(3):
+        dst.copy_(src)
+      torch.cuda.synchronize(); ts = []
+      for _ in range(20):
+        t = time.perf_counter()
+        for _ in range(5):
+          dst.copy_(src)
+        torch.cuda.synchronize(); ts.append((time.perf_counter() - t) / 5)
+      line += f"  torch copy: {2 * src.numel() * 4 / np.median(ts) / 1e12:.3f} TB/s"
+      del src, dst
+  except ImportError:
+    pass
+  print(line, flush=True)
+
+
+# Switch sets (merged over pa.EXPERIMENT's defaults).
+OFF = dict(decode_prefetch=False, prefill_prefetch=False, decode_fold=False, prefill_fold=False,
+           heads_inner=False)                                             # the code before
+PF = dict(OFF, decode_prefetch=True)
+PFF = dict(PF, decode_fold=True)
+F = dict(OFF, prefill_fold=True)
+FH = dict(F, heads_inner=True)                                            # prefill default
+FP = dict(F, prefill_prefetch=True)
+FHP = dict(FH, prefill_prefetch=True)
+only = set(args.only.split(","))
+ceilings()
+
+if CPU:   # smoke run: tiny shapes under the interpreter (times mean nothing)
+  decode_rows("decode", 2, 64, [("off", OFF, B(block_k=16)), ("pf+fold", PFF, B(block_k=16))],
+              H=8, Hkv=2, D=64)
+  prefill_rows("prefill", 1, 64, 64, [("off", OFF, B(block_m=32, block_k=16)),
+                                      ("fold+hi+pf", FHP, B(block_m=32, block_k=16))],
+               H=8, Hkv=2, D=64)
+  raise SystemExit
+
+
+def d(bk, nw, ns, splits=None):
+  return B(block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
+
+
+def p(bm, bk, nw, ns):
+  return B(block_m=bm, block_k=bk, num_warps=nw, num_stages=ns)
+
+
+if "decode" in only:
+  decode_rows("decode 64x4096", 64, 4096, [
+      ("off", OFF, d(128, 8, 3)),          # before: table entry, 2 programs / SM (98 regs)
+      ("default", {}, None),
+      ("pf", PF, d(128, 8, 3)),
+      ("pf", PF, d(32, 4, 3)),             # 38 KB, 64 regs: all 512 programs resident
+      ("pf", PF, d(32, 4, 4)),
+      ("pf", PF, d(32, 2, 3)),
+      ("pf", PF, d(64, 4, 2)),             # 39 KB, 80 regs: all resident, 1 buffer each
+      ("pf", PF, d(64, 4, 3)),
+      ("pf", PF, d(64, 4, 4)),
+      ("off", OFF, d(64, 4, 3)),           # 122 regs: 4 programs / SM, 1 buffer
+      ("off", OFF, d(32, 4, 3)),
+      ("pf", PF, d(64, 8, 2)),
+      ("pf+fold", PFF, d(32, 4, 3)),
+      ("pf", PF, d(16, 4, 4)),
+      ("pf", PF, d(32, 4, 5)),
+      ("pf", PF, d(32, 4, 3, 2)),
+      ("off", OFF, d(128, 8, 3)),          # noise check: the first row again
+  ])
+if "prefill" in only:
+  prefill_rows("prefill 1x8192", 1, 8192, 8192, [
+      ("off", OFF, p(128, 128, 8, 3)),     # before
+      ("default", {}, None),
+      ("fold", F, p(128, 128, 8, 3)),
+      ("fold+hi", FH, p(128, 128, 8, 3)),
+      ("fold+pf", FP, p(128, 128, 8, 3)),
+      ("fold+hi+pf", FHP, p(128, 128, 8, 3)),
+      ("fold", F, p(128, 64, 4, 3)),
+      ("fold+hi", FH, p(128, 64, 4, 3)),
+      ("fold+hi", FH, p(128, 64, 4, 2)),
+      ("fold+hi", FH, p(128, 64, 4, 4)),
+      ("fold+hi", FH, p(128, 32, 4, 3)),
+      ("fold+hi", FH, p(128, 64, 8, 3)),
+      ("fold+hi", FH, p(128, 128, 8, 2)),
+      ("fold+hi", FH, p(64, 64, 4, 3)),
+      ("fold+hi", FH, p(64, 128, 4, 3)),
+      ("fold+hi", FH, p(64, 32, 4, 3)),
+      ("fold+hi+pf", FHP, p(128, 64, 4, 2)),
+      ("off", OFF, p(128, 128, 8, 3)),     # noise check
+  ])
+if "long" in only:
+  decode_rows("decode 8x32768", 8, 32768, [
+      ("off", OFF, d(128, 8, 3)),
+      ("default", {}, None),
+      ("pf", PF, d(128, 8, 3)),
+      ("pf", PF, d(32, 4, 3)),
+      ("pf", PF, d(64, 4, 2)),
+      ("pf", PF, d(64, 4, 4)),
+  ])
+if "more" in only:
+  prefill_rows("prefill 1x16384", 1, 16384, 16384, [
+      ("off", OFF, p(128, 128, 8, 3)), ("default", {}, None),
+      ("fold+hi", FH, p(128, 128, 8, 3))])
+  prefill_rows("mixed 4x(2048+2048)", 4, 2048, 4096, [
+      ("off", OFF, p(128, 128, 8, 3)), ("default", {}, None),
+      ("fold+hi", FH, p(128, 128, 8, 3))])
+print(f"sweep done in {time.perf_counter() - T0:.0f} s", flush=True)

@@ -284,6 +284,26 @@ def test_paged_attention_decode_shaped(window):
            window=window, alibi=True, sinks=True)
 
 
+@pytest.mark.parametrize("switches", [
+    dict(decode_prefetch=True, decode_fold=True),
+    dict(prefill_prefetch=True, prefill_fold=False, heads_inner=False)])
+def test_experiment_switches(switches, monkeypatch):
+  # Code shapes that are off by default (pa.EXPERIMENT): page-id prefetch, folded scale, grid.
+  monkeypatch.setattr(pa, "EXPERIMENT", dict(pa.EXPERIMENT, **switches))
+  jax.clear_caches()   # the switches are read at trace time, not part of the jit key
+  try:
+    run_case([(1, c) for c in DECODE_LENS], h=8, hkv=2, decode=True,
+             block_sizes=BlockSizes(block_k=16, num_splits=2))
+    run_case([(1, c) for c in DECODE_LENS], h=8, hkv=2, window=20, sinks=True, decode=True,
+             block_sizes=BlockSizes(block_k=32))
+    run_case(MIXED + [(40, 90)], h=8, hkv=2, pad_rows=2,
+             block_sizes=BlockSizes(block_m=16, block_k=16))
+    run_case(MIXED, h=8, hkv=2, window=12, alibi=True, softcap=3.0,
+             block_sizes=BlockSizes(block_m=32, block_k=16))
+  finally:
+    jax.clear_caches()
+
+
 def test_prefill_all_padding():
   # Every sequence inactive: all rows zero.
   run_case([(0, 0), (0, 5)], pad_rows=7)

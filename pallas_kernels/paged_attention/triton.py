@@ -7,7 +7,7 @@ per-KV-head scales. Online softmax in float32 (base 2: logits are pre-multiplied
 
 Two kernels:
 
-``paged_attention`` (chunked prefill and mixed batches) -- grid ``(num_tiles, Hkv)`` with
+``paged_attention`` (chunked prefill and mixed batches) -- grid ``(Hkv, num_tiles)`` with
 ``num_tiles = T // QT + S + 1`` fixed by shapes. A q tile holds ``QT = block_m // G`` query
 tokens of one sequence times the ``G = H // Hkv`` query heads of one KV head, packed into the
 M dimension (row r = token r // G, head r % G), so each K/V tile is loaded once per KV head.
@@ -16,7 +16,9 @@ its sequence by binary search over ``cu_seqlens_q`` on the device (no host sync,
 for a new batch composition). Rows past ``cu[S]`` belong to a pseudo-sequence of context 0 and
 come out as zeros, so every output row is written exactly once. The KV loop runs over
 [first key any row's window sees, last key any row sees]: tiles every row fully sees run without
-masks, the window edge and the causal diagonal run masked.
+masks (the row max taken on the raw q.k, then one exp2(s * c - m)), the window edge and the
+causal diagonal run masked. Tiles are launched latest first (most keys), all KV heads of a tile
+before the next one.
 
 ``paged_decode`` -- one query per sequence; grid ``(S, Hkv, num_splits)``. The q tile is the
 head group padded to >= 16 rows. With ``num_splits > 1`` each program covers one slice of the
@@ -33,7 +35,9 @@ padding copies.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +61,20 @@ LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 _NUM_OPTIONAL = 4  # alibi_slopes, sinks, k_scale, v_scale
 # Code-shape switches read at trace time (scripts/triton_attn_sweep.py flips them and calls
-# jax.clear_caches()); the defaults are the measured best (benchmarks/NOTES.md, "Triton attention").
-#   prefetch_pages: the block-table ids of tile j + 1 are loaded in iteration j and carried, so
-#     the K/V gathers of the loop depend on a loop-carried value, not on a load of the same
+# jax.clear_caches()); the defaults are the measured best on an H100 (benchmarks/NOTES.md,
+# "Triton attention").
+#   {decode,prefill}_prefetch: the block-table ids of tile j + 1 are loaded in iteration j and
+#     carried, so the K/V gathers depend on a loop-carried value, not on a load of the same
 #     iteration: Triton's pipeliner then gives K/V num_stages - 1 buffers instead of splitting
-#     the stages between the page-id load and the K/V load (1 buffer at num_stages 3).
-#   fold_scale: unmasked tiles take the row max of the raw q.k and compute exp2(s * c - m) (one
-#     FMA per logit instead of a multiply and a subtract).
+#     the stages between the page-id load and the K/V load (1 buffer at num_stages 3 or 4).
+#   {decode,prefill}_fold: unmasked tiles take the row max of the raw q.k and compute
+#     exp2(s * c - m) (the scale multiply leaves the max path).
 #   heads_inner: prefill grid (Hkv, tiles) instead of (tiles, Hkv).
-EXPERIMENT = dict(prefetch_pages=False, fold_scale=False, heads_inner=False)
+# PA_TRITON_EXPERIMENT='{"prefill_fold": false}' (JSON) overrides them for a whole process tree
+# (pytest-xdist workers included).
+EXPERIMENT = dict(decode_prefetch=False, prefill_prefetch=False, decode_fold=False,
+                  prefill_fold=True, heads_inner=True)
+EXPERIMENT.update(json.loads(os.environ.get("PA_TRITON_EXPERIMENT", "{}")))
 
 
 def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
@@ -140,15 +149,15 @@ def _load_rows(k_ref, v_ref, row, key_ok, d_ok, *, dp):
 
 
 def _kv_loop(bt_ref, k_ref, v_ref, seq, h_kv, ctx, ranges, carry, step, *, block_k, block_size,
-             num_kv_heads, d_ok, dp, key_ok_fn):
+             num_kv_heads, d_ok, dp, key_ok_fn, prefetch):
   """Runs ``step(j, carry, k, v, t, masked)`` over the KV tiles of ``ranges``: a list of
   (start, stop, masked) fori_loops run in order, contiguous. ``key_ok_fn(t)`` masks the keys of
-  masked tiles. With EXPERIMENT["prefetch_pages"] the page rows of tile j + 1 are loaded in
-  iteration j (masked by ``t < ctx``) and carried."""
+  masked tiles. With ``prefetch`` the page rows of tile j + 1 are loaded in iteration j (masked
+  by ``t < ctx``) and carried."""
   geo = dict(block_size=block_size, num_kv_heads=num_kv_heads)
   keys = lambda j: j * block_k + jnp.arange(block_k, dtype=jnp.int32)
 
-  if not EXPERIMENT["prefetch_pages"]:
+  if not prefetch:
     def body(j, carry, masked):
       t = keys(j)
       key_ok = key_ok_fn(t) if masked else None
@@ -181,7 +190,7 @@ def _attend_tile(carry, q, k, v, t, pos, vis, qk_scale, slope2, *, softcap, cdt,
   acc, m, l = carry
   precision = lax.Precision.HIGHEST if cdt == jnp.float32 else None
   s = plgpu.dot(q, k.astype(cdt), trans_b=True, precision=precision)       # [M, BK] f32
-  if fold:  # unmasked, no softcap / ALiBi, qk_scale > 0: max of the raw logits, then one FMA
+  if fold:  # unmasked, no softcap / ALiBi, qk_scale > 0: max of the raw logits, then scale
     m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s * qk_scale - m_new[:, None])
@@ -292,7 +301,7 @@ def _prefill_kernel(
       full_lo = _cdiv(jnp.maximum(p_max - window + 1, 0), block_k)
     c0, c1 = _split_range(lo_blk, hi_blk, full_lo, full_hi)
 
-    fold = (EXPERIMENT["fold_scale"] and softcap is None and slope2 is None
+    fold = (EXPERIMENT["prefill_fold"] and softcap is None and slope2 is None
             and k_scale_ref is None and scale > 0)
 
     def step(j, carry, k, v, t, masked):
@@ -309,7 +318,8 @@ def _prefill_kernel(
       ranges.insert(0, (lo_blk, c0, True))
     acc, _, l = _kv_loop(bt_ref, k_ref, v_ref, seq, h_kv, ctx, ranges, carry, step,
                          block_k=block_k, block_size=block_size, num_kv_heads=num_kv_heads,
-                         d_ok=d_ok, dp=dp, key_ok_fn=lambda t: t < ctx)
+                         d_ok=d_ok, dp=dp, key_ok_fn=lambda t: t < ctx,
+                         prefetch=EXPERIMENT["prefill_prefetch"])
 
     inv = 1.0 / jnp.where(l == 0.0, 1.0, l)   # l == 0 only for rows with no key (acc == 0)
     if v_scale_ref is not None:
@@ -435,7 +445,7 @@ def _decode_kernel(
     b1 = jnp.minimum(hi_blk, b0 + per)
   c0, c1 = _split_range(b0, b1, _cdiv(lo, block_k), lax.div(ctx, block_k))
 
-  fold = (EXPERIMENT["fold_scale"] and softcap is None and slope2 is None
+  fold = (EXPERIMENT["decode_fold"] and softcap is None and slope2 is None
           and k_scale_ref is None and scale > 0)
   key_ok_fn = (lambda t: t < ctx) if window is None else (lambda t: (t < ctx) & (t >= lo))
 
@@ -449,7 +459,8 @@ def _decode_kernel(
     ranges.insert(0, (b0, c0, True))
   acc, m, l = _kv_loop(bt_ref, k_ref, v_ref, seq, h_kv, ctx, ranges, carry, step,
                        block_k=block_k, block_size=block_size, num_kv_heads=num_kv_heads,
-                       d_ok=d_ok, dp=dp, key_ok_fn=key_ok_fn)
+                       d_ok=d_ok, dp=dp, key_ok_fn=key_ok_fn,
+                       prefetch=EXPERIMENT["decode_prefetch"])
 
   vs = 1.0 if v_scale_ref is None else v_scale_ref[h_kv]
   if num_splits == 1:

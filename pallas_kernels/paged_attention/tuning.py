@@ -72,15 +72,20 @@ def dtype_kind(q_dtype, kv_dtype) -> str:
 # [block_m, D] within the register file.
 _TABLE: dict[tuple[int, str, str], BlockSizes] = {
     (64, "half", "prefill"): BlockSizes(block_m=128, block_k=64, num_warps=4, num_stages=3),
-    # H100 sweep (benchmarks/NOTES.md): 248 TFLOP/s on 1x8192 causal vs 227 with block_k=64.
-    (128, "half", "prefill"): BlockSizes(block_m=128, block_k=128, num_warps=8, num_stages=3),
+    # H100 sweeps (benchmarks/NOTES.md, "Triton attention"): with the folded scale and the
+    # (Hkv, tiles) grid, 4 warps / 64-key tiles run two programs per SM (98 KB shared, 255
+    # registers): 1x8192 causal 285 and 273 TFLOP/s in two runs vs 252-259 for the previous
+    # 128 x 128 / 8 warps entry without them (275 and 266 with them: one program per SM).
+    (128, "half", "prefill"): BlockSizes(block_m=128, block_k=64, num_warps=4, num_stages=3),
     (256, "half", "prefill"): BlockSizes(block_m=64, block_k=32, num_warps=4, num_stages=2),
     (64, "f32", "prefill"): BlockSizes(block_m=64, block_k=32, num_warps=4, num_stages=2),
     (128, "f32", "prefill"): BlockSizes(block_m=64, block_k=32, num_warps=4, num_stages=2),
     (256, "f32", "prefill"): BlockSizes(block_m=32, block_k=32, num_warps=4, num_stages=2),
     # Decode streams K/V once: deep pipelines of 64-key tiles keep enough bytes in flight.
     (64, "half", "decode"): BlockSizes(block_k=128, num_warps=4, num_stages=3),
-    # H100 sweep: 2.03 TB/s on 64 x 4096 vs 1.79 with 64-key tiles and 4 warps.
+    # H100 sweep: 2.03 TB/s on 64 x 4096 vs 1.79 with 64-key tiles and 4 warps. Re-swept
+    # (NOTES.md, "Triton attention"): no block_k / warps / stages / prefetch combination beat
+    # it outside the run-to-run noise (+-7% between identical rows).
     (128, "half", "decode"): BlockSizes(block_k=128, num_warps=8, num_stages=3),
     (256, "half", "decode"): BlockSizes(block_k=32, num_warps=4, num_stages=3),
     (64, "f32", "decode"): BlockSizes(block_k=64, num_warps=4, num_stages=2),
