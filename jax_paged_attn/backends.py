@@ -49,11 +49,11 @@ TABLE = {
 # What ``auto`` tries on an NVIDIA GPU, per op and case, fastest first; a backend that cannot
 # run the configuration (check_supported) is skipped, and xla is always the last resort.
 # "decode" is paged_decode; "prefill" is paged_attention (prefill chunks, decode tokens or any
-# mix). Measured on an H100 (benchmarks/NOTES.md, 2026-11-24):
-#   prefill 1x8192 causal bf16: mosaic 436 TFLOP/s, triton 248;  decode 64x4096: triton 2.53
-#   TB/s, mosaic 2.24;  KV write 64k tokens: triton 2.39 TB/s, XLA scatter 0.40;  MoE Mixtral:
-#   triton 465 TFLOP/s, mosaic 461;  MoE decode (64 tokens): xla (lax.ragged_dot) 2.40 TB/s of
-#   weights, triton 1.47.
+# mix). Measured on an H100 (benchmarks/NOTES.md, final run of 2026-11-24):
+#   prefill 8k causal bf16: mosaic 507 TFLOP/s, triton 271;  decode 64x4096: triton 2.75 TB/s,
+#   mosaic 2.66;  KV write 64k tokens: triton 2.39 TB/s, XLA scatter 0.40;  MoE Mixtral: triton
+#   490 TFLOP/s, mosaic 481;  MoE decode (64 tokens): triton 2.61 vs xla 2.56 in one process but
+#   2.18 vs 2.46 in another, so xla (lax.ragged_dot) stays until that settles.
 AUTO_GPU = {
     ("attention", "decode"): ("triton", "mosaic"),
     ("attention", "prefill"): ("mosaic", "triton"),

@@ -116,14 +116,10 @@ def test_align_layout(T, k, E, block_m):
 
 @pytest.mark.parametrize("T,k,E,block_m", [(13, 2, 5, 4), (1, 1, 8, 16), (40, 3, 4, 16),
                                            (7, 2, 64, 8), (64, 2, 8, 32), (300, 6, 64, 16)])
-def test_common_align_matches_align(T, k, E, block_m):
-  """The kernels' while-loop-free alignment is align.align_tokens bit for bit."""
+def test_align_has_no_while_loop(T, k, E, block_m):
+  """The alignment compiles to no loop: a binary search would be a launch per step on a GPU."""
   ids = np.random.default_rng(T + E).integers(-2, E + 2, size=(T, k)).astype(np.int32)
-  want = moe_align.align_tokens(jnp.asarray(ids), E, block_m)
-  fn = jax.jit(common.align_tokens, static_argnums=(1, 2))
-  got = fn(jnp.asarray(ids), E, block_m)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  fn = jax.jit(moe_align.align_tokens, static_argnums=(1, 2))
   assert "while" not in fn.lower(jnp.asarray(ids), E, block_m).as_text()
 
 

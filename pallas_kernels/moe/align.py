@@ -80,7 +80,10 @@ def align_tokens(topk_ids: jax.Array, num_experts: int, block_m: int) -> Alignme
   sorted_key = key[order]
 
   experts = jnp.arange(num_experts + 1, dtype=jnp.int32)
-  starts = jnp.searchsorted(sorted_key, experts, side="left").astype(jnp.int32)  # [E+1]
+  # Both searches compare all pairs (method="compare_all": one fused reduction): the default
+  # binary search is a while loop, a launch per step on a GPU, which a 1 ms decode notices.
+  starts = jnp.searchsorted(sorted_key, experts, side="left",
+                            method="compare_all").astype(jnp.int32)  # [E+1]
   counts = starts[1:] - starts[:-1]  # [E]
   padded_counts = (counts + block_m - 1) // block_m * block_m
   padded_ends = jnp.cumsum(padded_counts).astype(jnp.int32)  # [E]
@@ -89,7 +92,8 @@ def align_tokens(topk_ids: jax.Array, num_experts: int, block_m: int) -> Alignme
 
   # Row p belongs to the first expert whose padded run ends after p (E: unused row).
   rows = jnp.arange(num_rows_bound, dtype=jnp.int32)
-  row_expert = jnp.searchsorted(padded_ends, rows, side="right").astype(jnp.int32)
+  row_expert = jnp.searchsorted(padded_ends, rows, side="right",
+                                method="compare_all").astype(jnp.int32)
   e_c = jnp.minimum(row_expert, num_experts - 1)
   rank = rows - padded_starts[e_c]
   row_used = (row_expert < num_experts) & (rank < counts[e_c])

@@ -83,11 +83,9 @@ def sweep(iters=10, budget_s=150.0, whole_only=False):
   del v
   best = {}
   for bm in () if whole_only else (32, 16):
-    old = jax.jit(align.align_tokens, static_argnums=(1, 2))
-    new = jax.jit(common.align_tokens, static_argnums=(1, 2))
-    line(f"bm={bm} align: align.align_tokens {_time(old, ids, E, bm, iters=iters)*1e6:.1f} us,"
-         f" common.align_tokens {_time(new, ids, E, bm, iters=iters)*1e6:.1f} us")
-    a = new(ids, E, bm)
+    aligned = jax.jit(align.align_tokens, static_argnums=(1, 2))
+    line(f"bm={bm} align_tokens {_time(aligned, ids, E, bm, iters=iters)*1e6:.1f} us")
+    a = aligned(ids, E, bm)
     rows = int(a.num_rows)
     h_ref, res_gu = None, []
     for bn, bk, nw, ns, ev in gu_cfgs if bm == 32 else gu_cfgs[:8]:

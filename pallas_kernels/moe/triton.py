@@ -3,7 +3,7 @@
     y[t] = sum_j w[t, j] * (act(x[t] @ Wg[e]) * (x[t] @ Wu[e])) @ Wd[e],  e = ids[t, j]
 
 Three steps, all on the device, all with static shapes:
-1. ``common.align_tokens`` (the layout of ``align.align_tokens``): the T*k (token, slot)
+1. ``align.align_tokens``: the T*k (token, slot)
    pairs sorted by expert, each expert padded to ``block_m`` rows, one expert id per
    ``block_m``-row tile (-1: unused tile).
 2. Kernel 1 (``moe_gate_up``): grouped GEMM. Program (m, n) gathers the ``block_m`` rows
@@ -37,6 +37,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.moe import common
 from pallas_kernels.moe import tuning
+from pallas_kernels.moe.align import align_tokens
 from pallas_kernels.moe.tuning import GemmBlocks, MoeBlocks
 
 ACTIVATIONS = common.ACTIVATIONS
@@ -274,7 +275,7 @@ def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation: str,
   if blocks is None:
     blocks = tuning.get_blocks(num_tokens=num_tokens, top_k=top_k, num_experts=num_experts,
                                hidden=hidden, inter=two_inter // 2, dtype=x.dtype)
-  a = common.align_tokens(topk_ids, num_experts, blocks.block_m)
+  a = align_tokens(topk_ids, num_experts, blocks.block_m)
   h = moe_gate_up(a.sorted_slots, a.tile_experts, x, w_gate_up, top_k=top_k,
                   activation=activation, block_m=blocks.block_m, blocks=blocks.gate_up,
                   interpret=interpret)
