@@ -48,9 +48,13 @@ test-newest: $(VENV_NEWEST)/.installed
 	$(VENV_NEWEST)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --backends=xla \
 	  tests/test_attention.py tests/test_cache.py tests/test_moe.py tests/test_validation.py
 
-# On an NVIDIA GPU (the device machine): the suite on the real lowerings.
+# On an NVIDIA GPU machine with jax installed: the suite on the real lowerings (the Metal
+# emulator and the CPU benchmark smoke test belong to `make test`).
 gpu-test:
-	python3 -m pytest -q -x --backends=xla,triton,mosaic tests
+	python3 -m pytest -q -n 6 -rs --backends=xla,triton,mosaic tests \
+	  --ignore=tests/test_metal_kernels.py --ignore=tests/test_metal_lowering.py \
+	  --ignore=tests/test_metal_sanitizers.py --ignore=tests/test_metal_selftest.py \
+	  --ignore=tests/test_benchmarks_smoke.py
 
 bench:
 	python3 -m benchmarks.run
