@@ -8,6 +8,7 @@ GPU check + timing (H100):  python -m tests.test_mosaic_kernels --bench
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -156,6 +157,28 @@ def test_decode_many_splits():
                                    args["block_tables"], args["context_lens"], scale=0.2,
                                    num_splits=5, interpret=INTERPRET)
   check(out, ref, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("feature", ["plain", "window", "alibi", "softcap", "sinks"])
+def test_decode_one_split(feature):
+  """num_splits=1: the kernel normalises its rows itself (sinks: merged in jnp)."""
+  seqs = [(1, 200), (1, 0), (1, 17), (1, 1)]
+  args, host = make_case(seqs, num_heads=8, num_kv_heads=2, pad_rows=0)
+  opts = _features(feature, 8)
+  ref = oracle(host, scale=0.2, softcap=opts.get("softcap"), window=opts.get("sliding_window"),
+               alibi=opts.get("alibi_slopes"), sinks=opts.get("sinks"))
+  kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
+  out = mosaic_decode.paged_decode(args["q"], args["k_pages"], args["v_pages"],
+                                   args["block_tables"], args["context_lens"], scale=0.2,
+                                   num_splits=1, interpret=INTERPRET, **kw)
+  check(out, ref, jnp.bfloat16)
+
+
+def test_default_num_splits_fill_the_waves():
+  # 64 x 4096 fills 4 waves with whole sequences; 8 x 32768 needs 2 splits for 128 CTAs.
+  assert mosaic_decode.default_num_splits(64, 8, 4096, 64) == 1
+  assert mosaic_decode.default_num_splits(8, 8, 32768, 64) == 2
+  assert mosaic_decode.default_num_splits(1, 8, 4096, 64) == 16
 
 
 def test_prefill_unaligned_rows_and_page_256():
@@ -309,8 +332,76 @@ def bench(prefill=((1, 0, 8192), (4, 2048, 2048)), decode=((64, 4096), (8, 32768
     print(f"  copy ceiling (XLA x*1.5): {2 * x.size * 2 / tc / 1e12:.2f} TB/s")
 
 
+def sweep(budget_s=150.0, iters=20, reps=5):
+  """Decode variants (block_kv, stages, splits) vs the Triton kernel, one process, one line each."""
+  import time
+  from pallas_kernels.paged_attention import triton as tri
+  t_start = time.perf_counter()
+  h, hkv, d, bs, dt = 32, 8, 128, 16, jnp.bfloat16
+  scale = 1 / math.sqrt(d)
+
+  def timed(fn, *args):
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(iters):
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      samples.append((time.perf_counter() - t0) / reps)
+    return float(np.median(samples))
+
+  x = jnp.ones((256 * 1024 * 1024,), dt)
+  tc = timed(jax.jit(lambda x: x * 1.5), x)
+  print(f"copy ceiling (XLA x*1.5): {2 * x.size * 2 / tc / 1e12:.2f} TB/s", flush=True)
+  del x
+  # (block_kv, stages, splits, fuse); None: the defaults (the old defaults were 64/4 with
+  # P = 1 unfused for 64 x 4096 and P = 5 for 8 x 32768).
+  configs = {
+      (64, 4096): [(None, None, None, True), (64, 4, 1, False), (64, 2, 1, True),
+                   (None, None, None, True)],
+      (8, 32768): [(None, None, None, True), (64, 4, 5, True), (128, 2, 4, True),
+                   (64, 4, 4, True), (None, None, None, True)],
+  }
+  rng = np.random.default_rng(0)
+  for (batch, ctx), cfgs in configs.items():
+    nb = batch * ctx // bs
+    k_pages = jax.random.normal(jax.random.key(0), (nb, hkv, bs, d), dt)
+    v_pages = jax.random.normal(jax.random.key(1), (nb, hkv, bs, d), dt)
+    tables = jnp.asarray(rng.permutation(nb).reshape(batch, ctx // bs), jnp.int32)
+    lens = jnp.full((batch,), ctx, jnp.int32)
+    q = jax.random.normal(jax.random.key(2), (batch, h, d), dt)
+    nbytes = 2 * batch * ctx * hkv * d * 2
+    g = jax.jit(lambda q, kp, vp: tri.paged_decode(
+        q, kp, vp, tables, lens, scale=scale, softcap=None, sliding_window=None,
+        alibi_slopes=None, sinks=None, k_scale=None, v_scale=None))
+    ref = g(q, k_pages, v_pages).astype(jnp.float32)
+    tt = timed(g, q, k_pages, v_pages)
+    print(f"decode {batch}x{ctx} triton: {tt*1e6:.1f} us {nbytes/tt/1e12:.3f} TB/s", flush=True)
+    for bk, stages, splits, fuse in cfgs:
+      if time.perf_counter() - t_start > budget_s:
+        print("budget spent, skipping", bk, stages, splits, fuse, flush=True)
+        continue
+      try:
+        f = jax.jit(functools.partial(
+            mosaic_decode.paged_decode, block_tables=tables, context_lens=lens, scale=scale,
+            block_sizes=None if bk is None else mosaic.BlockSizes(bk, stages, 1),
+            num_splits=splits, fuse=fuse))
+        err = float(jnp.abs(f(q, k_pages, v_pages).astype(jnp.float32) - ref).max())
+        t = timed(f, q, k_pages, v_pages)
+        print(f"decode {batch}x{ctx} mosaic bk={bk} st={stages} P={splits} fuse={int(fuse)}"
+              f"{' (defaults)' if bk is None else ''}: err {err:.2g} {t*1e6:.1f} us "
+              f"{nbytes/t/1e12:.3f} TB/s  {tt/t:.3f}x triton", flush=True)
+      except Exception as e:   # noqa: BLE001
+        print(f"decode {batch}x{ctx} bk={bk} st={stages} P={splits}: FAILED "
+              f"{type(e).__name__}: {str(e)[:300]}", flush=True)
+    del k_pages, v_pages
+
+
 if __name__ == "__main__":
-  if "--bench" in sys.argv:
+  if "--sweep" in sys.argv:
+    sweep(float(sys.argv[sys.argv.index("--sweep") + 1]) if len(sys.argv) > 2 else 150.0)
+  elif "--bench" in sys.argv:
     if ON_GPU:
       bench()
     else:   # smoke run of the benchmark code under the interpreter

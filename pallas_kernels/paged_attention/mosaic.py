@@ -22,7 +22,9 @@ Grids (all bounds static, from shapes):
   one KV head, so each K/V page is loaded once for them. Each row is stored exactly once
   (a logarithmic ladder of TMA stores, as ``ragged_dot_mgpu``, writes only the tile's rows).
 * decode (``mosaic_decode.py``): ``(Hkv, S, splits)``; the GQA group is the M dimension of the
-  wgmma (padded to 64 rows), the context is split across CTAs and merged in jnp.
+  wgmma (padded to 64 rows), the context is split across CTAs and merged in jnp (one split:
+  normalised in the kernel). The o staging buffer shares the K/V ring (a RefUnion): it is
+  written only after every K/V tile was consumed.
 
 Static: head_dim, block_size, the block sizes, scale, softcap, window, which of ALiBi/sinks.
 Masking: the KV loop of a tile ends at its last row's diagonal and starts at its first row's
@@ -98,7 +100,9 @@ def _smem_bytes(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
   kv = 2 * bs.num_stages * bs.block_kv * head_dim * itemsize
   o_item = partial_dtype(head_dim, q_dtype).itemsize if decode else itemsize
   o = bs.num_wgs * BLOCK_Q * head_dim * o_item
-  return q + kv + o + (2 * BLOCK_Q * 4 if decode else 0) + 1024   # + barriers
+  if decode:   # o staging shares the K/V ring (used only after the KV loop)
+    return q + max(kv, o) + 2 * BLOCK_Q * 4 + 1024
+  return q + kv + o + 1024   # + barriers
 
 
 def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
@@ -134,6 +138,7 @@ class _Static:
   has_sinks: bool
   num_splits: int
   interpret: bool
+  fused: bool = False    # decode, one split: normalised q.dtype output, no merge, no m/l
 
 
 def _cdiv(a, b):
@@ -226,12 +231,16 @@ def _kernel(*refs, st: _Static):
   sinks_ref = refs.pop(0) if (st.has_sinks and not st.decode) else None   # f32[H]
   # outputs
   o_ref = refs.pop(0)           # prefill: [T, H, D]; decode: f32[S, Hkv, splits, G, D]
-  ml_ref = refs.pop(0) if st.decode else None   # decode: f32[S, Hkv, splits, 2, 64]
+  #                               (fused decode: [S, Hkv, G, D] in q.dtype)
+  ml_ref = refs.pop(0) if (st.decode and not st.fused) else None   # f32[S, Hkv, splits, 2, 64]
   # scratch
   q_smem2 = refs.pop(0)         # [nw, 64, D]
-  k_smem = refs.pop(0)          # [stages, bk, D]
-  v_smem = refs.pop(0)          # [stages, bk, D]
-  o_smem2 = refs.pop(0)         # [nw, 64, D] (f32 in decode), unswizzled for partial stores
+  if st.decode:                 # o staging aliases the K/V ring (RefUnion), see build_call
+    (k_smem, v_smem), o_smem2 = refs.pop(0)
+  else:
+    k_smem = refs.pop(0)        # [stages, bk, D]
+    v_smem = refs.pop(0)        # [stages, bk, D]
+    o_smem2 = refs.pop(0)       # [nw, 64, D] (f32 in decode), unswizzled for partial stores
   ml_smem = refs.pop(0) if st.decode else None   # f32[2, 64]
   p_smem2 = refs.pop(0) if st.interpret else None  # [nw, 64, bk], interpreter only
   q_bar, k_bar, v_bar, k_free, v_free = refs[:5]
@@ -243,9 +252,10 @@ def _kernel(*refs, st: _Static):
     kv_len = info_ref[seq]
     p_row = kv_len - 1                       # every row (a query head) sits at L - 1
     begin, end, full_lo, full_hi, kv_end = kv_steps(p_row, p_row, kv_len, st.window, bk)
-    per = _cdiv(end - begin, st.num_splits)
-    begin = jnp.minimum(begin + split * per, end)
-    end = jnp.minimum(begin + per, end)
+    if st.num_splits > 1:   # balanced shares: sizes differ by at most one tile
+      n = end - begin
+      begin, end = (begin + lax.div(split * n, st.num_splits),
+                    begin + lax.div((split + 1) * n, st.num_splits))
     head0 = kv_head * grp
   else:
     hp, tile = lax.axis_index("hp"), lax.axis_index("tile")
@@ -379,6 +389,15 @@ def _kernel(*refs, st: _Static):
     if nw == 2:
       pl.when(wg == 0)(sched)
 
+    if st.fused:    # one split: normalise here; L == 0 (l == 0) gives exact zeros
+      l_pos = l_i > 0
+      inv_l = jnp.where(l_pos, 1.0 / jnp.where(l_pos, l_i, 1.0), 0.0)
+      o_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(o_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, grp)], o_ref.at[seq, kv_head])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      return
+
     if st.decode:   # unnormalised partials; mosaic_decode merges the splits
       o_smem[...] = acc.astype(o_smem.dtype)
       ml_smem[0] = m_i
@@ -451,12 +470,15 @@ def build_call(st: _Static, out_type, grid, grid_names, dtype):
   nw, bk, stages, d = st.bs.num_wgs, st.bs.block_kv, st.bs.num_stages, st.head_dim
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   copies = max(1, bk // st.block_size)
-  scratch = [
-      plgpu.SMEM((nw, BLOCK_Q, d), dtype, transforms=swizzled),       # q
-      plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),        # k ring
-      plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),        # v ring
-      plgpu.SMEM((nw, BLOCK_Q, d), partial_dtype(d, dtype) if st.decode else dtype),   # o
-  ]
+  ring = [plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),   # k ring
+          plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled)]   # v ring
+  o_dtype = dtype if (st.fused or not st.decode) else partial_dtype(d, dtype)
+  o_scratch = plgpu.SMEM((nw, BLOCK_Q, d), o_dtype)                  # o
+  scratch = [plgpu.SMEM((nw, BLOCK_Q, d), dtype, transforms=swizzled)]   # q
+  if st.decode:   # o is staged only after every K/V tile was consumed: share the ring
+    scratch.append(plgpu.RefUnion(ring, o_scratch))
+  else:
+    scratch += [*ring, o_scratch]
   if st.decode:
     scratch.append(plgpu.SMEM((2, BLOCK_Q), jnp.float32))              # m, l (ALiBi slopes)
   if st.interpret:

@@ -2,8 +2,10 @@
 
 The kernel is ``mosaic._kernel`` in decode mode. Grid ``(Hkv, S, splits)``: a CTA takes the G
 query heads that share one KV head as the 64 rows of its wgmma tiles (zero-padded; G <= 64), and
-one contiguous share of the sequence's KV tiles (``splits`` from shapes, so that about two CTAs
-per SM are resident). Each CTA writes its unnormalised output (f32; q.dtype at head_dim 256,
+one balanced contiguous share of the sequence's KV tiles (``splits`` from shapes:
+``default_num_splits`` minimises the wave-quantised time with one resident CTA per SM; shares of
+>= 8192 keys at head_dim 128 use 128-key tiles, 2 stages). With one split and no sinks the kernel
+normalises its rows and writes q.dtype directly (no merge). Otherwise each CTA writes its unnormalised output (f32; q.dtype at head_dim 256,
 where f32 staging does not fit in shared memory) and the running max / sum of
 its rows, always (an empty share writes zeros and the finite mask max); ``_merge`` combines the
 shares in jnp (with the sinks: one more logit in the denominator) and zeroes rows of sequences
@@ -11,6 +13,7 @@ with no key (L == 0). Static: as ``mosaic``, plus ``num_splits``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -21,12 +24,32 @@ from pallas_kernels.paged_attention import mosaic
 _NUM_SMS = 132   # H100 SXM
 
 
-def default_num_splits(num_seqs, num_kv_heads, max_context, block_kv, window=None):
+_CTA_OVERHEAD_TILES = 2   # pipeline fill + partial store of one CTA, in KV tiles (H100)
+_MAX_SPLITS = 64
+_LONG_SHARE = 8192        # keys per CTA from which decode uses 128-key tiles (head_dim 128)
+
+
+def default_num_splits(num_seqs, num_kv_heads, max_context, block_kv, window=None,
+                       ctas_per_sm=1):
+  """Splits that minimise the wave-quantised time: waves x (tiles per CTA + overhead).
+
+  One decode CTA per SM is resident (its K/V ring takes most of shared memory), so a grid of
+  Hkv x S x P CTAs runs in cdiv(Hkv S P, 132) waves of cdiv(tiles, P) tiles each; a wave that
+  is only partly full still takes a full CTA's time (each SM streams at ~1/132 of HBM).
+  """
   tiles = -(-max_context // block_kv)
   if window is not None:
     tiles = min(tiles, -(-window // block_kv) + 1)
-  want = -(-2 * _NUM_SMS // max(num_seqs * num_kv_heads, 1))
-  return max(1, min(want, tiles))
+  tiles = max(tiles, 1)
+  pairs = max(num_seqs * num_kv_heads, 1)
+  slots = _NUM_SMS * ctas_per_sm
+  best = None
+  for p in range(1, min(tiles, _MAX_SPLITS) + 1):
+    waves = -(-pairs * p // slots)
+    cost = waves * (-(-tiles // p) + _CTA_OVERHEAD_TILES) + (p > 1) * _CTA_OVERHEAD_TILES
+    if best is None or cost < best[0]:
+      best = (cost, p)
+  return best[1]
 
 
 def _merge(o, ml, context_lens, sinks, num_heads, dtype):
@@ -48,12 +71,12 @@ def _merge(o, ml, context_lens, sinks, num_heads, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "softcap", "sliding_window", "interpret", "block_sizes", "num_splits"))
+    "scale", "softcap", "sliding_window", "interpret", "block_sizes", "num_splits", "fuse"))
 def paged_decode(q, k_pages, v_pages, block_tables, context_lens, *, scale: float,
                  softcap: float | None = None, sliding_window: int | None = None,
                  alibi_slopes=None, sinks=None, k_scale=None, v_scale=None,
                  interpret: bool = False, block_sizes: mosaic.BlockSizes | None = None,
-                 num_splits: int | None = None):
+                 num_splits: int | None = None, fuse: bool = True):
   """q [S, H, D] (query i at position context_lens[i] - 1) -> [S, H, D] in q.dtype."""
   if k_scale is not None or v_scale is not None:
     raise NotImplementedError('mosaic paged decode: float8 KV caches (k_scale/v_scale) are '
@@ -67,10 +90,16 @@ def paged_decode(q, k_pages, v_pages, block_tables, context_lens, *, scale: floa
       max_blocks=max_blocks, scale=scale, softcap=softcap, sliding_window=sliding_window,
       alibi_slopes=alibi_slopes, sinks=sinks, num_splits=1, interpret=interpret,
       block_sizes=block_sizes)
+  max_context = max_blocks * block_size
   if num_splits is None:
-    num_splits = default_num_splits(num_seqs, num_kv_heads, max_blocks * block_size,
+    num_splits = default_num_splits(num_seqs, num_kv_heads, max_context,
                                     probe.bs.block_kv, sliding_window)
-  st = probe.__class__(**{**probe.__dict__, "num_splits": int(num_splits)})
+    if block_sizes is None and head_dim == 128 and max_context // num_splits >= _LONG_SHARE:
+      # Long shares stream better as 128-key tiles, 2 stages (H100: 8 x 32768 +7% over 64 x 4).
+      probe = dataclasses.replace(probe, bs=mosaic.BlockSizes(128, 2, 1))
+      num_splits = default_num_splits(num_seqs, num_kv_heads, max_context, 128, sliding_window)
+  fused = fuse and num_splits == 1 and sinks is None   # normalise in the kernel, no merge
+  st = probe.__class__(**{**probe.__dict__, "num_splits": int(num_splits), "fused": fused})
   # The group of G heads becomes 64 wgmma rows: [S, Hkv, 64, D], rows >= G are zero.
   qp = jnp.zeros((num_seqs, num_kv_heads, mosaic.BLOCK_Q, head_dim), q.dtype)
   qp = qp.at[:, :, :grp].set(q.reshape(num_seqs, num_kv_heads, grp, head_dim))
@@ -79,6 +108,11 @@ def paged_decode(q, k_pages, v_pages, block_tables, context_lens, *, scale: floa
     slopes = jnp.zeros((num_kv_heads, mosaic.BLOCK_Q), jnp.float32)
     args.append(slopes.at[:, :grp].set(
         alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, grp)))
+  if fused:
+    call = mosaic.build_call(
+        st, jax.ShapeDtypeStruct((num_seqs, num_kv_heads, grp, head_dim), q.dtype),
+        (num_kv_heads, num_seqs, 1), ("g", "seq", "split"), q.dtype)
+    return call(*args).reshape(num_seqs, num_heads, head_dim)
   out_type = (
       jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, grp, head_dim),
                            mosaic.partial_dtype(head_dim, q.dtype)),
