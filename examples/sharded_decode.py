@@ -133,7 +133,8 @@ def main(argv=None):
 
     cache = jpa.KVCache.init(cfg.seqs * cfg.max_blocks, cfg.block_size, cfg.kv_heads,
                              cfg.head_dim, jnp.float32)
-    sharded_cache = sh.shard_cache(cache, mesh, "model", cfg.heads)   # replicate + place
+    # Its own buffers: both steps donate their cache, and on one device placing it is a no-op.
+    sharded_cache = sh.shard_cache(jax.tree.map(jnp.copy, cache), mesh, "model", cfg.heads)
 
     # --- 2. the step functions: the same block, single-device and sharded --------------------
     layer = jpa.PagedAttention(cfg.heads, cfg.head_dim, cfg.kv_heads, backend=args.backend)

@@ -385,3 +385,18 @@ def test_layer_rejects_bad_new_tokens_and_metadata(rng):
         step(case.q, k, sh.replicate_kv_heads(k, 8), cache, case.meta)
     with pytest.raises(ValueError, match="meta.slot_mapping"):
         step(case.q, k, k, cache, dataclasses.replace(case.meta, slot_mapping=None))
+
+
+@pytest.mark.parametrize("devices", ["1", "2"])
+def test_sharded_decode_recipe_runs(devices):
+    # The README's recipe end to end (its own process: it sets its CPU device count before jax).
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "examples.sharded_decode", "--devices", devices,
+                           "--steps", "2", "--backend", "xla"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "agree with the single device" in done.stdout
