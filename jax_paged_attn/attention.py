@@ -170,7 +170,9 @@ class PagedAttention:
             raise ValueError(f"cache has {cache.num_kv_heads} KV heads of dim {cache.head_dim}; "
                              f"the layer expects {self.num_kv_heads} of dim {self.head_dim}")
         meta = validated(meta, num_tokens=q.shape[0], need_slots=True)
-        write_backend = self.backend if self.backend in ("auto", "xla", "metal") else "auto"
+        # The layer's backend writes too when it has a KV-write kernel (mosaic has none: auto).
+        write_backend = self.backend if self.backend in ("auto", "xla") or backends.built(
+            self.backend, "kv_write") else "auto"
         cache = write_kv(cache, k, v, meta.slot_mapping, backend=write_backend,
                          interpret=interpret)
         slopes = None if self.alibi_slopes is None else jnp.asarray(self.alibi_slopes, jnp.float32)
