@@ -433,29 +433,37 @@ def _kernel(*refs, st: _Static):
     copies = max(1, bk // page)
     rows_per_copy = min(bk, page)
 
-    def issue(src_ref, dst, bar, step):
+    def page_ids(step):
+      ids = []
       for c in range(copies):
         key0 = step * bk + c * rows_per_copy
         # Pages past the context hold anything: load a real page instead (masked anyway).
         idx = jnp.minimum(lax.div(key0, page), num_pages - 1)
-        pid = jnp.clip(bt_ref[seq, idx], 0, st.num_pages - 1)
-        off = 0 if page <= bk else lax.rem(step, page // bk) * bk   # provably bk-aligned
+        ids.append(jnp.clip(bt_ref[seq, idx], 0, st.num_pages - 1))
+      return ids
+
+    def issue(src_ref, dst, bar, step, ids):
+      off = 0 if page <= bk else lax.rem(step, page // bk) * bk   # provably bk-aligned
+      for c, pid in enumerate(ids):
         plgpu.copy_gmem_to_smem(src_ref.at[pid, kv_head, pl.ds(off, rows_per_copy)],
                                 dst.at[pl.ds(c * rows_per_copy, rows_per_copy)], bar)
 
     @pl.loop(0, end - begin)
     def _(i):
       slot = lax.rem(i, stages)
+      # The page ids are read once for K and V, before waiting for the slot: their latency
+      # overlaps the wait instead of delaying the copies.
+      ids = page_ids(begin + i)
 
       @pl.when(i >= stages)
       def _():
         plgpu.barrier_wait(k_free.at[slot])
-      issue(k_ref, k_smem.at[slot], k_bar.at[slot], begin + i)
+      issue(k_ref, k_smem.at[slot], k_bar.at[slot], begin + i, ids)
 
       @pl.when(i >= stages)
       def _():
         plgpu.barrier_wait(v_free.at[slot])
-      issue(v_ref, v_smem.at[slot], v_bar.at[slot], begin + i)
+      issue(v_ref, v_smem.at[slot], v_bar.at[slot], begin + i, ids)
 
     # Observe the last releases too, so no barrier phase is left unobserved at exit.
     @pl.loop(jnp.maximum(end - begin - stages, 0), end - begin)

@@ -1,0 +1,169 @@
+"""Decode probe (GPU): what limits paged decode bandwidth, Triton against Mosaic, in one process.
+
+Rows: kernel x block sizes x block table, on the PERF.md decode shapes. Block tables are either a
+random permutation of the pages (as the benchmarks) or the identity (each sequence's pages in
+order), to separate the DRAM cost of scattered 4 KB pages from the kernels' own. Ceilings in the
+same process: torch copy, XLA read-only sum, and torch gathers of rows of 4 KB (one page of one KV
+head) and 32 KB (one page of all KV heads) in permuted order: the bandwidth of the access pattern
+alone. Rows are timed in an A B ... A B order (every row twice) so drift shows. Timing: median of
+20 samples of >= 3 ms of back-to-back calls; every row's output is compared with the first row of
+its shape with the same block table (relative L2).
+  python3 scripts/decode_probe.py [--only 4096,32768] [--budget-s 300]
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.paged_attention import mosaic
+from pallas_kernels.paged_attention import mosaic_decode
+from pallas_kernels.paged_attention import triton as pa
+
+CPU = jax.default_backend() != "gpu"
+ap = argparse.ArgumentParser()
+ap.add_argument("--budget-s", type=float, default=300.0)
+ap.add_argument("--only", default="4096,32768")
+ap.add_argument("--iters", type=int, default=3 if CPU else 20)
+args = ap.parse_args()
+T0 = time.perf_counter()
+KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None,
+          v_scale=None)
+
+
+def median_time(f, *a, min_sample_s=3e-3):
+  jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
+  t = time.perf_counter(); jax.block_until_ready(f(*a)); one = time.perf_counter() - t
+  reps = 1 if CPU else max(1, int(min_sample_s / max(one, 1e-6)))
+  ts = []
+  for _ in range(args.iters):
+    t = time.perf_counter()
+    for _ in range(reps):
+      out = f(*a)
+    jax.block_until_ready(out)
+    ts.append((time.perf_counter() - t) / reps)
+  return float(np.median(ts)), out
+
+
+def ceilings(page_bytes=4096, heads=8):
+  line = []
+  y = jnp.ones((1 << (20 if CPU else 29),), jnp.bfloat16)   # 1 GiB, read only
+  t, _ = median_time(jax.jit(lambda y: jnp.sum(y, dtype=jnp.float32)), y)
+  line.append(f"xla sum (read only) {y.nbytes / t / 1e12:.3f}")
+  del y
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  if torch is not None and torch.cuda.is_available():
+    def ttime(fn, nbytes):
+      for _ in range(3):
+        fn()
+      torch.cuda.synchronize(); ts = []
+      for _ in range(20):
+        t = time.perf_counter()
+        for _ in range(5):
+          fn()
+        torch.cuda.synchronize(); ts.append((time.perf_counter() - t) / 5)
+      return nbytes / np.median(ts) / 1e12
+    n = 1 << 29                                  # 1 GiB of bf16
+    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    line.append(f"torch copy {ttime(lambda: dst.copy_(src), 4 * n):.3f}")
+    for row in (page_bytes, page_bytes * heads):
+      rows = src.view(-1, row // 2)
+      idx = torch.randperm(rows.shape[0], device="cuda")
+      out = torch.empty_like(rows)
+      line.append(f"torch gather of {row // 1024} KB rows (permuted) "
+                  f"{ttime(lambda: torch.index_select(rows, 0, idx, out=out), 4 * n):.3f}")
+    del src, dst, out
+  print("ceilings, TB/s: " + "; ".join(line), flush=True)
+
+
+def cache(S, ctx, Hkv, D, BS, identity, seed=0):
+  nb = S * ctx // BS
+  ks = jax.random.split(jax.random.key(seed), 3)
+  k, v = (jax.random.normal(x, (nb, Hkv, BS, D), jnp.bfloat16) for x in ks[:2])
+  order = jnp.arange(nb) if identity else jax.random.permutation(ks[2], nb)
+  return k, v, order.reshape(S, ctx // BS).astype(jnp.int32)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def triton_row(block_sizes=None):
+  def call(q, k, v, bt, L):
+    return pa.paged_decode(q, k, v, bt, L, scale=q.shape[-1] ** -.5, interpret=CPU,
+                           block_sizes=block_sizes, **KW)
+  return call
+
+
+def mosaic_row(block_sizes=None, num_splits=None):
+  def call(q, k, v, bt, L):
+    return mosaic_decode.paged_decode(q, k, v, bt, L, scale=q.shape[-1] ** -.5, interpret=CPU,
+                                      block_sizes=block_sizes, num_splits=num_splits, **KW)
+  return call
+
+
+def run_shape(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
+  """rows: [(label, call, identity_table)]; each row runs twice (A B ... A B)."""
+  q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
+  L = jnp.full((S,), ctx, jnp.int32)
+  caches = {ident: cache(S, ctx, Hkv, D, BS, ident) for ident in {r[2] for r in rows}}
+  nbytes = 4 * S * ctx * Hkv * D
+  refs, results = {}, {}   # reference output per block table
+  for rnd in range(2):
+    for label, call, ident in rows:
+      if time.perf_counter() - T0 > args.budget_s:
+        print(f"{name} {label}: skipped (budget)", flush=True); continue
+      k, v, bt = caches[ident]
+      try:
+        t, out = median_time(jax.jit(call), q, k, v, bt, L)
+      except Exception as e:  # noqa: BLE001 - a failing row is reported, the probe goes on
+        print(f"{name} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        continue
+      ref = refs.setdefault(ident, out)
+      results.setdefault(label, []).append(t)
+      tab = "identity" if ident else "permuted"
+      print(f"{name} [{rnd}] {label:42s} {tab:8s} {t * 1e6:8.1f} us "
+            f"{nbytes / t / 1e12:.3f} TB/s err {rel_err(out, ref):.1e}", flush=True)
+  base = np.mean(results.get(rows[0][0], [np.nan]))
+  print(f"{name} summary (mean of the 2 rounds, ratio to '{rows[0][0]}'):", flush=True)
+  for label, ts in results.items():
+    print(f"  {label:42s} {nbytes / np.mean(ts) / 1e12:.3f} TB/s  x{base / np.mean(ts):.3f}",
+          flush=True)
+
+
+ceilings()
+only = set(args.only.split(","))
+if CPU:   # smoke run under the interpreters (times mean nothing)
+  run_shape("tiny", 2, 128, [("triton", triton_row(), False),
+                             ("triton, identity table", triton_row(), True),
+                             ("mosaic", mosaic_row(), False),
+                             ("mosaic 64x2", mosaic_row(mosaic.BlockSizes(64, 2, 1)), True)],
+            H=8, Hkv=2, D=64)
+  raise SystemExit
+
+if "4096" in only:
+  run_shape("decode 64x4096", 64, 4096, [
+      ("triton", triton_row(), False),
+      ("mosaic", mosaic_row(), False),
+      ("mosaic 64x2 (2 CTAs/SM)", mosaic_row(block_sizes=mosaic.BlockSizes(64, 2, 1)), False),
+      ("mosaic 64x3", mosaic_row(block_sizes=mosaic.BlockSizes(64, 3, 1)), False),
+      ("triton, identity table", triton_row(), True),
+      ("mosaic, identity table", mosaic_row(), True),
+  ])
+if "32768" in only:
+  run_shape("decode 8x32768", 8, 32768, [
+      ("triton", triton_row(), False),
+      ("mosaic", mosaic_row(), False),
+      ("triton, identity table", triton_row(), True),
+      ("mosaic, identity table", mosaic_row(), True),
+  ])
