@@ -7,7 +7,8 @@ Each case builds its inputs, compiles and warms up outside the profiled region, 
 between cudaProfilerStart/Stop, so ncu (``--profile-from-start off``) sees only that call's
 kernels. Clocks are left alone (``--clock-control none``). Cases: torch copy of 1 GiB, torch SDPA
 decode on contiguous KV, the Triton and Mosaic paged decode (64 x 4096, permuted pages, as the
-benchmarks), and the Triton fused MoE at the decode shape.
+benchmarks), the Triton fused MoE at the decode shape, and the Triton chunked prefill (8192
+tokens, causal).
 """
 import argparse
 import csv
@@ -18,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CASES = ("copy", "sdpa", "triton", "mosaic", "moe")
+CASES = ("copy", "sdpa", "triton", "mosaic", "moe", "prefill")
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats",
             "WarpStateStats")
 SHOW = ("Duration", "DRAM Throughput", "Memory Throughput", "L2 Hit Rate", "Mem Busy",
@@ -68,6 +69,19 @@ def run_case(case):
     mod = pa if case == "triton" else mosaic_decode
     f = jax.jit(lambda q, k, v, bt, lens: mod.paged_decode(q, k, v, bt, lens, **kw))
     return profiled(lambda: jax.block_until_ready(f(q, k, v, bt, lens)))
+  if case == "prefill":   # Triton chunked prefill, one sequence of 8192 tokens, causal
+    from pallas_kernels.paged_attention import triton as pa
+    n = 8192
+    nb = n // BS
+    ks = jax.random.split(jax.random.key(0), 4)
+    k, v = (jax.random.normal(x, (nb, HKV, BS, D), jnp.bfloat16) for x in ks[:2])
+    bt = jax.random.permutation(ks[2], nb).reshape(1, nb).astype(jnp.int32)
+    q = jax.random.normal(ks[3], (n, H, D), jnp.bfloat16)
+    lens, cu = jnp.array([n], jnp.int32), jnp.array([0, n], jnp.int32)
+    kw = dict(scale=D ** -.5, softcap=None, sliding_window=None, alibi_slopes=None, sinks=None,
+              k_scale=None, v_scale=None)
+    f = jax.jit(lambda *a: pa.paged_attention(*a, **kw))
+    return profiled(lambda: jax.block_until_ready(f(q, k, v, bt, lens, cu)))
   if case == "moe":
     from pallas_kernels.moe import bench, triton
     x, wgu, wd, w, ids = bench._case(bench.SHAPES["decode"])
