@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import probe_common
 from pallas_kernels.paged_attention import mosaic
 from pallas_kernels.paged_attention import mosaic_decode
 from pallas_kernels.paged_attention import triton as pa
-
-CPU = jax.default_backend() != "gpu"
+from probe_common import CPU, paged_cache, rel_err
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300.0)
 ap.add_argument("--only", default="4096,32768")
@@ -36,18 +36,8 @@ KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_sc
           v_scale=None)
 
 
-def median_time(f, *a, min_sample_s=3e-3):
-  jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
-  t = time.perf_counter(); jax.block_until_ready(f(*a)); one = time.perf_counter() - t
-  reps = 1 if CPU else max(1, int(min_sample_s / max(one, 1e-6)))
-  ts = []
-  for _ in range(args.iters):
-    t = time.perf_counter()
-    for _ in range(reps):
-      out = f(*a)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t) / reps)
-  return float(np.median(ts)), out
+def median_time(f, *a):
+  return probe_common.median_time(f, *a, iters=args.iters)
 
 
 def ceilings(page_bytes=4096, heads=8):
@@ -85,19 +75,6 @@ def ceilings(page_bytes=4096, heads=8):
   print("ceilings, TB/s: " + "; ".join(line), flush=True)
 
 
-def cache(S, ctx, Hkv, D, BS, identity, seed=0):
-  nb = S * ctx // BS
-  ks = jax.random.split(jax.random.key(seed), 3)
-  k, v = (jax.random.normal(x, (nb, Hkv, BS, D), jnp.bfloat16) for x in ks[:2])
-  order = jnp.arange(nb) if identity else jax.random.permutation(ks[2], nb)
-  return k, v, order.reshape(S, ctx // BS).astype(jnp.int32)
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def triton_row(block_sizes=None):
   def call(q, k, v, bt, L):
     return pa.paged_decode(q, k, v, bt, L, scale=q.shape[-1] ** -.5, interpret=CPU,
@@ -116,7 +93,8 @@ def run_shape(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
   """rows: [(label, call, identity_table)]; each row runs twice (A B ... A B)."""
   q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
   L = jnp.full((S,), ctx, jnp.int32)
-  caches = {ident: cache(S, ctx, Hkv, D, BS, ident) for ident in {r[2] for r in rows}}
+  caches = {ident: paged_cache(S, ctx, Hkv, D, BS, identity=ident)
+            for ident in {r[2] for r in rows}}
   nbytes = 4 * S * ctx * Hkv * D
   refs, results = {}, {}   # reference output per block table
   for rnd in range(2):

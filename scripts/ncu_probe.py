@@ -45,6 +45,7 @@ def run_case(case):
   import jax
   import jax.numpy as jnp
   import torch
+  from probe_common import paged_cache
   S, H, HKV, D, CTX, BS = 64, 32, 8, 128, 4096, 16
   if case == "copy":
     src = torch.randn(1 << 29, dtype=torch.bfloat16, device="cuda")
@@ -58,11 +59,8 @@ def run_case(case):
   if case in ("triton", "mosaic"):
     from pallas_kernels.paged_attention import mosaic_decode
     from pallas_kernels.paged_attention import triton as pa
-    nb = S * CTX // BS
-    ks = jax.random.split(jax.random.key(0), 4)
-    k, v = (jax.random.normal(x, (nb, HKV, BS, D), jnp.bfloat16) for x in ks[:2])
-    bt = jax.random.permutation(ks[2], nb).reshape(S, CTX // BS).astype(jnp.int32)
-    q = jax.random.normal(ks[3], (S, H, D), jnp.bfloat16)
+    k, v, bt = paged_cache(S, CTX, HKV, D, BS)
+    q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
     lens = jnp.full((S,), CTX, jnp.int32)
     kw = dict(scale=D ** -.5, softcap=None, sliding_window=None, alibi_slopes=None, sinks=None,
               k_scale=None, v_scale=None)
@@ -72,11 +70,8 @@ def run_case(case):
   if case == "prefill":   # Triton chunked prefill, one sequence of 8192 tokens, causal
     from pallas_kernels.paged_attention import triton as pa
     n = 8192
-    nb = n // BS
-    ks = jax.random.split(jax.random.key(0), 4)
-    k, v = (jax.random.normal(x, (nb, HKV, BS, D), jnp.bfloat16) for x in ks[:2])
-    bt = jax.random.permutation(ks[2], nb).reshape(1, nb).astype(jnp.int32)
-    q = jax.random.normal(ks[3], (n, H, D), jnp.bfloat16)
+    k, v, bt = paged_cache(1, n, HKV, D, BS)
+    q = jax.random.normal(jax.random.key(7), (n, H, D), jnp.bfloat16)
     lens, cu = jnp.array([n], jnp.int32), jnp.array([0, n], jnp.int32)
     kw = dict(scale=D ** -.5, softcap=None, sliding_window=None, alibi_slopes=None, sinks=None,
               k_scale=None, v_scale=None)

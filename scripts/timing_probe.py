@@ -19,23 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CPU = jax.default_backend() != "gpu"
+from probe_common import CPU, median_time, paged_cache
 N = 2 if CPU else 8
 ITERS = 3 if CPU else 20
 
 
-def loop_time(f, *a, min_sample_s=3e-3):
-  jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
-  t = time.perf_counter(); jax.block_until_ready(f(*a)); one = time.perf_counter() - t
-  reps = max(1, int(min_sample_s / max(one, 1e-6)))
-  ts = []
-  for _ in range(ITERS):
-    t = time.perf_counter()
-    for _ in range(reps):
-      out = f(*a)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t) / reps)
-  return float(np.median(ts))
+def loop_time(f, *a):
+  return median_time(f, *a, iters=ITERS)[0]
 
 
 def chain_time(step, x, *rest):
@@ -107,11 +97,8 @@ def main():
   report("xla x*1.5 (1 GiB)", 2 * x.nbytes, lambda x: x * 1.5, lambda x: x * 1.5, x)
   del x
   S, H, HKV, D, CTX, BS = (2, 8, 2, 64, 128, 16) if CPU else (64, 32, 8, 128, 4096, 16)
-  nb = S * CTX // BS
-  ks = jax.random.split(jax.random.key(0), 4)
-  k, v = (jax.random.normal(t, (nb, HKV, BS, D), jnp.bfloat16) for t in ks[:2])
-  bt = jax.random.permutation(ks[2], nb).reshape(S, CTX // BS).astype(jnp.int32)
-  q = jax.random.normal(ks[3], (S, H, D), jnp.bfloat16)
+  k, v, bt = paged_cache(S, CTX, HKV, D, BS)
+  q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
   lens = jnp.full((S,), CTX, jnp.int32)
   kw = dict(scale=D ** -.5, softcap=None, sliding_window=None, alibi_slopes=None, sinks=None,
             k_scale=None, v_scale=None, interpret=CPU)

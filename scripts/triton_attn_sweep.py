@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import probe_common
 from pallas_kernels.paged_attention import triton as pa
 from pallas_kernels.paged_attention.tuning import BlockSizes as B
-
-CPU = jax.default_backend() != "gpu"
+from probe_common import CPU, paged_cache, rel_err
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=200.0)
 ap.add_argument("--only", default="decode,prefill,long,more")
@@ -33,31 +33,8 @@ KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_sc
 DEFAULT = dict(pa.EXPERIMENT)
 
 
-def median_time(f, *a, min_sample_s=3e-3):
-  jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
-  t = time.perf_counter(); jax.block_until_ready(f(*a)); one = time.perf_counter() - t
-  reps = 1 if CPU else max(1, int(min_sample_s / max(one, 1e-6)))
-  ts = []
-  for _ in range(args.iters):
-    t = time.perf_counter()
-    for _ in range(reps):
-      out = f(*a)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t) / reps)
-  return float(np.median(ts)), out
-
-
-def cache(S, ctx, Hkv, D, BS, seed=0):
-  nb = S * ctx // BS
-  ks = jax.random.split(jax.random.key(seed), 3)
-  k, v = (jax.random.normal(x, (nb, Hkv, BS, D), jnp.bfloat16) for x in ks[:2])
-  bt = jax.random.permutation(ks[2], nb).reshape(S, ctx // BS).astype(jnp.int32)
-  return k, v, bt
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+def median_time(f, *a):
+  return probe_common.median_time(f, *a, iters=args.iters)
 
 
 def run_rows(name, rows, make, call, figure):
@@ -83,7 +60,7 @@ def run_rows(name, rows, make, call, figure):
 
 def decode_rows(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
   def make():
-    k, v, bt = cache(S, ctx, Hkv, D, BS)
+    k, v, bt = paged_cache(S, ctx, Hkv, D, BS)
     q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
     return q, k, v, bt, jnp.full((S,), ctx, jnp.int32)
   run_rows(name, rows, make,
@@ -94,7 +71,7 @@ def decode_rows(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
 
 def prefill_rows(name, S, n, ctx, rows, H=32, Hkv=8, D=128, BS=16):
   def make():
-    k, v, bt = cache(S, ctx, Hkv, D, BS)
+    k, v, bt = paged_cache(S, ctx, Hkv, D, BS)
     q = jax.random.normal(jax.random.key(7), (S * n, H, D), jnp.bfloat16)
     return (q, k, v, bt, jnp.full((S,), ctx, jnp.int32),
             jnp.arange(S + 1, dtype=jnp.int32) * n)
