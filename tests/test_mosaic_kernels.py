@@ -121,6 +121,31 @@ def test_prefill_mixed(seqs):
   _run("prefill", seqs)
 
 
+@pytest.mark.parametrize("num_heads,num_kv_heads,num_ctas,feature", [
+    (4, 2, 3, "plain"), (8, 2, 2, "sinks"), (3, 1, 5, "alibi")])
+def test_prefill_persistent_ctas(num_heads, num_kv_heads, num_ctas, feature):
+  """Few CTAs, many (tile, heads) items each in snake order: the K/V ring and the two
+  warpgroups' turns run on across items, each next q tile loads during an epilogue."""
+  args, host = make_case(MIXED, num_heads=num_heads, num_kv_heads=num_kv_heads, seed=5)
+  opts = _features(feature, num_heads)
+  ref = oracle(host, scale=0.2, alibi=opts.get("alibi_slopes"), sinks=opts.get("sinks"))
+  kw = {k: jnp.asarray(v) for k, v in opts.items()}
+  out = mosaic.paged_attention(**args, scale=0.2, num_ctas=num_ctas, interpret=INTERPRET,
+                               block_sizes=mosaic.BlockSizes(
+                                   64, 2, 2 if num_heads // num_kv_heads % 2 == 0 else 1), **kw)
+  check(out, ref, jnp.bfloat16)
+
+
+def test_snake_items_balance_heaviest_first():
+  """Every item once; with items sorted heaviest first, CTA totals within one item."""
+  for n, c in [(10, 3), (2080, 132), (7, 7), (5, 1)]:
+    order = mosaic.snake_items(n, c)
+    assert sorted(order[order >= 0].tolist()) == list(range(n))
+    sizes = np.append(np.arange(n, 0, -1), 0)     # item k weighs n - k
+    totals = sizes[order].sum(axis=0)
+    assert totals.max() - totals.min() <= n
+
+
 @pytest.mark.parametrize("feature", ["softcap", "window", "alibi", "sinks"])
 def test_prefill_features(feature):
   _run("prefill", [(40, 90), (1, 17), (9, 9)], feature)
@@ -150,18 +175,21 @@ def test_decode_shapes(head_dim, block_size, dtype, num_heads, num_kv_heads):
        num_heads=num_heads, num_kv_heads=num_kv_heads, pad_rows=0)
 
 
-def test_decode_many_splits():
+@pytest.mark.parametrize("num_ctas", [5, 16])
+def test_decode_stream_k(num_ctas):
+  """Stream-K: 6 pairs over 5 or 16 CTAs; a long pair spans several, short ones share one."""
   args, host = make_case([(1, 500), (1, 3), (1, 0)], num_heads=4, num_kv_heads=2, pad_rows=0)
   ref = oracle(host, scale=0.2)
   out = mosaic_decode.paged_decode(args["q"], args["k_pages"], args["v_pages"],
                                    args["block_tables"], args["context_lens"], scale=0.2,
-                                   num_splits=5, interpret=INTERPRET)
+                                   stream=True, num_ctas=num_ctas, interpret=INTERPRET)
   check(out, ref, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("feature", ["plain", "window", "alibi", "softcap", "sinks"])
-def test_decode_one_split(feature):
-  """num_splits=1: the kernel normalises its rows itself (sinks: merged in jnp)."""
+def test_decode_whole_pairs(feature):
+  """stream=False: one item per (seq, KV head), normalised in the kernel (sinks: merged in
+  jnp)."""
   seqs = [(1, 200), (1, 0), (1, 17), (1, 1)]
   args, host = make_case(seqs, num_heads=8, num_kv_heads=2, pad_rows=0)
   opts = _features(feature, 8)
@@ -170,15 +198,56 @@ def test_decode_one_split(feature):
   kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
   out = mosaic_decode.paged_decode(args["q"], args["k_pages"], args["v_pages"],
                                    args["block_tables"], args["context_lens"], scale=0.2,
-                                   num_splits=1, interpret=INTERPRET, **kw)
+                                   stream=False, interpret=INTERPRET, **kw)
   check(out, ref, jnp.bfloat16)
 
 
-def test_default_num_splits_fill_the_waves():
-  # 64 x 4096 fills 4 waves with whole sequences; 8 x 32768 needs 2 splits for 128 CTAs.
-  assert mosaic_decode.default_num_splits(64, 8, 4096, 64) == 1
-  assert mosaic_decode.default_num_splits(8, 8, 32768, 64) == 2
-  assert mosaic_decode.default_num_splits(1, 8, 4096, 64) == 16
+@pytest.mark.parametrize("num_heads,num_kv_heads,stream,num_ctas,feature", [
+    (12, 4, False, 3, "plain"), (12, 4, False, 4, "alibi"), (10, 2, True, 5, "sinks"),
+    (10, 2, True, 7, "alibi"), (10, 2, True, 2, "window")])
+def test_decode_persistent_ctas(num_heads, num_kv_heads, stream, num_ctas, feature):
+  """Few CTAs, many items each: the K/V ring runs on across items; GQA groups of 3 and 5 heads
+  sit at every offset of the flat q rows (S H = 132 or 110: q padded to a multiple of 8)."""
+  seqs = [(1, n) for n in (40, 0, 17, 1, 100, 33, 16, 64, 5, 2, 80)][:132 // num_heads]
+  args, host = make_case(seqs, num_heads=num_heads, num_kv_heads=num_kv_heads, pad_rows=0,
+                         seed=3)
+  opts = _features(feature, num_heads)
+  ref = oracle(host, scale=0.2, alibi=opts.get("alibi_slopes"), sinks=opts.get("sinks"),
+               window=opts.get("sliding_window"))
+  kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
+  out = mosaic_decode.paged_decode(args["q"], args["k_pages"], args["v_pages"],
+                                   args["block_tables"], args["context_lens"], scale=0.2,
+                                   block_sizes=mosaic.BlockSizes(64, 2, 1),
+                                   stream=stream, num_ctas=num_ctas,
+                                   interpret=INTERPRET, **kw)
+  check(out, ref, jnp.bfloat16)
+
+
+def test_decode_rows_cover_each_group():
+  """The 64 q rows a decode item loads hold its G heads at r_off, start on a multiple of 8
+  and stay inside q."""
+  for s, hkv, g in [(11, 4, 3), (1, 1, 1), (3, 2, 64), (64, 8, 4), (5, 7, 5)]:
+    q_rows = max(-(-s * hkv * g // 8) * 8, 64)
+    seqs, heads = np.meshgrid(np.arange(s), np.arange(hkv), indexing="ij")
+    row0, r_off, start = (np.asarray(x) for x in
+                          mosaic.decode_rows(jnp.asarray(seqs), jnp.asarray(heads), hkv, g,
+                                             q_rows))
+    assert np.all(row0 % 8 == 0) and np.all(row0 >= 0) and np.all(row0 + 64 <= q_rows)
+    assert np.all(row0 + r_off == start) and np.all(r_off >= 0) and np.all(r_off + g <= 64)
+    assert np.array_equal(start.ravel(), np.arange(s * hkv) * g)
+
+
+def test_stream_k_covers_each_tile_once():
+  """Every flat tile has one CTA; a pair's CTAs are consecutive and its slots are theirs."""
+  for pairs, tiles, ctas in [(64, 256, 132), (6, 8, 5), (6, 8, 16), (1, 3, 3), (8, 4096, 132)]:
+    total = pairs * tiles
+    owner = np.repeat(np.arange(ctas), np.diff(np.arange(ctas + 1) * total // ctas))
+    assert owner.shape == (total,)
+    first, last = mosaic.stream_ctas(np.arange(pairs), tiles, pairs, ctas)
+    per_pair = owner.reshape(pairs, tiles)
+    assert np.array_equal(first, per_pair[:, 0]) and np.array_equal(last, per_pair[:, -1])
+    slots, valid = mosaic_decode.stream_plan(pairs, tiles, ctas)
+    assert slots == (last - first).max() + 1 and valid.sum() == (last - first + 1).sum()
 
 
 def test_prefill_unaligned_rows_and_page_256():
@@ -332,76 +401,8 @@ def bench(prefill=((1, 0, 8192), (4, 2048, 2048)), decode=((64, 4096), (8, 32768
     print(f"  copy ceiling (XLA x*1.5): {2 * x.size * 2 / tc / 1e12:.2f} TB/s")
 
 
-def sweep(budget_s=150.0, iters=20, reps=5):
-  """Decode variants (block_kv, stages, splits) vs the Triton kernel, one process, one line each."""
-  import time
-  from pallas_kernels.paged_attention import triton as tri
-  t_start = time.perf_counter()
-  h, hkv, d, bs, dt = 32, 8, 128, 16, jnp.bfloat16
-  scale = 1 / math.sqrt(d)
-
-  def timed(fn, *args):
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(iters):
-      t0 = time.perf_counter()
-      for _ in range(reps):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      samples.append((time.perf_counter() - t0) / reps)
-    return float(np.median(samples))
-
-  x = jnp.ones((256 * 1024 * 1024,), dt)
-  tc = timed(jax.jit(lambda x: x * 1.5), x)
-  print(f"copy ceiling (XLA x*1.5): {2 * x.size * 2 / tc / 1e12:.2f} TB/s", flush=True)
-  del x
-  # (block_kv, stages, splits, fuse); None: the defaults (the old defaults were 64/4 with
-  # P = 1 unfused for 64 x 4096 and P = 5 for 8 x 32768).
-  configs = {
-      (64, 4096): [(None, None, None, True), (64, 4, 1, False), (64, 2, 1, True),
-                   (None, None, None, True)],
-      (8, 32768): [(None, None, None, True), (64, 4, 5, True), (128, 2, 4, True),
-                   (64, 4, 4, True), (None, None, None, True)],
-  }
-  rng = np.random.default_rng(0)
-  for (batch, ctx), cfgs in configs.items():
-    nb = batch * ctx // bs
-    k_pages = jax.random.normal(jax.random.key(0), (nb, hkv, bs, d), dt)
-    v_pages = jax.random.normal(jax.random.key(1), (nb, hkv, bs, d), dt)
-    tables = jnp.asarray(rng.permutation(nb).reshape(batch, ctx // bs), jnp.int32)
-    lens = jnp.full((batch,), ctx, jnp.int32)
-    q = jax.random.normal(jax.random.key(2), (batch, h, d), dt)
-    nbytes = 2 * batch * ctx * hkv * d * 2
-    g = jax.jit(lambda q, kp, vp: tri.paged_decode(
-        q, kp, vp, tables, lens, scale=scale, softcap=None, sliding_window=None,
-        alibi_slopes=None, sinks=None, k_scale=None, v_scale=None))
-    ref = g(q, k_pages, v_pages).astype(jnp.float32)
-    tt = timed(g, q, k_pages, v_pages)
-    print(f"decode {batch}x{ctx} triton: {tt*1e6:.1f} us {nbytes/tt/1e12:.3f} TB/s", flush=True)
-    for bk, stages, splits, fuse in cfgs:
-      if time.perf_counter() - t_start > budget_s:
-        print("budget spent, skipping", bk, stages, splits, fuse, flush=True)
-        continue
-      try:
-        f = jax.jit(functools.partial(
-            mosaic_decode.paged_decode, block_tables=tables, context_lens=lens, scale=scale,
-            block_sizes=None if bk is None else mosaic.BlockSizes(bk, stages, 1),
-            num_splits=splits, fuse=fuse))
-        err = float(jnp.abs(f(q, k_pages, v_pages).astype(jnp.float32) - ref).max())
-        t = timed(f, q, k_pages, v_pages)
-        print(f"decode {batch}x{ctx} mosaic bk={bk} st={stages} P={splits} fuse={int(fuse)}"
-              f"{' (defaults)' if bk is None else ''}: err {err:.2g} {t*1e6:.1f} us "
-              f"{nbytes/t/1e12:.3f} TB/s  {tt/t:.3f}x triton", flush=True)
-      except Exception as e:   # noqa: BLE001
-        print(f"decode {batch}x{ctx} bk={bk} st={stages} P={splits}: FAILED "
-              f"{type(e).__name__}: {str(e)[:300]}", flush=True)
-    del k_pages, v_pages
-
-
 if __name__ == "__main__":
-  if "--sweep" in sys.argv:
-    sweep(float(sys.argv[sys.argv.index("--sweep") + 1]) if len(sys.argv) > 2 else 150.0)
-  elif "--bench" in sys.argv:
+  if "--bench" in sys.argv:
     if ON_GPU:
       bench()
     else:   # smoke run of the benchmark code under the interpreter

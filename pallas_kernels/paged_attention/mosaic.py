@@ -7,24 +7,28 @@ scale·q·k (softcap, ALiBi, sinks), keys gathered from the paged cache
 
 Structure (FA3, as ``jax.experimental.pallas.ops.gpu.attention_mgpu``): one CTA holds
 ``num_wgs`` compute warpgroups and one memory warpgroup. The memory warpgroup walks the KV
-tiles of the CTA's sequence: a tile of ``block_kv`` keys is ``block_kv // BS`` TMA copies of
+tiles of the CTA's items: a tile of ``block_kv`` keys is ``block_kv // BS`` TMA copies of
 whole pages (one page of one KV head is a contiguous [BS, D] tile), or one slice of a page when
 BS > block_kv, into a ``num_stages``-deep ring guarded by barriers. Compute warpgroups run
 QK^T and PV on wgmma with an f32 online softmax (log2 domain).
 
-Grids (all bounds static, from shapes):
-* prefill / mixed: ``(Hkv * G // num_wgs, NT)``. The q rows (all sequences packed) are cut into
-  tiles of 64 rows that never cross a sequence; ``_plan_tiles`` enumerates them in jnp with a
-  prefix sum over ``cu_seqlens_q`` (plus one pseudo-sequence with L = 0 for the padding rows
-  past ``cu_seqlens_q[S]``, so they come out as zeros). Tiles start on multiples of 8 rows (TMA
-  into the tiled q buffer); NT = cdiv(T + 70 (S + 1), 64) bounds the count; spare tiles store
-  nothing. GQA: the ``num_wgs`` warpgroups of a CTA are query heads sharing
-  one KV head, so each K/V page is loaded once for them. Each row is stored exactly once
-  (a logarithmic ladder of TMA stores, as ``ragged_dot_mgpu``, writes only the tile's rows).
-* decode (``mosaic_decode.py``): ``(Hkv, S, splits)``; the GQA group is the M dimension of the
-  wgmma (padded to 64 rows), the context is split across CTAs and merged in jnp (one split:
-  normalised in the kernel). The o staging buffer shares the K/V ring (a RefUnion): it is
-  written only after every K/V tile was consumed.
+Work comes in items, and the grid is a list of CTAs that each run one or more items
+(``_for_each_item``; all bounds static, from shapes). The memory warpgroup's ring runs on from
+one item to the next, and a CTA loads the next item's q during an item's epilogue.
+* prefill / mixed: an item is one 64-row q tile for ``num_wgs`` query heads; items
+  ``(H / num_wgs) x NT``. The q rows (all sequences packed) are cut into tiles of 64 rows that
+  never cross a sequence; ``_plan_tiles`` enumerates them heaviest first in jnp with a prefix
+  sum over ``cu_seqlens_q`` (plus one pseudo-sequence with L = 0 for the padding rows past
+  ``cu_seqlens_q[S]``, so they come out as zeros). Tiles start on multiples of 8 rows (TMA into
+  the tiled q buffer); NT = cdiv(T + 70 (S + 1), 64) bounds the count; spare tiles store
+  nothing. GQA: the ``num_wgs`` warpgroups of a CTA are query heads sharing one KV head, so
+  each K/V page is loaded once for them. Each row is stored exactly once (a logarithmic ladder
+  of TMA stores, as ``ragged_dot_mgpu``, writes only the tile's rows). By default one item per
+  CTA (the hardware schedules the grid): 132 persistent CTAs in ``snake_items`` order measured
+  4-13% slower (benchmarks/NOTES.md, Session 3).
+* decode (``mosaic_decode.py``): an item is one (seq, KV head), or a share of its tiles
+  (stream-K); the GQA group is the M dimension of the wgmma, read in place from the flat q
+  (``decode_rows``); persistent CTAs, one per SM.
 
 Static: head_dim, block_size, the block sizes, scale, softcap, window, which of ALiBi/sinks.
 Masking: the KV loop of a tile ends at its last row's diagonal and starts at its first row's
@@ -45,6 +49,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -56,6 +61,7 @@ BLOCK_Q = 64                     # rows per compute warpgroup = the wgmma M
 _MASK = -1e30                    # finite mask logit (log2 units), see the docstring
 _LOG2E = math.log2(math.e)
 _SMEM_BYTES = 232448             # H100 dynamic shared memory per CTA (227 KiB)
+_H100_SMS = 132
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +83,7 @@ class BlockSizes:
 # head_dim -> (prefill, decode); shared memory of each is checked by _smem_bytes.
 _TABLE = {
     64: (BlockSizes(128, 3, 2), BlockSizes(128, 4, 1)),
-    128: (BlockSizes(128, 2, 2), BlockSizes(64, 4, 1)),
+    128: (BlockSizes(128, 2, 2), BlockSizes(64, 3, 1)),
     256: (BlockSizes(64, 2, 1), BlockSizes(64, 2, 1)),
 }
 
@@ -100,9 +106,19 @@ def _smem_bytes(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
   kv = 2 * bs.num_stages * bs.block_kv * head_dim * itemsize
   o_item = partial_dtype(head_dim, q_dtype).itemsize if decode else itemsize
   o = bs.num_wgs * BLOCK_Q * head_dim * o_item
-  if decode:   # o staging shares the K/V ring (used only after the KV loop)
-    return q + max(kv, o) + 2 * BLOCK_Q * 4 + 1024
-  return q + kv + o + 1024   # + barriers
+  ml = 3 * BLOCK_Q * 4 if decode else 0   # m, l, ALiBi slopes
+  return q + kv + o + ml + 1024   # + barriers
+
+
+def num_sms() -> int:
+  """SMs of the default GPU (132 on an H100 SXM; also when there is no GPU: interpreter)."""
+  dev = jax.devices()[0]
+  return int(getattr(dev, "core_count", 0) or _H100_SMS) if dev.platform == "gpu" else _H100_SMS
+
+
+def ctas_per_sm(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
+  """CTAs that fit on one SM by shared memory (228 KiB per SM, 1 KiB reserved per CTA)."""
+  return max(1, (_SMEM_BYTES + 1024) // (_smem_bytes(bs, head_dim, q_dtype, decode) + 1024))
 
 
 def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
@@ -126,6 +142,7 @@ def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
 class _Static:
   decode: bool
   num_groups: int        # G = H // Hkv
+  num_kv_heads: int      # Hkv
   head_dim: int
   block_size: int
   max_blocks: int        # MB
@@ -136,9 +153,12 @@ class _Static:
   window: int | None
   has_alibi: bool
   has_sinks: bool
-  num_splits: int
+  num_splits: int        # decode: partial slots per (seq, KV head) (stream-K), else 1
   interpret: bool
-  fused: bool = False    # decode, one split: normalised q.dtype output, no merge, no m/l
+  fused: bool = False    # decode, whole pairs: normalised q.dtype output, no merge, no m/l
+  num_ctas: int = 1      # persistent CTAs (the grid)
+  stream_tiles: int = 0  # decode: 0, or stream-K over (seq, KV head) x stream_tiles KV tiles
+  q_rows: int = BLOCK_Q  # decode: rows of the flat q [S * H (padded), D]
 
 
 def _cdiv(a, b):
@@ -217,6 +237,138 @@ def _pv(acc, p16, v_ref, p_smem, after_issue, interpret):
   return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Item:
+  """One unit of a CTA's work: a 64-row q tile against one KV head's tiles [begin, end)."""
+  seq: jax.Array
+  kv_head: jax.Array
+  kv_len: jax.Array
+  begin: jax.Array
+  end: jax.Array
+  full_lo: jax.Array
+  full_hi: jax.Array
+  kv_end: jax.Array
+  row0: jax.Array        # first q row of the tile (a multiple of 8)
+  pos0: jax.Array        # position of tile row 0 (decode: of every row)
+  # prefill: rows [lo, hi) are the tile's, head0 its first query head
+  lo: jax.Array | None = None
+  hi: jax.Array | None = None
+  head0: jax.Array | None = None
+  # decode: rows [r_off, r_off + G) are the group's, q_start = its first flat q row
+  split: jax.Array | None = None
+  r_off: jax.Array | None = None
+  q_start: jax.Array | None = None
+
+
+def _prefill_item(st: _Static, info_ref, k) -> _Item:
+  """Item k = tile * (H / num_wgs) + hp: the tiles come heaviest first (``_plan_tiles``)."""
+  heads_per_cta = st.num_groups * st.num_kv_heads // st.bs.num_wgs
+  tile, hp = lax.div(k, heads_per_cta), lax.rem(k, heads_per_cta)
+  per_kv = st.num_groups // st.bs.num_wgs
+  kv_head = lax.div(hp, per_kv)
+  row = lambda c: info_ref[tile, c]
+  return _Item(
+      seq=row(_SEQ), kv_head=kv_head, kv_len=row(_LEN), begin=row(_BEGIN), end=row(_END),
+      full_lo=row(_FULL_LO), full_hi=row(_FULL_HI), kv_end=row(_KV_END),
+      row0=pl.multiple_of(row(_ROW0), 8), pos0=row(_POS0), lo=row(_LO), hi=row(_HI),
+      head0=kv_head * st.num_groups + lax.rem(hp, per_kv) * st.bs.num_wgs)
+
+
+def decode_rows(seq, kv_head, num_kv_heads, num_groups, q_rows):
+  """Flat q rows of a decode group: (row0, r_off, q_start). The G query heads of (seq, kv_head)
+  are flat rows [q_start, q_start + G) of q [S * H, D]; the kernel loads the 64 rows from row0
+  (a multiple of 8, for the tiled q buffer; at most q_rows - 64), so they sit at r_off."""
+  q_start = (seq * num_kv_heads + kv_head) * num_groups
+  row0 = jnp.minimum(q_start - lax.rem(q_start, 8), q_rows - BLOCK_Q)
+  return row0, q_start - row0, q_start
+
+
+def _decode_item(st: _Static, lens_ref, pair, split=0, share=None) -> _Item:
+  """Tiles [begin + share[0], begin + share[1]) of pair = seq * Hkv + kv_head (all: share None),
+  whose partial goes to slot ``split``."""
+  kv_head, seq = lax.rem(pair, st.num_kv_heads), lax.div(pair, st.num_kv_heads)
+  kv_len = lens_ref[seq]
+  p_row = kv_len - 1                       # every row (a query head) sits at L - 1
+  begin, end, full_lo, full_hi, kv_end = kv_steps(p_row, p_row, kv_len, st.window,
+                                                  st.bs.block_kv)
+  if share is not None:
+    begin, end = jnp.minimum(begin + share[0], end), jnp.minimum(begin + share[1], end)
+  row0, r_off, q_start = decode_rows(seq, kv_head, st.num_kv_heads, st.num_groups, st.q_rows)
+  return _Item(seq=seq, kv_head=kv_head, kv_len=kv_len, begin=begin, end=end, full_lo=full_lo,
+               full_hi=full_hi, kv_end=kv_end, row0=pl.multiple_of(row0, 8), pos0=p_row,
+               split=split, r_off=r_off, q_start=q_start)
+
+
+def stream_ctas(pair, tiles, num_pairs, num_ctas, div=lambda a, b: a // b):
+  """Stream-K decode: CTA c takes the flat tiles [c T / C, (c + 1) T / C) of T = num_pairs x
+  tiles (pair-major). Returns the first and last CTA that take tiles of ``pair`` (ints or
+  jnp scalars; ``div`` is floor division, lax.div in the kernel); all values >= 0."""
+  total = num_pairs * tiles
+  containing = lambda x: div((x + 1) * num_ctas + total - 1, total) - 1   # CTA of flat tile x
+  return containing(pair * tiles), containing(pair * tiles + tiles - 1)
+
+
+def num_items(st: _Static, info_rows: int) -> int:
+  """Items of a call: prefill (H / num_wgs) x tiles; decode (whole items) S x Hkv."""
+  if st.decode:
+    return info_rows * st.num_kv_heads
+  return info_rows * st.num_groups * st.num_kv_heads // st.bs.num_wgs
+
+
+def snake_items(num_items: int, num_ctas: int):
+  """The items of each persistent CTA, as an int array [rounds, num_ctas] (-1: none).
+
+  Round j gives CTA c item j C + c (j even) or j C + C - 1 - c (j odd): with items ordered
+  heaviest first (prefill's causal tiles), the CTAs' totals stay within about one item.
+  The kernel computes the same order (``_for_each_item``); the decode planner uses this one.
+  """
+  rounds = -(-num_items // num_ctas)
+  k = np.arange(rounds * num_ctas).reshape(rounds, num_ctas)
+  k[1::2] = k[1::2, ::-1]
+  return np.where(k < num_items, k, -1)
+
+
+def _for_each_item(st: _Static, info_ref, body, with_next=False):
+  """Runs ``body(item, g) -> g`` over this CTA's items (``with_next``: ``body(j, item,
+  next_item, has_next, g)``, ``next_item()`` building the next item where it is called), g
+  counting the KV tiles streamed so far (the ring slot of a tile is g % stages). CTAs are
+  persistent: the K/V stream of one item follows the last one's without a pipeline refill.
+  Items: ``snake_items`` order, or (stream-K decode) the pairs that overlap the CTA's share of
+  the flat tiles. Returns the CTA's tile count."""
+  cta = lax.axis_index("cta")
+  if st.stream_tiles:
+    t, num_pairs = st.stream_tiles, info_ref.shape[0] * st.num_kv_heads
+    lo = lax.div(cta * (num_pairs * t), st.num_ctas)
+    hi = lax.div((cta + 1) * (num_pairs * t), st.num_ctas)
+    p0 = lax.div(lo, t)
+    count = lax.div(hi - 1, t) - p0 + 1
+
+    def item(j):
+      pair = p0 + j
+      first, _ = stream_ctas(pair, t, num_pairs, st.num_ctas, lax.div)
+      share = (jnp.maximum(lo - pair * t, 0), jnp.minimum(hi - pair * t, t))
+      return _decode_item(st, info_ref, pair, cta - first, share)
+  else:
+    items = num_items(st, info_ref.shape[0])
+    make = _decode_item if st.decode else _prefill_item
+    if st.num_ctas == items:   # one item per CTA: straight-line code, the hardware schedules
+      it = make(st, info_ref, cta)
+      return body(it, 0) if not with_next else body(0, it, None, False, 0)
+    rounds = -(-items // st.num_ctas)
+    last_pos = cta if (rounds - 1) % 2 == 0 else st.num_ctas - 1 - cta
+    count = (rounds - 1) + (last_pos < items - (rounds - 1) * st.num_ctas).astype(jnp.int32)
+
+    def item(j):
+      pos = jnp.where(lax.rem(j, 2) == 0, cta, st.num_ctas - 1 - cta)
+      return make(st, info_ref, jnp.minimum(j * st.num_ctas + pos, items - 1))
+
+  def step(j, g):
+    if not with_next:
+      return body(item(j), g)
+    return body(j, item(j), lambda: item(j + 1), j + 1 < count, g)
+  return lax.fori_loop(0, count, step, jnp.int32(0))
+
+
 def _kernel(*refs, st: _Static):
   nw, bk, stages = st.bs.num_wgs, st.bs.block_kv, st.bs.num_stages
   d, page, grp = st.head_dim, st.block_size, st.num_groups
@@ -224,49 +376,27 @@ def _kernel(*refs, st: _Static):
   # inputs
   info_ref = refs.pop(0)        # prefill: i32[NT, 11] (_plan_tiles); decode: i32[S] lens
   bt_ref = refs.pop(0)          # i32[S, MB]
-  q_ref = refs.pop(0)           # prefill: [T, H, D]; decode: [S, Hkv, 64, D] (group padded)
+  q_ref = refs.pop(0)           # prefill: [T, H, D]; decode: [R, D] (flat q, R >= S H)
   k_ref = refs.pop(0)           # [NB, Hkv, BS, D]
   v_ref = refs.pop(0)           # [NB, Hkv, BS, D]
-  alibi_ref = refs.pop(0) if st.has_alibi else None   # prefill: f32[H]; decode: f32[Hkv, 64]
+  alibi_ref = refs.pop(0) if st.has_alibi else None   # prefill: f32[H]; decode: f32[R]
   sinks_ref = refs.pop(0) if (st.has_sinks and not st.decode) else None   # f32[H]
   # outputs
   o_ref = refs.pop(0)           # prefill: [T, H, D]; decode: f32[S, Hkv, splits, G, D]
-  #                               (fused decode: [S, Hkv, G, D] in q.dtype)
+  #                               (fused decode: [R, D] in q.dtype)
   ml_ref = refs.pop(0) if (st.decode and not st.fused) else None   # f32[S, Hkv, splits, 2, 64]
   # scratch
   q_smem2 = refs.pop(0)         # [nw, 64, D]
-  if st.decode:                 # o staging aliases the K/V ring (RefUnion), see build_call
-    (k_smem, v_smem), o_smem2 = refs.pop(0)
-  else:
-    k_smem = refs.pop(0)        # [stages, bk, D]
-    v_smem = refs.pop(0)        # [stages, bk, D]
-    o_smem2 = refs.pop(0)       # [nw, 64, D] (f32 in decode), unswizzled for partial stores
-  ml_smem = refs.pop(0) if st.decode else None   # f32[2, 64]
+  k_smem = refs.pop(0)          # [stages, bk, D]
+  v_smem = refs.pop(0)          # [stages, bk, D]
+  o_smem2 = refs.pop(0)         # [nw, 64, D] (decode: partial dtype), unswizzled: row stores
+  ml_smem = refs.pop(0) if st.decode else None   # f32[2, 64]: m and l
+  slope_smem = refs.pop(0) if (st.decode and st.has_alibi) else None   # f32[64]
   p_smem2 = refs.pop(0) if st.interpret else None  # [nw, 64, bk], interpreter only
   q_bar, k_bar, v_bar, k_free, v_free = refs[:5]
   sched_bar = refs[5] if nw == 2 else None
 
   wg = lax.axis_index("wg")
-  if st.decode:
-    kv_head, seq, split = lax.axis_index("g"), lax.axis_index("seq"), lax.axis_index("split")
-    kv_len = info_ref[seq]
-    p_row = kv_len - 1                       # every row (a query head) sits at L - 1
-    begin, end, full_lo, full_hi, kv_end = kv_steps(p_row, p_row, kv_len, st.window, bk)
-    if st.num_splits > 1:   # balanced shares: sizes differ by at most one tile
-      n = end - begin
-      begin, end = (begin + lax.div(split * n, st.num_splits),
-                    begin + lax.div((split + 1) * n, st.num_splits))
-    head0 = kv_head * grp
-  else:
-    hp, tile = lax.axis_index("hp"), lax.axis_index("tile")
-    per_kv = grp // nw
-    kv_head = lax.div(hp, per_kv)
-    head0 = kv_head * grp + lax.rem(hp, per_kv) * nw
-    row = lambda c: info_ref[tile, c]
-    seq, kv_len, row0, lo, hi, pos0 = (row(c) for c in (_SEQ, _LEN, _ROW0, _LO, _HI, _POS0))
-    row0 = pl.multiple_of(row0, 8)
-    begin, end, full_lo, full_hi, kv_end = (
-        row(c) for c in (_BEGIN, _END, _FULL_LO, _FULL_HI, _KV_END))
 
   def sched():
     if nw == 2:   # FA3 ping-pong: the two warpgroups take turns on the tensor cores
@@ -279,216 +409,245 @@ def _kernel(*refs, st: _Static):
       plgpu.set_max_registers(232, action="increase")
     q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
     p_smem = p_smem2.at[wg] if st.interpret else None
-    head = head0 + wg
-    if st.decode:
-      plgpu.copy_gmem_to_smem(q_ref.at[seq, kv_head], q_smem, q_bar.at[wg])
-      if st.has_alibi:
-        plgpu.copy_gmem_to_smem(alibi_ref.at[kv_head], ml_smem.at[0], q_bar.at[wg])
-    else:
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, BLOCK_Q), head], q_smem, q_bar.at[wg])
-    plgpu.barrier_wait(q_bar.at[wg])
-
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = wgmma_layout.reduce(1)
     shape = (BLOCK_Q, bk)
-    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
-    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
-    pos = p_row if st.decode else rows + pos0          # query position per logit row
-    if st.has_alibi:
+
+    def load_q(it: _Item):
+      """Issues the item's q tile (decode: and its rows' ALiBi slopes) on q_bar."""
       if st.decode:
-        slope = plgpu.load(ml_smem.at[0], layout=row_layout) * _LOG2E
-        slope = lax.broadcast_in_dim(slope, shape, [0])
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(it.row0, BLOCK_Q)], q_smem, q_bar.at[wg])
+        if st.has_alibi:
+          plgpu.copy_gmem_to_smem(alibi_ref.at[pl.ds(it.row0, BLOCK_Q)], slope_smem,
+                                  q_bar.at[wg])
       else:
-        slope = alibi_ref[head] * _LOG2E
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(it.row0, BLOCK_Q), it.head0 + wg], q_smem,
+                                q_bar.at[wg])
 
-    m_init = jnp.full((BLOCK_Q,), _MASK, jnp.float32)
-    l_init = jnp.full((BLOCK_Q,), 0.0, jnp.float32)
-    if st.has_sinks and not st.decode:   # the sink is one more logit with no value
-      m_init = jnp.full((BLOCK_Q,), sinks_ref[head] * _LOG2E, jnp.float32)
-      l_init = l_init + 1.0
-    m_i = plgpu.layout_cast(m_init, row_layout)
-    l_i = plgpu.layout_cast(l_init, row_layout)
-    acc = plgpu.layout_cast(jnp.full((BLOCK_Q, d), 0, jnp.float32), wgmma_layout)
-
-    @pl.when(begin < end)
-    def _():
-      plgpu.barrier_wait(k_bar.at[0])
-
-    if nw == 2:
-      pl.when(wg == 1)(sched)
-
-    def kv_step(step, carry, masked: bool):
-      acc, m_i, l_i = carry
-      slot = lax.rem(step - begin, stages)
-
-      def compute_qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-        sched()
-        return acc_ref[...]
-      s = pl.run_scoped(compute_qk, plgpu.ACC(shape, jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
-
-      key = cols + step * bk
-      if st.softcap is not None:    # c·tanh(scale·s / c), in log2 units
-        s = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * _LOG2E)
+    def attend(j, it: _Item, next_item, has_next, g0):
+      """Item j's KV loop and epilogue; its first tile sits in ring slot g0 % stages. The next
+      item's q is loaded during this one's epilogue."""
+      begin, end, kv_end = it.begin, it.end, it.kv_end
+      head = None if st.decode else it.head0 + wg
+      if isinstance(j, int):   # one item per CTA
+        load_q(it)
       else:
-        s = s * (st.scale * _LOG2E)
+        pl.when(j == 0)(lambda: load_q(it))
+      plgpu.barrier_wait(q_bar.at[wg])
+
+      rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
+      cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
+      pos = it.pos0 if st.decode else rows + it.pos0     # query position per logit row
       if st.has_alibi:
-        s = s + slope * (key - pos).astype(jnp.float32)
-      if masked:
-        visible = key <= pos
-        if st.window is not None:
-          visible = jnp.logical_and(visible, key > pos - st.window)
-        s = jnp.where(visible, s, _MASK)
+        if st.decode:
+          slope = plgpu.load(slope_smem, layout=row_layout) * _LOG2E
+          slope = lax.broadcast_in_dim(slope, shape, [0])
+        else:
+          slope = alibi_ref[head] * _LOG2E
 
-      m_new = jnp.maximum(m_i, s.max(axis=1))
-      alpha = jnp.exp2(m_i - m_new)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      l_i = l_i * alpha
-      p16 = p.astype(q_smem.dtype)
-      if nw == 2 and d <= 128:
-        l_i = l_i + p.sum(axis=1)
-        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+      m_init = jnp.full((BLOCK_Q,), _MASK, jnp.float32)
+      l_init = jnp.full((BLOCK_Q,), 0.0, jnp.float32)
+      if st.has_sinks and not st.decode:   # the sink is one more logit with no value
+        m_init = jnp.full((BLOCK_Q,), sinks_ref[head] * _LOG2E, jnp.float32)
+        l_init = l_init + 1.0
+      m_i = plgpu.layout_cast(m_init, row_layout)
+      l_i = plgpu.layout_cast(l_init, row_layout)
+      acc = plgpu.layout_cast(jnp.full((BLOCK_Q, d), 0, jnp.float32), wgmma_layout)
+      slot_of = lambda step: lax.rem(g0 + step - begin, stages)
+
+      @pl.when(begin < end)
+      def _():
+        plgpu.barrier_wait(k_bar.at[slot_of(begin)])
+
       if nw == 2:
-        plgpu.barrier_arrive(sched_bar)   # softmax done
-      plgpu.barrier_wait(v_bar.at[slot])
+        pl.when(wg == 1)(sched)
+
+      def kv_step(step, carry, masked: bool):
+        acc, m_i, l_i = carry
+        slot = slot_of(step)
+
+        def compute_qk(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+          sched()
+          return acc_ref[...]
+        s = pl.run_scoped(compute_qk, plgpu.ACC(shape, jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+
+        key = cols + step * bk
+        if st.softcap is not None:    # c·tanh(scale·s / c), in log2 units
+          s = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * _LOG2E)
+        else:
+          s = s * (st.scale * _LOG2E)
+        if st.has_alibi:
+          s = s + slope * (key - pos).astype(jnp.float32)
+        if masked:
+          visible = key <= pos
+          if st.window is not None:
+            visible = jnp.logical_and(visible, key > pos - st.window)
+          s = jnp.where(visible, s, _MASK)
+
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l_i = l_i * alpha
+        p16 = p.astype(q_smem.dtype)
+        if nw == 2 and d <= 128:
+          l_i = l_i + p.sum(axis=1)
+          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+        if nw == 2:
+          plgpu.barrier_arrive(sched_bar)   # softmax done
+        plgpu.barrier_wait(v_bar.at[slot])
+        if nw == 2:
+          plgpu.barrier_wait(sched_bar)     # tensor cores free
+        if not (nw == 2 and d <= 128):
+          l_i = l_i + p.sum(axis=1)
+
+        if masked:
+          # Keys >= kv_end of the last tile: zero their V rows (NaN slots, pages never loaded).
+          # Both warpgroups write the same zeros, so their overlap is harmless.
+          @pl.when(kv_end < (step + 1) * bk)
+          def _zero_tail():
+            vt = v_smem.at[slot]
+            v_rows = plgpu.broadcasted_iota(jnp.int32, (bk, d), 0, layout=wgmma_layout)
+            v = plgpu.load(vt, layout=wgmma_layout)
+            vt[...] = jnp.where(v_rows + step * bk < kv_end, v, jnp.zeros_like(v))
+            plgpu.commit_smem()
+
+        def wait_next_k():
+          nxt = step + 1
+
+          @pl.when(nxt < end)
+          def _():
+            plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
+        acc = _pv(acc, p16, v_smem.at[slot], p_smem, wait_next_k, st.interpret)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l_i
+
+      carry = (acc, m_i, l_i)
+      lo_full = jnp.clip(it.full_lo, begin, end)     # decode: the split's part of the ranges
+      hi_full = jnp.clip(it.full_hi, lo_full, end)
+      carry = lax.fori_loop(begin, lo_full, functools.partial(kv_step, masked=True), carry)
+      carry = lax.fori_loop(lo_full, hi_full, functools.partial(kv_step, masked=False), carry)
+      carry = lax.fori_loop(hi_full, end, functools.partial(kv_step, masked=True), carry)
+      acc, m_i, l_i = carry
       if nw == 2:
-        plgpu.barrier_wait(sched_bar)     # tensor cores free
-      if not (nw == 2 and d <= 128):
-        l_i = l_i + p.sum(axis=1)
+        pl.when(wg == 0)(sched)
+      # q_smem's last reader (QK) has finished. The next item is built only here, so its
+      # scalars hold no registers during the KV loop.
+      if has_next is not False:
+        pl.when(has_next)(lambda: load_q(next_item()))
+      _epilogue(it, acc, m_i, l_i, head)
+      return g0 + (end - begin)
 
-      if masked:
-        # Keys >= kv_end of the last tile: zero their V rows (NaN slots, pages never loaded).
-        # Both warpgroups write the same zeros, so their overlap is harmless.
-        @pl.when(kv_end < (step + 1) * bk)
-        def _zero_tail():
-          vt = v_smem.at[slot]
-          v_rows = plgpu.broadcasted_iota(jnp.int32, (bk, d), 0, layout=wgmma_layout)
-          v = plgpu.load(vt, layout=wgmma_layout)
-          vt[...] = jnp.where(v_rows + step * bk < kv_end, v, jnp.zeros_like(v))
-          plgpu.commit_smem()
-
-      def wait_next_k():
-        nxt = step + 1
-
-        @pl.when(nxt < end)
-        def _():
-          plgpu.barrier_wait(k_bar.at[lax.rem(nxt - begin, stages)])
-      acc = _pv(acc, p16, v_smem.at[slot], p_smem, wait_next_k, st.interpret)
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_new, l_i
-
-    carry = (acc, m_i, l_i)
-    lo_full = jnp.clip(full_lo, begin, end)     # decode: the split's part of the ranges
-    hi_full = jnp.clip(full_hi, lo_full, end)
-    carry = lax.fori_loop(begin, lo_full, functools.partial(kv_step, masked=True), carry)
-    carry = lax.fori_loop(lo_full, hi_full, functools.partial(kv_step, masked=False), carry)
-    carry = lax.fori_loop(hi_full, end, functools.partial(kv_step, masked=True), carry)
-    acc, m_i, l_i = carry
-    if nw == 2:
-      pl.when(wg == 0)(sched)
-
-    if st.fused:    # one split: normalise here; L == 0 (l == 0) gives exact zeros
-      l_pos = l_i > 0
-      inv_l = jnp.where(l_pos, 1.0 / jnp.where(l_pos, l_i, 1.0), 0.0)
-      o_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(o_smem.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, grp)], o_ref.at[seq, kv_head])
+    def _epilogue(it, acc, m_i, l_i, head):
+      if st.fused:    # one split: normalise here; L == 0 (l == 0) gives exact zeros
+        l_pos = l_i > 0
+        inv_l = jnp.where(l_pos, 1.0 / jnp.where(l_pos, l_i, 1.0), 0.0)
+        o_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(o_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(it.r_off, grp)],
+                                o_ref.at[pl.ds(it.q_start, grp)])
+      elif st.decode:   # unnormalised partials; mosaic_decode merges the splits
+        o_smem[...] = acc.astype(o_smem.dtype)
+        ml_smem[0] = m_i
+        ml_smem[1] = l_i
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(it.r_off, grp)],
+                                o_ref.at[it.seq, it.kv_head, it.split])
+        plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[it.seq, it.kv_head, it.split])
+      else:
+        # Rows at p < 0 (padding, n > L) see no key: exactly 0.
+        o_rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, d), 0, layout=wgmma_layout)
+        inv_l = lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
+        out = jnp.where(o_rows + it.pos0 >= 0, acc * inv_l, 0.0)
+        o_smem[...] = out.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        count, start = it.hi - it.lo, it.lo
+        size = BLOCK_Q
+        while size:   # store exactly rows [lo, hi): 64, 32, ..., 1-row TMA stores
+          @pl.when((count & size) != 0)
+          def _store(start=start, size=size):
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, size)],
+                                    o_ref.at[pl.ds(it.row0 + start, size), head])
+          start = start + (count & size)
+          size //= 2
+      # The next item overwrites the o / ml staging only after this returns.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      return
 
-    if st.decode:   # unnormalised partials; mosaic_decode merges the splits
-      o_smem[...] = acc.astype(o_smem.dtype)
-      ml_smem[0] = m_i
-      ml_smem[1] = l_i
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, grp)], o_ref.at[seq, kv_head, split])
-      plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[seq, kv_head, split])
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      return
-
-    # Rows at p < 0 (padding, n > L) see no key: exactly 0.
-    o_rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, d), 0, layout=wgmma_layout)
-    inv_l = lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
-    out = jnp.where(o_rows + pos0 >= 0, acc * inv_l, 0.0)
-    o_smem[...] = out.astype(o_smem.dtype)
-    plgpu.commit_smem()
-    count, start = hi - lo, lo
-    size = BLOCK_Q
-    while size:   # store exactly rows [lo, hi): 64, 32, ..., 1-row TMA stores
-      @pl.when((count & size) != 0)
-      def _store(start=start, size=size):
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, size)],
-                                o_ref.at[pl.ds(row0 + start, size), head])
-      start = start + (count & size)
-      size //= 2
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    _for_each_item(st, info_ref, attend, with_next=True)
 
   @pl.when(wg == nw)
   def _memory():
     if nw == 2:
       plgpu.set_max_registers(40, action="decrease")
-    num_pages = _cdiv(kv_len, page)
     copies = max(1, bk // page)
     rows_per_copy = min(bk, page)
 
-    def page_ids(step):
-      ids = []
-      for c in range(copies):
-        key0 = step * bk + c * rows_per_copy
-        # Pages past the context hold anything: load a real page instead (masked anyway).
-        idx = jnp.minimum(lax.div(key0, page), num_pages - 1)
-        ids.append(jnp.clip(bt_ref[seq, idx], 0, st.num_pages - 1))
-      return ids
+    def stream(it: _Item, g0):
+      """Issues the item's K/V tiles into ring slots g0, g0 + 1, ... (mod stages)."""
+      num_pages = _cdiv(it.kv_len, page)
 
-    def issue(src_ref, dst, bar, step, ids):
-      off = 0 if page <= bk else lax.rem(step, page // bk) * bk   # provably bk-aligned
-      for c, pid in enumerate(ids):
-        plgpu.copy_gmem_to_smem(src_ref.at[pid, kv_head, pl.ds(off, rows_per_copy)],
-                                dst.at[pl.ds(c * rows_per_copy, rows_per_copy)], bar)
+      def page_ids(step):
+        ids = []
+        for c in range(copies):
+          key0 = step * bk + c * rows_per_copy
+          # Pages past the context hold anything: load a real page instead (masked anyway).
+          idx = jnp.minimum(lax.div(key0, page), num_pages - 1)
+          ids.append(jnp.clip(bt_ref[it.seq, idx], 0, st.num_pages - 1))
+        return ids
 
-    @pl.loop(0, end - begin)
-    def _(i):
-      slot = lax.rem(i, stages)
-      # The page ids are read once for K and V, before waiting for the slot: their latency
-      # overlaps the wait instead of delaying the copies.
-      ids = page_ids(begin + i)
+      def issue(src_ref, dst, bar, step, ids):
+        off = 0 if page <= bk else lax.rem(step, page // bk) * bk   # provably bk-aligned
+        for c, pid in enumerate(ids):
+          plgpu.copy_gmem_to_smem(src_ref.at[pid, it.kv_head, pl.ds(off, rows_per_copy)],
+                                  dst.at[pl.ds(c * rows_per_copy, rows_per_copy)], bar)
 
-      @pl.when(i >= stages)
-      def _():
-        plgpu.barrier_wait(k_free.at[slot])
-      issue(k_ref, k_smem.at[slot], k_bar.at[slot], begin + i, ids)
+      @pl.loop(0, it.end - it.begin)
+      def _(i):
+        g = g0 + i
+        slot = lax.rem(g, stages)
+        # The page ids are read once for K and V, before waiting for the slot: their latency
+        # overlaps the wait instead of delaying the copies.
+        ids = page_ids(it.begin + i)
 
-      @pl.when(i >= stages)
-      def _():
-        plgpu.barrier_wait(v_free.at[slot])
-      issue(v_ref, v_smem.at[slot], v_bar.at[slot], begin + i, ids)
+        @pl.when(g >= stages)
+        def _():
+          plgpu.barrier_wait(k_free.at[slot])
+        issue(k_ref, k_smem.at[slot], k_bar.at[slot], it.begin + i, ids)
+
+        @pl.when(g >= stages)
+        def _():
+          plgpu.barrier_wait(v_free.at[slot])
+        issue(v_ref, v_smem.at[slot], v_bar.at[slot], it.begin + i, ids)
+      return g0 + (it.end - it.begin)
+
+    total = _for_each_item(st, info_ref, stream)
 
     # Observe the last releases too, so no barrier phase is left unobserved at exit.
-    @pl.loop(jnp.maximum(end - begin - stages, 0), end - begin)
-    def _(i):
-      slot = lax.rem(i, stages)
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _(g):
+      slot = lax.rem(g, stages)
       plgpu.barrier_wait(k_free.at[slot])
       plgpu.barrier_wait(v_free.at[slot])
 
 
 def build_call(st: _Static, out_type, grid, grid_names, dtype):
-  """The plgpu.kernel of both modes (decode grids over (Hkv, S, splits))."""
+  """The plgpu.kernel of both modes (decode grids over (num_ctas,), persistent)."""
   nw, bk, stages, d = st.bs.num_wgs, st.bs.block_kv, st.bs.num_stages, st.head_dim
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   copies = max(1, bk // st.block_size)
-  ring = [plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),   # k ring
-          plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled)]   # v ring
   o_dtype = dtype if (st.fused or not st.decode) else partial_dtype(d, dtype)
-  o_scratch = plgpu.SMEM((nw, BLOCK_Q, d), o_dtype)                  # o
-  scratch = [plgpu.SMEM((nw, BLOCK_Q, d), dtype, transforms=swizzled)]   # q
-  if st.decode:   # o is staged only after every K/V tile was consumed: share the ring
-    scratch.append(plgpu.RefUnion(ring, o_scratch))
-  else:
-    scratch += [*ring, o_scratch]
+  scratch = [
+      plgpu.SMEM((nw, BLOCK_Q, d), dtype, transforms=swizzled),     # q
+      plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),      # k ring
+      plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),      # v ring
+      plgpu.SMEM((nw, BLOCK_Q, d), o_dtype),                        # o
+  ]
   if st.decode:
-    scratch.append(plgpu.SMEM((2, BLOCK_Q), jnp.float32))              # m, l (ALiBi slopes)
+    scratch.append(plgpu.SMEM((2, BLOCK_Q), jnp.float32))          # m, l
+    if st.has_alibi:
+      scratch.append(plgpu.SMEM((BLOCK_Q,), jnp.float32))          # ALiBi slope of each row
   if st.interpret:
     scratch.append(plgpu.SMEM((nw, BLOCK_Q, bk), dtype, transforms=swizzled))   # p
   q_arrivals = 2 if (st.decode and st.has_alibi) else 1
@@ -524,13 +683,16 @@ def make_static(*, decode, q_dtype, num_heads, k_pages, max_blocks, scale, softc
     raise NotImplementedError(f"mosaic paged decode: {grp=} query heads per KV head must be "
                               f"<= {BLOCK_Q}; use backend=\"triton\" or backend=\"xla\"")
   bs = block_sizes or block_sizes_for(head_dim, grp, decode)
+  if decode and bs.num_wgs != 1:
+    raise ValueError(f"{bs.num_wgs=} must be 1 in decode (the GQA group is the wgmma M)")
   if not decode and grp % bs.num_wgs:
     raise ValueError(f"{bs.num_wgs=} must divide the GQA ratio {grp}")
   smem = _smem_bytes(bs, head_dim, q_dtype, decode)
   if smem > _SMEM_BYTES:
     raise ValueError(f"{bs} needs {smem} bytes of shared memory (> {_SMEM_BYTES})")
-  return _Static(decode=decode, num_groups=grp, head_dim=head_dim, block_size=block_size,
-                 max_blocks=max_blocks, num_pages=num_pages, bs=bs, scale=float(scale),
+  return _Static(decode=decode, num_groups=grp, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                 block_size=block_size, max_blocks=max_blocks, num_pages=num_pages, bs=bs,
+                 scale=float(scale),
                  softcap=None if softcap is None else float(softcap),
                  window=None if sliding_window is None else int(sliding_window),
                  has_alibi=alibi_slopes is not None, has_sinks=sinks is not None,
@@ -538,12 +700,12 @@ def make_static(*, decode, q_dtype, num_heads, k_pages, max_blocks, scale, softc
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "softcap", "sliding_window", "interpret", "block_sizes"))
+    "scale", "softcap", "sliding_window", "interpret", "block_sizes", "num_ctas"))
 def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_q, *,
                     scale: float, softcap: float | None = None,
                     sliding_window: int | None = None, alibi_slopes=None, sinks=None,
                     k_scale=None, v_scale=None, interpret: bool = False,
-                    block_sizes: BlockSizes | None = None):
+                    block_sizes: BlockSizes | None = None, num_ctas: int | None = None):
   """Chunked prefill / mixed batch over the paged cache: q [T, H, D] -> [T, H, D]."""
   if k_scale is not None or v_scale is not None:
     raise NotImplementedError('mosaic paged attention: float8 KV caches (k_scale/v_scale) are '
@@ -561,8 +723,11 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
     args.append(alibi_slopes.astype(jnp.float32))
   if sinks is not None:
     args.append(sinks.astype(jnp.float32))
-  grid = (num_heads // st.bs.num_wgs, info.shape[0])
-  call = build_call(st, jax.ShapeDtypeStruct(qp.shape, q.dtype), grid, ("hp", "tile"), q.dtype)
+  # One item per CTA by default: persistent CTAs measured 4-8% slower here (NOTES.md).
+  items = num_items(st, info.shape[0])
+  st = dataclasses.replace(st, num_ctas=int(min(num_ctas or items, items)))
+  call = build_call(st, jax.ShapeDtypeStruct(qp.shape, q.dtype), (st.num_ctas,), ("cta",),
+                    q.dtype)
   return call(*args)[:num_rows]
 
 

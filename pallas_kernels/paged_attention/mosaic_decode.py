@@ -1,15 +1,28 @@
 """Paged decode for Hopper with Pallas Mosaic GPU: one query per sequence, q [S, H, D].
 
-The kernel is ``mosaic._kernel`` in decode mode. Grid ``(Hkv, S, splits)``: a CTA takes the G
-query heads that share one KV head as the 64 rows of its wgmma tiles (zero-padded; G <= 64), and
-one balanced contiguous share of the sequence's KV tiles (``splits`` from shapes:
-``default_num_splits`` minimises the wave-quantised time with one resident CTA per SM; shares of
->= 8192 keys at head_dim 128 use 128-key tiles, 2 stages). With one split and no sinks the kernel
-normalises its rows and writes q.dtype directly (no merge). Otherwise each CTA writes its unnormalised output (f32; q.dtype at head_dim 256,
-where f32 staging does not fit in shared memory) and the running max / sum of
-its rows, always (an empty share writes zeros and the finite mask max); ``_merge`` combines the
-shares in jnp (with the sinks: one more logit in the denominator) and zeroes rows of sequences
-with no key (L == 0). Static: as ``mosaic``, plus ``num_splits``.
+The kernel is ``mosaic._kernel`` in decode mode. A pair is one (sequence, KV head): the G query
+heads that share the KV head are the 64 rows of the wgmma tiles. The grid is persistent (one CTA
+per SM by default), in one of two ways:
+
+* whole pairs (when there are at least as many pairs as CTAs): each pair is one item, the CTAs
+  take them in ``mosaic.snake_items`` order and normalise in the kernel (no merge);
+* stream-K (fewer pairs than CTAs, e.g. a few long contexts): CTA c takes the flat KV tiles
+  [c T / C, (c + 1) T / C) of T = pairs x tiles, so every SM streams the same number of tiles;
+  a pair's tiles span a few CTAs (``mosaic.stream_ctas``), each writing an unnormalised partial
+  (f32; q.dtype at head_dim 256, where f32 staging does not fit in shared memory) and the
+  running max / sum of its rows into its slot, and ``_merge`` combines the slots in jnp.
+
+Either way the memory warpgroup streams one item's pages right after the last one's, with no
+pipeline refill or wave tail in between. With sinks, whole pairs also go through the merge (the
+sink is one more logit in its denominator); ``_merge`` zeroes rows of sequences with no key.
+
+q is read in place: the G heads of a pair are G consecutive rows of the flat q [S H, D]; the
+kernel loads the 64 rows around them (from a multiple of 8) and uses only those
+(``mosaic.decode_rows``), so no padded copy of q is made (S H < 64 or not a multiple of 8: q is
+padded to that, a few rows). Static: as ``mosaic``, plus ``stream`` and ``num_ctas``.
+
+Measured (H100, benchmarks/NOTES.md "Session 3"): whole pairs 64 x 4096 with 64-key tiles and 3
+stages at 1.00x the Triton kernel; 8 x 32768 (64 pairs) by stream-K with 128-key tiles.
 """
 from __future__ import annotations
 
@@ -18,50 +31,38 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.paged_attention import mosaic
 
-_NUM_SMS = 132   # H100 SXM
+_LONG_SHARE = 8192        # keys per CTA from which stream-K uses 128-key tiles (head_dim 128)
 
 
-_CTA_OVERHEAD_TILES = 2   # pipeline fill + partial store of one CTA, in KV tiles (H100)
-_MAX_SPLITS = 64
-_LONG_SHARE = 8192        # keys per CTA from which decode uses 128-key tiles (head_dim 128)
+def stream_plan(num_pairs, tiles, num_ctas):
+  """Stream-K: (slots per pair, valid bool[num_pairs, slots]); slot s of pair p is written by
+  CTA first_cta(p) + s, and only the valid ones are."""
+  first, last = mosaic.stream_ctas(np.arange(num_pairs), tiles, num_pairs, num_ctas)
+  slots = int((last - first).max()) + 1
+  return slots, np.arange(slots)[None, :] <= (last - first)[:, None]
 
 
-def default_num_splits(num_seqs, num_kv_heads, max_context, block_kv, window=None,
-                       ctas_per_sm=1):
-  """Splits that minimise the wave-quantised time: waves x (tiles per CTA + overhead).
-
-  One decode CTA per SM is resident (its K/V ring takes most of shared memory), so a grid of
-  Hkv x S x P CTAs runs in cdiv(Hkv S P, 132) waves of cdiv(tiles, P) tiles each; a wave that
-  is only partly full still takes a full CTA's time (each SM streams at ~1/132 of HBM).
-  """
-  tiles = -(-max_context // block_kv)
-  if window is not None:
-    tiles = min(tiles, -(-window // block_kv) + 1)
-  tiles = max(tiles, 1)
-  pairs = max(num_seqs * num_kv_heads, 1)
-  slots = _NUM_SMS * ctas_per_sm
-  best = None
-  for p in range(1, min(tiles, _MAX_SPLITS) + 1):
-    waves = -(-pairs * p // slots)
-    cost = waves * (-(-tiles // p) + _CTA_OVERHEAD_TILES) + (p > 1) * _CTA_OVERHEAD_TILES
-    if best is None or cost < best[0]:
-      best = (cost, p)
-  return best[1]
-
-
-def _merge(o, ml, context_lens, sinks, num_heads, dtype):
-  """Splits -> one output: o f32[S, Hkv, P, G, D], ml f32[S, Hkv, P, 2, 64] (log2 domain)."""
+def _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, dtype):
+  """Slots -> one output: o f32[S, Hkv, P, G, D], ml f32[S, Hkv, P, 2, 64] (log2 domain),
+  valid bool[S, Hkv, P] (the slots some CTA wrote; the others are never read); the group's
+  rows of ml start at r_off[S, Hkv] (``mosaic.decode_rows``)."""
   s, hkv, _, grp, d = o.shape
-  m, l = ml[:, :, :, 0, :grp], ml[:, :, :, 1, :grp]            # [S, Hkv, P, G]
+  rows = (r_off[:, :, None] + jnp.arange(grp))[:, :, None, None, :]   # [S, Hkv, 1, 1, G]
+  ml = jnp.take_along_axis(ml, rows, axis=4)
+  keep = valid[..., None]
+  m = jnp.where(keep, ml[:, :, :, 0], -jnp.inf)                  # [S, Hkv, P, G]
+  l = jnp.where(keep, ml[:, :, :, 1], 0.0)
   m_all = m.max(axis=2)                                          # [S, Hkv, G]
   if sinks is not None:
     sink = sinks.astype(jnp.float32).reshape(1, hkv, grp) * mosaic._LOG2E
     m_all = jnp.maximum(m_all, sink)
   w = jnp.exp2(m - m_all[:, :, None])
-  num = jnp.einsum("shpg,shpgd->shgd", w, o.astype(jnp.float32))
+  # Elementwise + reductions only (as the Triton merge), so XLA fuses the merge into few kernels.
+  num = jnp.sum(w[..., None] * jnp.where(keep[..., None], o.astype(jnp.float32), 0), axis=2)
   den = (w * l).sum(axis=2)
   if sinks is not None:
     den = den + jnp.exp2(sink - m_all)
@@ -71,55 +72,74 @@ def _merge(o, ml, context_lens, sinks, num_heads, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "softcap", "sliding_window", "interpret", "block_sizes", "num_splits", "fuse"))
+    "scale", "softcap", "sliding_window", "interpret", "block_sizes", "stream", "num_ctas",
+    "fuse"))
 def paged_decode(q, k_pages, v_pages, block_tables, context_lens, *, scale: float,
                  softcap: float | None = None, sliding_window: int | None = None,
                  alibi_slopes=None, sinks=None, k_scale=None, v_scale=None,
                  interpret: bool = False, block_sizes: mosaic.BlockSizes | None = None,
-                 num_splits: int | None = None, fuse: bool = True):
-  """q [S, H, D] (query i at position context_lens[i] - 1) -> [S, H, D] in q.dtype."""
+                 stream: bool | None = None, num_ctas: int | None = None, fuse: bool = True):
+  """q [S, H, D] (query i at position context_lens[i] - 1) -> [S, H, D] in q.dtype.
+
+  ``stream``: stream-K (None: when there are fewer (seq, KV head) pairs than CTAs);
+  ``num_ctas``: the persistent grid (None: as many as fit, one per SM); ``fuse=False`` sends
+  whole pairs through the merge too (for tests).
+  """
   if k_scale is not None or v_scale is not None:
     raise NotImplementedError('mosaic paged decode: float8 KV caches (k_scale/v_scale) are '
                               'not covered; use backend="triton" or backend="xla"')
   num_seqs, num_heads, head_dim = q.shape
   _, num_kv_heads, block_size, _ = k_pages.shape
   grp = num_heads // num_kv_heads
-  max_blocks = block_tables.shape[1]
-  probe = mosaic.make_static(
+  pairs = num_seqs * num_kv_heads
+  st = mosaic.make_static(
       decode=True, q_dtype=q.dtype, num_heads=num_heads, k_pages=k_pages,
-      max_blocks=max_blocks, scale=scale, softcap=softcap, sliding_window=sliding_window,
-      alibi_slopes=alibi_slopes, sinks=sinks, num_splits=1, interpret=interpret,
-      block_sizes=block_sizes)
-  max_context = max_blocks * block_size
-  if num_splits is None:
-    num_splits = default_num_splits(num_seqs, num_kv_heads, max_context,
-                                    probe.bs.block_kv, sliding_window)
-    if block_sizes is None and head_dim == 128 and max_context // num_splits >= _LONG_SHARE:
-      # Long shares stream better as 128-key tiles, 2 stages (H100: 8 x 32768 +7% over 64 x 4).
-      probe = dataclasses.replace(probe, bs=mosaic.BlockSizes(128, 2, 1))
-      num_splits = default_num_splits(num_seqs, num_kv_heads, max_context, 128, sliding_window)
-  fused = fuse and num_splits == 1 and sinks is None   # normalise in the kernel, no merge
-  st = probe.__class__(**{**probe.__dict__, "num_splits": int(num_splits), "fused": fused})
-  # The group of G heads becomes 64 wgmma rows: [S, Hkv, 64, D], rows >= G are zero.
-  qp = jnp.zeros((num_seqs, num_kv_heads, mosaic.BLOCK_Q, head_dim), q.dtype)
-  qp = qp.at[:, :, :grp].set(q.reshape(num_seqs, num_kv_heads, grp, head_dim))
-  args = [context_lens.astype(jnp.int32), block_tables.astype(jnp.int32), qp, k_pages, v_pages]
-  if alibi_slopes is not None:
-    slopes = jnp.zeros((num_kv_heads, mosaic.BLOCK_Q), jnp.float32)
-    args.append(slopes.at[:, :grp].set(
-        alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, grp)))
+      max_blocks=block_tables.shape[1], scale=scale, softcap=softcap,
+      sliding_window=sliding_window, alibi_slopes=alibi_slopes, sinks=sinks, num_splits=1,
+      interpret=interpret, block_sizes=block_sizes)
+  max_context = block_tables.shape[1] * block_size
+
+  def slots_for(bs):
+    return num_ctas or mosaic.num_sms() * mosaic.ctas_per_sm(bs, head_dim, q.dtype, True)
+  stream = pairs < slots_for(st.bs) if stream is None else stream
+  if stream:
+    if (block_sizes is None and head_dim == 128
+        and pairs * max_context >= _LONG_SHARE * slots_for(st.bs)):
+      # Long shares stream better as 128-key tiles, 2 stages (H100: 8 x 32768, NOTES.md).
+      st = dataclasses.replace(st, bs=mosaic.BlockSizes(128, 2, 1))
+    bk = st.bs.block_kv
+    tiles = -(-max_context // bk)
+    if sliding_window is not None:
+      tiles = min(tiles, -(-sliding_window // bk) + 1)
+    ctas = min(slots_for(st.bs), pairs * tiles)
+    num_slots, valid = stream_plan(pairs, tiles, ctas)
+    st = dataclasses.replace(st, stream_tiles=tiles, num_splits=num_slots)
+  else:
+    ctas = min(slots_for(st.bs), pairs)
+    valid = np.ones((pairs, 1), bool)
+  fused = fuse and not stream and sinks is None   # normalise in the kernel, no merge
+  # q in place as flat rows [S H, D]; padded only to >= 64 rows, a multiple of 8.
+  q_rows = max(-(-num_seqs * num_heads // 8) * 8, mosaic.BLOCK_Q)
+  qf = q.reshape(num_seqs * num_heads, head_dim)
+  qf = jnp.pad(qf, ((0, q_rows - qf.shape[0]), (0, 0))) if q_rows > qf.shape[0] else qf
+  st = dataclasses.replace(st, fused=fused, num_ctas=int(ctas), q_rows=q_rows)
+  args = [context_lens.astype(jnp.int32), block_tables.astype(jnp.int32), qf, k_pages, v_pages]
+  if alibi_slopes is not None:   # the slope of every flat q row
+    slopes = jnp.tile(alibi_slopes.astype(jnp.float32), num_seqs)
+    args.append(jnp.pad(slopes, (0, q_rows - slopes.shape[0])))
+  grid, names = (st.num_ctas,), ("cta",)
   if fused:
-    call = mosaic.build_call(
-        st, jax.ShapeDtypeStruct((num_seqs, num_kv_heads, grp, head_dim), q.dtype),
-        (num_kv_heads, num_seqs, 1), ("g", "seq", "split"), q.dtype)
-    return call(*args).reshape(num_seqs, num_heads, head_dim)
+    call = mosaic.build_call(st, jax.ShapeDtypeStruct((q_rows, head_dim), q.dtype),
+                             grid, names, q.dtype)
+    return call(*args)[:num_seqs * num_heads].reshape(num_seqs, num_heads, head_dim)
+  p = st.num_splits
   out_type = (
-      jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, grp, head_dim),
+      jax.ShapeDtypeStruct((num_seqs, num_kv_heads, p, grp, head_dim),
                            mosaic.partial_dtype(head_dim, q.dtype)),
-      jax.ShapeDtypeStruct((num_seqs, num_kv_heads, num_splits, 2, mosaic.BLOCK_Q),
-                           jnp.float32),
+      jax.ShapeDtypeStruct((num_seqs, num_kv_heads, p, 2, mosaic.BLOCK_Q), jnp.float32),
   )
-  call = mosaic.build_call(st, out_type, (num_kv_heads, num_seqs, num_splits),
-                           ("g", "seq", "split"), q.dtype)
-  o, ml = call(*args)
-  return _merge(o, ml, context_lens, sinks, num_heads, q.dtype)
+  o, ml = mosaic.build_call(st, out_type, grid, names, q.dtype)(*args)
+  seqs, heads = jnp.meshgrid(jnp.arange(num_seqs), jnp.arange(num_kv_heads), indexing="ij")
+  _, r_off, _ = mosaic.decode_rows(seqs, heads, num_kv_heads, grp, q_rows)
+  valid = jnp.asarray(valid.reshape(num_seqs, num_kv_heads, p))
+  return _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, q.dtype)
