@@ -1,14 +1,16 @@
-"""Decode probe (GPU): what limits paged decode bandwidth, Triton against Mosaic, in one process.
+"""Decode probe (GPU): Triton against Mosaic decode variants, in one process.
 
-Rows: kernel x block sizes x block table, on the PERF.md decode shapes. Block tables are either a
-random permutation of the pages (as the benchmarks) or the identity (each sequence's pages in
-order), to separate the DRAM cost of scattered 4 KB pages from the kernels' own. Ceilings in the
-same process: torch copy, XLA read-only sum, and torch gathers of rows of 4 KB (one page of one KV
-head) and 32 KB (one page of all KV heads) in permuted order: the bandwidth of the access pattern
-alone. Rows are timed in an A B ... A B order (every row twice) so drift shows. Timing: median of
-20 samples of >= 3 ms of back-to-back calls; every row's output is compared with the first row of
-its shape with the same block table (relative L2).
-  python3 scripts/decode_probe.py [--only 4096,32768] [--budget-s 300]
+Rows: kernel x block sizes x splits x persistent CTAs on the PERF.md decode shapes; block
+tables are a random permutation of the pages (as the benchmarks) or the identity (each
+sequence's pages in order; ``--identity``) to separate the DRAM cost of scattered 4 KB pages
+from the kernels' own. Ceilings in the same process: torch copy, XLA read-only sum, and torch
+gathers of rows of 4 KB (one page of one KV head) and 32 KB (one page of all KV heads) in
+permuted order. Rows are timed in an A B ... A B order (every row twice) so drift shows.
+Timing (``--timing``): ``device`` (default on a GPU) is the GPU busy time per call from a
+profiler trace of 20 back-to-back calls (``benchmarks.run.jax_device_time``, as the benchmarks);
+``wall`` is the median of 20 samples of >= 3 ms of back-to-back calls. Every row's output is
+compared with the first row of its shape with the same block table (relative L2).
+  python3 scripts/decode_probe.py [--only 4096,32768] [--budget-s 300] [--identity]
 """
 import argparse
 import os
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import probe_common
+from benchmarks.run import jax_device_time
 from pallas_kernels.paged_attention import mosaic
 from pallas_kernels.paged_attention import mosaic_decode
 from pallas_kernels.paged_attention import triton as pa
@@ -30,6 +33,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300.0)
 ap.add_argument("--only", default="4096,32768")
 ap.add_argument("--iters", type=int, default=3 if CPU else 20)
+ap.add_argument("--timing", choices=("device", "wall"), default="wall" if CPU else "device")
+ap.add_argument("--identity", action="store_true", help="also rows with identity tables")
 args = ap.parse_args()
 T0 = time.perf_counter()
 KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None,
@@ -37,7 +42,10 @@ KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_sc
 
 
 def median_time(f, *a):
-  return probe_common.median_time(f, *a, iters=args.iters)
+  t, out = probe_common.median_time(f, *a, iters=args.iters)
+  if args.timing == "device":
+    t = jax_device_time(f, [a], args.iters) or t
+  return t, out
 
 
 def ceilings(page_bytes=4096, heads=8):
@@ -82,10 +90,12 @@ def triton_row(block_sizes=None):
   return call
 
 
-def mosaic_row(block_sizes=None, num_splits=None):
+def mosaic_row(bk=None, stages=None, stream=None, num_ctas=None):
+  bs = None if bk is None else mosaic.BlockSizes(bk, stages, 1)
+
   def call(q, k, v, bt, L):
     return mosaic_decode.paged_decode(q, k, v, bt, L, scale=q.shape[-1] ** -.5, interpret=CPU,
-                                      block_sizes=block_sizes, num_splits=num_splits, **KW)
+                                      block_sizes=bs, stream=stream, num_ctas=num_ctas, **KW)
   return call
 
 
@@ -125,23 +135,29 @@ if CPU:   # smoke run under the interpreters (times mean nothing)
   run_shape("tiny", 2, 128, [("triton", triton_row(), False),
                              ("triton, identity table", triton_row(), True),
                              ("mosaic", mosaic_row(), False),
-                             ("mosaic 64x2", mosaic_row(mosaic.BlockSizes(64, 2, 1)), True)],
+                             ("mosaic 64x2, 3 CTAs", mosaic_row(64, 2, num_ctas=3), True),
+                             ("mosaic stream-K, 5 CTAs", mosaic_row(64, 2, True, 5), False)],
             H=8, Hkv=2, D=64)
   raise SystemExit
 
-if "4096" in only:
-  run_shape("decode 64x4096", 64, 4096, [
+
+def with_identity(rows):
+  return rows + [(f"{label}, identity table", call, True) for label, call, _ in rows[:2]
+                 ] if args.identity else rows
+
+
+if "4096" in only:   # 512 (seq, KV head) pairs of 64 tiles (64 keys)
+  run_shape("decode 64x4096", 64, 4096, with_identity([
       ("triton", triton_row(), False),
-      ("mosaic", mosaic_row(), False),
-      ("mosaic 64x2 (2 CTAs/SM)", mosaic_row(block_sizes=mosaic.BlockSizes(64, 2, 1)), False),
-      ("mosaic 64x3", mosaic_row(block_sizes=mosaic.BlockSizes(64, 3, 1)), False),
-      ("triton, identity table", triton_row(), True),
-      ("mosaic, identity table", mosaic_row(), True),
-  ])
-if "32768" in only:
-  run_shape("decode 8x32768", 8, 32768, [
+      ("mosaic (defaults: 64x3, whole pairs)", mosaic_row(), False),
+      ("mosaic 64x3, one pair per CTA (512)", mosaic_row(64, 3, False, 512), False),
+      ("mosaic 64x3, stream-K", mosaic_row(64, 3, True), False),
+  ]))
+if "32768" in only:  # 64 (seq, KV head) pairs
+  run_shape("decode 8x32768", 8, 32768, with_identity([
       ("triton", triton_row(), False),
-      ("mosaic", mosaic_row(), False),
-      ("triton, identity table", triton_row(), True),
-      ("mosaic, identity table", mosaic_row(), True),
-  ])
+      ("mosaic (defaults: 128x2, stream-K)", mosaic_row(), False),
+      ("mosaic 64x2, stream-K (264 CTAs, 2/SM)", mosaic_row(64, 2, True), False),
+      ("mosaic 64x3, stream-K", mosaic_row(64, 3, True), False),
+      ("mosaic 128x2, stream-K on 128 CTAs", mosaic_row(128, 2, True, 128), False),
+  ]))

@@ -1,0 +1,91 @@
+"""Prefill probe (GPU): Mosaic chunked-prefill variants against cuDNN, in one process.
+
+Shapes (PERF.md): one causal prompt of 8192 tokens, and a mixed batch 4 x (2048 cached + 2048
+new); 32 query / 8 KV heads, head dim 128, bf16, block 16, permuted block tables. Rows: cuDNN
+through ``jax.nn.dot_product_attention`` on contiguous KV (prompt only: cuDNN aligns the causal
+mask top-left, so it has no mixed-batch twin), Mosaic with its defaults (one item per CTA, the
+hardware schedules the grid) and with 132 persistent CTAs, each twice (A B ... A B).
+Timing: GPU busy time per call (``benchmarks.run.jax_device_time``; wall-clock on the CPU).
+  python3 scripts/prefill_probe.py [--budget-s 300]
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import probe_common
+from benchmarks.run import jax_device_time
+from pallas_kernels.paged_attention import mosaic
+from probe_common import CPU, rel_err
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--budget-s", type=float, default=300.0)
+ap.add_argument("--iters", type=int, default=3 if CPU else 20)
+args = ap.parse_args()
+T0 = time.perf_counter()
+
+
+def timed(f, *a):
+  t, out = probe_common.median_time(f, *a, iters=args.iters)
+  return (t if CPU else jax_device_time(f, [a], args.iters) or t), out
+
+
+def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
+  total = cached + new
+  ks = jax.random.split(jax.random.key(0), 3)
+  k = jax.random.normal(ks[0], (batch, total, Hkv, D), jnp.bfloat16)
+  v = jax.random.normal(ks[1], (batch, total, Hkv, D), jnp.bfloat16)
+  q = jax.random.normal(ks[2], (batch * new, H, D), jnp.bfloat16)
+  nb = batch * total // BS
+  perm = np.random.default_rng(0).permutation(nb)
+  pages = lambda x: jnp.zeros((nb, Hkv, BS, D), x.dtype).at[perm].set(
+      x.reshape(nb, BS, Hkv, D).transpose(0, 2, 1, 3))
+  k_pages, v_pages = pages(k), pages(v)
+  tables = jnp.asarray(perm.reshape(batch, total // BS), jnp.int32)
+  lens = jnp.full((batch,), total, jnp.int32)
+  cu = jnp.arange(batch + 1, dtype=jnp.int32) * new
+  flops = 4 * batch * sum(cached + j + 1 for j in range(new)) * D * H
+
+  def mosaic_row(num_ctas=None):
+    return jax.jit(lambda q, kp, vp: mosaic.paged_attention(
+        q, kp, vp, tables, lens, cu, scale=D ** -.5, interpret=CPU, num_ctas=num_ctas))
+  rows = [("mosaic (defaults: one item per CTA)", mosaic_row(), (q, k_pages, v_pages)),
+          ("mosaic, 132 persistent CTAs", mosaic_row(132), (q, k_pages, v_pages))]
+  if cached == 0 and not CPU:
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q.reshape(batch, new, H, D), k, v, is_causal=True, implementation="cudnn"
+    ).reshape(batch * new, H, D))
+    rows.insert(0, ("cuDNN, contiguous KV", cudnn, (q, k, v)))
+  results, ref = {}, None
+  for rnd in range(2):
+    for label, f, a in rows:
+      if time.perf_counter() - T0 > args.budget_s:
+        print(f"{name} {label}: skipped (budget)", flush=True); continue
+      try:
+        t, out = timed(f, *a)
+      except Exception as e:  # noqa: BLE001 - a failing row is reported, the probe goes on
+        print(f"{name} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        continue
+      ref = out if ref is None else ref
+      results.setdefault(label, []).append(t)
+      print(f"{name} [{rnd}] {label:36s} {t * 1e3:8.3f} ms {flops / t / 1e12:6.1f} TFLOP/s "
+            f"err {rel_err(out, ref):.1e}", flush=True)
+  base = np.mean(results.get(rows[0][0], [np.nan]))
+  print(f"{name} summary (mean of the 2 rounds, ratio to '{rows[0][0]}'):", flush=True)
+  for label, ts in results.items():
+    print(f"  {label:36s} {flops / np.mean(ts) / 1e12:6.1f} TFLOP/s  x{base / np.mean(ts):.3f}",
+          flush=True)
+
+
+if CPU:   # smoke run under the interpreter (times mean nothing)
+  run_shape("tiny", 1, 0, 128, H=4, Hkv=2, D=64)
+  run_shape("tiny mixed", 2, 32, 32, H=4, Hkv=2, D=64)
+else:
+  run_shape("prefill 8k", 1, 0, 8192)
+  run_shape("mixed 4x(2k+2k)", 4, 2048, 2048)
