@@ -49,11 +49,12 @@ TABLE = {
 # What ``auto`` tries on an NVIDIA GPU, per op and case, fastest first; a backend that cannot
 # run the configuration (check_supported) is skipped, and xla is always the last resort.
 # "decode" is paged_decode; "prefill" is paged_attention (prefill chunks, decode tokens or any
-# mix). Measured on an H100 (benchmarks/NOTES.md, final run of 2026-11-24):
-#   prefill 8k causal bf16: mosaic 507 TFLOP/s, triton 271;  decode 64x4096: triton 2.75 TB/s,
-#   mosaic 2.66;  KV write 64k tokens: triton 2.39 TB/s, XLA scatter 0.40;  MoE Mixtral: triton
-#   490 TFLOP/s, mosaic 481;  MoE decode (64 tokens): triton 2.61 vs xla 2.56 in one process but
-#   2.18 vs 2.46 in another, so xla (lax.ragged_dot) stays until that settles.
+# mix). Measured on an H100 (benchmarks/NOTES.md, sessions 2 and 3, device time):
+#   prefill 8k causal bf16: mosaic 574 TFLOP/s, triton 328;  decode 64x4096: mosaic 3.02 TB/s,
+#   triton 3.00 (parity), 8x32768: triton 2.98, mosaic 2.91, so triton first;  KV write 64k
+#   tokens: triton 2.82 TB/s, XLA scatter 0.45;  MoE Mixtral: triton 542 TFLOP/s, mosaic 550
+#   (parity);  MoE decode (64 tokens): triton 2.91 vs xla 2.88 (parity), so xla
+#   (lax.ragged_dot, one kernel fewer to maintain) stays.
 AUTO_GPU = {
     ("attention", "decode"): ("triton", "mosaic"),
     ("attention", "prefill"): ("mosaic", "triton"),
