@@ -24,11 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import probe_common
-from benchmarks.run import jax_device_time
 from pallas_kernels.paged_attention import mosaic
 from pallas_kernels.paged_attention import mosaic_decode
 from pallas_kernels.paged_attention import triton as pa
-from probe_common import CPU, paged_cache, rel_err
+from probe_common import CPU, paged_cache
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300.0)
 ap.add_argument("--only", default="4096,32768")
@@ -42,10 +41,7 @@ KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_sc
 
 
 def median_time(f, *a):
-  t, out = probe_common.median_time(f, *a, iters=args.iters)
-  if args.timing == "device":
-    t = jax_device_time(f, [a], args.iters) or t
-  return t, out
+  return probe_common.probe_time(f, *a, iters=args.iters, device=args.timing == "device")
 
 
 def ceilings(page_bytes=4096, heads=8):
@@ -106,34 +102,21 @@ def run_shape(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
   caches = {ident: paged_cache(S, ctx, Hkv, D, BS, identity=ident)
             for ident in {r[2] for r in rows}}
   nbytes = 4 * S * ctx * Hkv * D
-  refs, results = {}, {}   # reference output per block table
-  for rnd in range(2):
-    for label, call, ident in rows:
-      if time.perf_counter() - T0 > args.budget_s:
-        print(f"{name} {label}: skipped (budget)", flush=True); continue
-      k, v, bt = caches[ident]
-      try:
-        t, out = median_time(jax.jit(call), q, k, v, bt, L)
-      except Exception as e:  # noqa: BLE001 - a failing row is reported, the probe goes on
-        print(f"{name} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-        continue
-      ref = refs.setdefault(ident, out)
-      results.setdefault(label, []).append(t)
-      tab = "identity" if ident else "permuted"
-      print(f"{name} [{rnd}] {label:42s} {tab:8s} {t * 1e6:8.1f} us "
-            f"{nbytes / t / 1e12:.3f} TB/s err {rel_err(out, ref):.1e}", flush=True)
-  base = np.mean(results.get(rows[0][0], [np.nan]))
-  print(f"{name} summary (mean of the 2 rounds, ratio to '{rows[0][0]}'):", flush=True)
-  for label, ts in results.items():
-    print(f"  {label:42s} {nbytes / np.mean(ts) / 1e12:.3f} TB/s  x{base / np.mean(ts):.3f}",
-          flush=True)
+
+  def row(label, call, ident):
+    k, v, bt = caches[ident]
+    label = f"{label} ({'identity' if ident else 'permuted'})"
+    return label, ident, lambda: median_time(jax.jit(call), q, k, v, bt, L)
+  probe_common.ab_rounds(name, [row(*r) for r in rows],
+                         lambda t: f"{nbytes / t / 1e12:.3f} TB/s",
+                         deadline=T0 + args.budget_s, width=54)
 
 
 ceilings()
 only = set(args.only.split(","))
 if CPU:   # smoke run under the interpreters (times mean nothing)
   run_shape("tiny", 2, 128, [("triton", triton_row(), False),
-                             ("triton, identity table", triton_row(), True),
+                             ("triton", triton_row(), True),
                              ("mosaic", mosaic_row(), False),
                              ("mosaic 64x2, 3 CTAs", mosaic_row(64, 2, num_ctas=3), True),
                              ("mosaic stream-K, 5 CTAs", mosaic_row(64, 2, True, 5), False)],
@@ -142,8 +125,7 @@ if CPU:   # smoke run under the interpreters (times mean nothing)
 
 
 def with_identity(rows):
-  return rows + [(f"{label}, identity table", call, True) for label, call, _ in rows[:2]
-                 ] if args.identity else rows
+  return rows + [(label, call, True) for label, call, _ in rows[:2]] if args.identity else rows
 
 
 if "4096" in only:   # 512 (seq, KV head) pairs of 64 tiles (64 keys)

@@ -9,6 +9,7 @@ Timing: GPU busy time per call (``benchmarks.run.jax_device_time``; wall-clock o
   python3 scripts/prefill_probe.py [--budget-s 300]
 """
 import argparse
+import functools
 import os
 import sys
 import time
@@ -20,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import probe_common
-from benchmarks.run import jax_device_time
 from pallas_kernels.paged_attention import mosaic
-from probe_common import CPU, rel_err
+from probe_common import CPU
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300.0)
@@ -32,8 +32,7 @@ T0 = time.perf_counter()
 
 
 def timed(f, *a):
-  t, out = probe_common.median_time(f, *a, iters=args.iters)
-  return (t if CPU else jax_device_time(f, [a], args.iters) or t), out
+  return probe_common.probe_time(f, *a, iters=args.iters, device=not CPU)
 
 
 def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
@@ -62,26 +61,10 @@ def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
         q.reshape(batch, new, H, D), k, v, is_causal=True, implementation="cudnn"
     ).reshape(batch * new, H, D))
     rows.insert(0, ("cuDNN, contiguous KV", cudnn, (q, k, v)))
-  results, ref = {}, None
-  for rnd in range(2):
-    for label, f, a in rows:
-      if time.perf_counter() - T0 > args.budget_s:
-        print(f"{name} {label}: skipped (budget)", flush=True); continue
-      try:
-        t, out = timed(f, *a)
-      except Exception as e:  # noqa: BLE001 - a failing row is reported, the probe goes on
-        print(f"{name} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-        continue
-      ref = out if ref is None else ref
-      results.setdefault(label, []).append(t)
-      print(f"{name} [{rnd}] {label:36s} {t * 1e3:8.3f} ms {flops / t / 1e12:6.1f} TFLOP/s "
-            f"err {rel_err(out, ref):.1e}", flush=True)
-  base = np.mean(results.get(rows[0][0], [np.nan]))
-  print(f"{name} summary (mean of the 2 rounds, ratio to '{rows[0][0]}'):", flush=True)
-  for label, ts in results.items():
-    print(f"  {label:36s} {flops / np.mean(ts) / 1e12:6.1f} TFLOP/s  x{base / np.mean(ts):.3f}",
-          flush=True)
-
+  probe_common.ab_rounds(name, [(label, 0, functools.partial(timed, f, *a))
+                                for label, f, a in rows],
+                         lambda t: f"{flops / t / 1e12:6.1f} TFLOP/s",
+                         deadline=T0 + args.budget_s, width=36)
 
 if CPU:   # smoke run under the interpreter (times mean nothing)
   run_shape("tiny", 1, 0, 128, H=4, Hkv=2, D=64)

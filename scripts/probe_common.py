@@ -1,8 +1,10 @@
-"""What the probe scripts share: the wall-clock timing loop and a paged bf16 KV cache.
+"""What the probe scripts share: the timing loops, the A/B rounds and a paged bf16 KV cache.
 
 Imported by the scripts beside it (run as ``python3 scripts/NAME.py``: this folder is on
 ``sys.path``). benchmarks/run.py keeps its own, fuller harness.
 """
+import os
+import sys
 import time
 
 import jax
@@ -27,6 +29,44 @@ def median_time(f, *a, iters, min_sample_s=3e-3):
     jax.block_until_ready(out)
     ts.append((time.perf_counter() - t) / reps)
   return float(np.median(ts)), out
+
+
+def probe_time(f, *a, iters, device):
+  """(seconds per call, last output): ``median_time``, or with ``device`` the GPU busy time per
+  call of ``iters`` back-to-back calls (``benchmarks.run.jax_device_time``, as the benchmarks)."""
+  t, out = median_time(f, *a, iters=iters)
+  if device:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.run import jax_device_time
+    t = jax_device_time(f, [a], iters) or t
+  return t, out
+
+
+def ab_rounds(name, rows, figure, *, deadline, width=42):
+  """Times every row twice in A B ... A B order, so drift shows, and prints a summary.
+
+  rows: [(label, ref_key, run)] with run() -> (seconds, output); each output is compared with
+  the first output of its ref_key (relative L2). figure(seconds) -> str. A failing row is
+  reported and the rest go on; rows past ``deadline`` (time.perf_counter()) are skipped.
+  """
+  refs, results = {}, {}
+  for rnd in range(2):
+    for label, key, run in rows:
+      if time.perf_counter() > deadline:
+        print(f"{name} {label}: skipped (budget)", flush=True); continue
+      try:
+        t, out = run()
+      except Exception as e:  # noqa: BLE001 - a failing row is reported, the probe goes on
+        print(f"{name} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        continue
+      ref = refs.setdefault(key, out)
+      results.setdefault(label, []).append(t)
+      print(f"{name} [{rnd}] {label:{width}s} {t * 1e6:9.1f} us {figure(t)} "
+            f"err {rel_err(out, ref):.1e}", flush=True)
+  base = np.mean(results.get(rows[0][0], [np.nan]))
+  print(f"{name} summary (mean of the 2 rounds, ratio to '{rows[0][0]}'):", flush=True)
+  for label, ts in results.items():
+    print(f"  {label:{width}s} {figure(np.mean(ts))}  x{base / np.mean(ts):.3f}", flush=True)
 
 
 def paged_cache(num_seqs, ctx, num_kv_heads, head_dim, block_size, *, identity=False, seed=0):
