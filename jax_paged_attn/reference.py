@@ -35,7 +35,8 @@ def _tiles(cu_seqlens_q, context_lens, num_tokens: int, q_tile: int):
     # Each non-empty tile holds >= 1 row and each sequence adds at most one partial tile.
     num_tiles = min(num_tokens, -(-num_tokens // q_tile) + num_seqs)
     tile = jnp.arange(num_tiles, dtype=jnp.int32)
-    seq = jnp.searchsorted(tile_end, tile, side="right").astype(jnp.int32)
+    # compare_all: one fused op (the default binary search is a while loop on a GPU)
+    seq = jnp.searchsorted(tile_end, tile, side="right", method="compare_all").astype(jnp.int32)
     live = seq < num_seqs
     seq = jnp.minimum(seq, num_seqs - 1)
     first_tile = tile_end[seq] - tiles_per_seq[seq]

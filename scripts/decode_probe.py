@@ -10,7 +10,9 @@ Timing (``--timing``): ``device`` (default on a GPU) is the GPU busy time per ca
 profiler trace of 20 back-to-back calls (``benchmarks.run.jax_device_time``, as the benchmarks);
 ``wall`` is the median of 20 samples of >= 3 ms of back-to-back calls. Every row's output is
 compared with the first row of its shape with the same block table (relative L2).
-  python3 scripts/decode_probe.py [--only 4096,32768] [--budget-s 300] [--identity]
+``--only`` also takes SxCTX shapes (e.g. 8x65536: Triton and Mosaic's defaults only), and
+``--page`` sets the KV block size (tokens per page; PERF.md's shapes use 16).
+  python3 scripts/decode_probe.py [--only 4096,32768,8x65536] [--page 16] [--budget-s 300]
 """
 import argparse
 import os
@@ -34,6 +36,7 @@ ap.add_argument("--only", default="4096,32768")
 ap.add_argument("--iters", type=int, default=3 if CPU else 20)
 ap.add_argument("--timing", choices=("device", "wall"), default="wall" if CPU else "device")
 ap.add_argument("--identity", action="store_true", help="also rows with identity tables")
+ap.add_argument("--page", type=int, default=16, help="KV block size (tokens per page)")
 args = ap.parse_args()
 T0 = time.perf_counter()
 KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None,
@@ -95,8 +98,10 @@ def mosaic_row(bk=None, stages=None, stream=None, num_ctas=None):
   return call
 
 
-def run_shape(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
+def run_shape(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=None):
   """rows: [(label, call, identity_table)]; each row runs twice (A B ... A B)."""
+  BS = BS or args.page
+  name = name if BS == 16 else f"{name} (page {BS})"
   q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
   L = jnp.full((S,), ctx, jnp.int32)
   caches = {ident: paged_cache(S, ctx, Hkv, D, BS, identity=ident)
@@ -143,3 +148,8 @@ if "32768" in only:  # 64 (seq, KV head) pairs
       ("mosaic 64x3, stream-K", mosaic_row(64, 3, True), False),
       ("mosaic 128x2, stream-K on 128 CTAs", mosaic_row(128, 2, True, 128), False),
   ]))
+for shape in (x for x in only if "x" in x):   # SxCTX: the defaults against Triton
+  S, ctx = map(int, shape.split("x"))
+  run_shape(f"decode {shape}", S, ctx, with_identity([
+      ("triton", triton_row(), False),
+      ("mosaic (defaults)", mosaic_row(), False)]))

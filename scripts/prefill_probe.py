@@ -4,9 +4,11 @@ Shapes (PERF.md): one causal prompt of 8192 tokens, and a mixed batch 4 x (2048 
 new); 32 query / 8 KV heads, head dim 128, bf16, block 16, permuted block tables. Rows: cuDNN
 through ``jax.nn.dot_product_attention`` on contiguous KV (prompt only: cuDNN aligns the causal
 mask top-left, so it has no mixed-batch twin), Mosaic with its defaults (one item per CTA, the
-hardware schedules the grid) and with 132 persistent CTAs, each twice (A B ... A B).
+hardware schedules the grid), optionally with 132 persistent CTAs (``--persistent``) and an
+earlier copy of mosaic.py (``--base FILE``, e.g. from ``git show HEAD:pallas_kernels/...``),
+each twice (A B ... A B). ``--kernels`` lists where each Mosaic call's time goes (a profile).
 Timing: GPU busy time per call (``benchmarks.run.jax_device_time``; wall-clock on the CPU).
-  python3 scripts/prefill_probe.py [--budget-s 300]
+  python3 scripts/prefill_probe.py [--budget-s 300] [--lengths 8192,1024] [--base FILE]
 """
 import argparse
 import functools
@@ -27,8 +29,25 @@ from probe_common import CPU
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300.0)
 ap.add_argument("--iters", type=int, default=3 if CPU else 20)
+ap.add_argument("--lengths", default="8192", help="prompt lengths (one sequence each)")
+ap.add_argument("--no-mixed", action="store_true", help="skip the mixed 4 x (2k + 2k) batch")
+ap.add_argument("--persistent", action="store_true", help="also 132 persistent CTAs")
+ap.add_argument("--base", help="an earlier mosaic.py to time beside the current one")
+ap.add_argument("--kernels", action="store_true", help="profile: time per kernel per call")
 args = ap.parse_args()
 T0 = time.perf_counter()
+
+
+def load_base(path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("mosaic_base", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules["mosaic_base"] = module   # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+BASE = load_base(args.base) if args.base else None
 
 
 def timed(f, *a):
@@ -51,11 +70,20 @@ def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
   cu = jnp.arange(batch + 1, dtype=jnp.int32) * new
   flops = 4 * batch * sum(cached + j + 1 for j in range(new)) * D * H
 
-  def mosaic_row(num_ctas=None):
-    return jax.jit(lambda q, kp, vp: mosaic.paged_attention(
+  def mosaic_row(num_ctas=None, module=mosaic):
+    return jax.jit(lambda q, kp, vp: module.paged_attention(
         q, kp, vp, tables, lens, cu, scale=D ** -.5, interpret=CPU, num_ctas=num_ctas))
-  rows = [("mosaic (defaults: one item per CTA)", mosaic_row(), (q, k_pages, v_pages)),
-          ("mosaic, 132 persistent CTAs", mosaic_row(132), (q, k_pages, v_pages))]
+  rows = [("mosaic (defaults: one item per CTA)", mosaic_row(), (q, k_pages, v_pages))]
+  if BASE is not None:
+    rows.append((f"mosaic from {os.path.basename(args.base)}", mosaic_row(module=BASE),
+                 (q, k_pages, v_pages)))
+  if args.persistent:
+    rows.append(("mosaic, 132 persistent CTAs", mosaic_row(132), (q, k_pages, v_pages)))
+  if args.kernels and not CPU:
+    for label, f, a in rows:
+      print(f"{name} kernels of '{label}' (us per call, launches per call):", flush=True)
+      for us, n, kernel in probe_common.kernel_breakdown(f, *a)[:8]:
+        print(f"  {us:9.1f} {n:4.1f}  {kernel[:90]}", flush=True)
   if cached == 0 and not CPU:
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q.reshape(batch, new, H, D), k, v, is_causal=True, implementation="cudnn"
@@ -70,5 +98,7 @@ if CPU:   # smoke run under the interpreter (times mean nothing)
   run_shape("tiny", 1, 0, 128, H=4, Hkv=2, D=64)
   run_shape("tiny mixed", 2, 32, 32, H=4, Hkv=2, D=64)
 else:
-  run_shape("prefill 8k", 1, 0, 8192)
-  run_shape("mixed 4x(2k+2k)", 4, 2048, 2048)
+  for n in map(int, args.lengths.split(",")):
+    run_shape(f"prefill {n}", 1, 0, n)
+  if not args.no_mixed:
+    run_shape("mixed 4x(2k+2k)", 4, 2048, 2048)

@@ -84,3 +84,37 @@ def rel_err(a, b):
   """Relative L2 error of ``a`` against ``b`` (f32)."""
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def kernel_breakdown(f, *a, calls=10):
+  """[(microseconds per call, launches per call, kernel name)] of ``calls`` back-to-back calls
+  of ``f`` on the GPU (a ``jax.profiler`` trace), longest first: where a call's time goes."""
+  import glob
+  import shutil
+  import tempfile
+  from jax import profiler
+  jax.block_until_ready(f(*a))
+  d = tempfile.mkdtemp(prefix="jpa_kernels_")
+  try:
+    profiler.start_trace(d)
+    try:
+      for _ in range(calls):
+        out = f(*a)
+      jax.block_until_ready(out)
+    finally:
+      profiler.stop_trace()
+    total, count = {}, {}
+    for path in glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True):
+      for plane in profiler.ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+          continue
+        for line in plane.lines:
+          if line.name.startswith(("XLA Modules", "XLA Ops", "Steps", "TraceMe", "Source")):
+            continue   # derived lines repeat the kernels (as benchmarks.run skips them)
+          for e in line.events:
+            total[e.name] = total.get(e.name, 0) + e.duration_ns
+            count[e.name] = count.get(e.name, 0) + 1
+    return sorted(((t / calls / 1e3, count[n] / calls, n) for n, t in total.items()),
+                  reverse=True)
+  finally:
+    shutil.rmtree(d, ignore_errors=True)

@@ -32,9 +32,9 @@ one item to the next, and a CTA loads the next item's q during an item's epilogu
 
 Static: head_dim, block_size, the block sizes, scale, softcap, window, which of ALiBi/sinks.
 Masking: the KV loop of a tile ends at its last row's diagonal and starts at its first row's
-window, runs unmasked where every key is visible to every row, and masks elsewhere with a
-finite value (``_MASK``: -inf would give NaN in exp2(m_old - m_new) for a row that has seen
-nothing yet). Unused cache slots may hold NaN, and 0 * NaN = NaN in PV, so the V rows past
+window, runs unmasked where every key is visible to every row, and masks elsewhere with -inf
+logits; the running max starts at a finite ``_MASK`` (an -inf max would give NaN in
+exp2(m_old - m_new) for a row that has seen nothing yet). Unused cache slots may hold NaN, and 0 * NaN = NaN in PV, so the V rows past
 the last visible key are zeroed in shared memory before the final PV.
 
 Interpreter (``interpret=True``): Pallas's Mosaic GPU interpreter lacks wgmma with a register
@@ -58,7 +58,7 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BLOCK_Q = 64                     # rows per compute warpgroup = the wgmma M
-_MASK = -1e30                    # finite mask logit (log2 units), see the docstring
+_MASK = -1e30                    # initial running max (log2 units), see the docstring
 _LOG2E = math.log2(math.e)
 _SMEM_BYTES = 232448             # H100 dynamic shared memory per CTA (227 KiB)
 _H100_SMS = 132
@@ -205,7 +205,10 @@ def _plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv):
   tiles = jnp.where(n > 0, (cu[1:] - first + BLOCK_Q - 1) // BLOCK_Q, 0)
   tile_end = jnp.cumsum(tiles)
   b = jnp.arange(num_tiles, dtype=jnp.int32)
-  seg = jnp.minimum(jnp.searchsorted(tile_end, b, side="right"), num_seqs).astype(jnp.int32)
+  # compare_all is one fused reduction; the default binary search is a while loop, a kernel
+  # launch per step on a GPU (about 10 us of a 1k-token prefill).
+  seg = jnp.searchsorted(tile_end, b, side="right", method="compare_all")
+  seg = jnp.minimum(seg, num_seqs).astype(jnp.int32)
   real = b < tile_end[-1]
   r_tile = first[seg] + (b - (tile_end[seg] - tiles[seg])) * BLOCK_Q
   row0 = jnp.clip(r_tile, 0, num_rows - BLOCK_Q)
@@ -473,22 +476,29 @@ def _kernel(*refs, st: _Static):
         s = pl.run_scoped(compute_qk, plgpu.ACC(shape, jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
 
+        # Logits in log2 units are s * c. Without softcap or ALiBi, c = scale·log2(e) stays
+        # out of s: max(s · c) = max(s) · c (c > 0), and s · c - m is one FMA per logit.
         key = cols + step * bk
+        c = st.scale * _LOG2E
         if st.softcap is not None:    # c·tanh(scale·s / c), in log2 units
-          s = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * _LOG2E)
-        else:
-          s = s * (st.scale * _LOG2E)
+          s, c = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * _LOG2E), None
         if st.has_alibi:
-          s = s + slope * (key - pos).astype(jnp.float32)
+          s = s * c if c is not None else s
+          s, c = s + slope * (key - pos).astype(jnp.float32), None
         if masked:
           visible = key <= pos
           if st.window is not None:
             visible = jnp.logical_and(visible, key > pos - st.window)
-          s = jnp.where(visible, s, _MASK)
+          # -inf is safe here: m starts finite (_MASK), so m_new is finite.
+          s = jnp.where(visible, s, -jnp.inf)
 
-        m_new = jnp.maximum(m_i, s.max(axis=1))
+        if c is None:
+          m_new = jnp.maximum(m_i, s.max(axis=1))
+          p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
+        else:
+          m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+          p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, shape, [0]))
         alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         l_i = l_i * alpha
         p16 = p.astype(q_smem.dtype)
