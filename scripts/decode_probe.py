@@ -143,13 +143,13 @@ if "4096" in only:   # 512 (seq, KV head) pairs of 64 tiles (64 keys)
 if "32768" in only:  # 64 (seq, KV head) pairs
   run_shape("decode 8x32768", 8, 32768, with_identity([
       ("triton", triton_row(), False),
-      ("mosaic (defaults: 128x2, stream-K)", mosaic_row(), False),
-      ("mosaic 64x2, stream-K (264 CTAs, 2/SM)", mosaic_row(64, 2, True), False),
-      ("mosaic 64x3, stream-K", mosaic_row(64, 3, True), False),
-      ("mosaic 128x2, stream-K on 128 CTAs", mosaic_row(128, 2, True, 128), False),
+      ("mosaic (defaults: 64x3, stream-K, 128 CTAs)", mosaic_row(), False),
+      ("mosaic 128x2, stream-K, 128 CTAs", mosaic_row(128, 2, True), False),
+      ("mosaic 64x3, stream-K on all 132 SMs", mosaic_row(64, 3, True, mosaic.num_sms()), False),
   ]))
 for shape in (x for x in only if "x" in x):   # SxCTX: the defaults against Triton
   S, ctx = map(int, shape.split("x"))
   run_shape(f"decode {shape}", S, ctx, with_identity([
       ("triton", triton_row(), False),
-      ("mosaic (defaults)", mosaic_row(), False)]))
+      ("mosaic (defaults)", mosaic_row(), False),
+      ("mosaic, stream-K on all SMs", mosaic_row(stream=True, num_ctas=mosaic.num_sms()), False)]))

@@ -34,6 +34,8 @@ ap.add_argument("--no-mixed", action="store_true", help="skip the mixed 4 x (2k 
 ap.add_argument("--persistent", action="store_true", help="also 132 persistent CTAs")
 ap.add_argument("--base", help="an earlier mosaic.py to time beside the current one")
 ap.add_argument("--kernels", action="store_true", help="profile: time per kernel per call")
+ap.add_argument("--blocks", default="", help="also these block sizes, e.g. 128x3x2,64x4x2 "
+                "(block_kv x stages x warpgroups)")
 args = ap.parse_args()
 T0 = time.perf_counter()
 
@@ -70,10 +72,14 @@ def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
   cu = jnp.arange(batch + 1, dtype=jnp.int32) * new
   flops = 4 * batch * sum(cached + j + 1 for j in range(new)) * D * H
 
-  def mosaic_row(num_ctas=None, module=mosaic):
+  def mosaic_row(num_ctas=None, module=mosaic, block_sizes=None):
     return jax.jit(lambda q, kp, vp: module.paged_attention(
-        q, kp, vp, tables, lens, cu, scale=D ** -.5, interpret=CPU, num_ctas=num_ctas))
+        q, kp, vp, tables, lens, cu, scale=D ** -.5, interpret=CPU, num_ctas=num_ctas,
+        block_sizes=block_sizes))
   rows = [("mosaic (defaults: one item per CTA)", mosaic_row(), (q, k_pages, v_pages))]
+  for spec in filter(None, args.blocks.split(",")):
+    bs = mosaic.BlockSizes(*map(int, spec.split("x")))
+    rows.append((f"mosaic {spec}", mosaic_row(block_sizes=bs), (q, k_pages, v_pages)))
   if BASE is not None:
     rows.append((f"mosaic from {os.path.basename(args.base)}", mosaic_row(module=BASE),
                  (q, k_pages, v_pages)))

@@ -250,6 +250,17 @@ def test_stream_k_covers_each_tile_once():
     assert slots == (last - first).max() + 1 and valid.sum() == (last - first + 1).sum()
 
 
+def test_even_split_ctas():
+  """A whole number of CTAs per pair when at most 1/32 of the CTAs idle; then a pair whose
+  tiles divide evenly has one slot per CTA and no CTA spans two pairs."""
+  cases = {(64, 132): 128, (16, 132): 128, (8, 132): 128, (3, 132): 132, (5, 132): 130,
+           (40, 132): 132, (50, 132): 132, (132, 132): 132, (200, 132): 132}
+  for (pairs, ctas), want in cases.items():
+    assert mosaic_decode.even_split_ctas(pairs, ctas) == want, (pairs, ctas)
+  slots, valid = mosaic_decode.stream_plan(64, 512, 128)
+  assert slots == 2 and valid.all()
+
+
 def test_prefill_unaligned_rows_and_page_256():
   # sequence starts off multiples of 8, T not a multiple of 8, a page larger than the KV tile
   _run("prefill", [(3, 300), (13, 20), (61, 61), (2, 700)], block_size=256, pad_rows=5)

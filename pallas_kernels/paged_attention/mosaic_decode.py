@@ -7,7 +7,8 @@ per SM by default), in one of two ways:
 * whole pairs (when there are at least as many pairs as CTAs): each pair is one item, the CTAs
   take them in ``mosaic.snake_items`` order and normalise in the kernel (no merge);
 * stream-K (fewer pairs than CTAs, e.g. a few long contexts): CTA c takes the flat KV tiles
-  [c T / C, (c + 1) T / C) of T = pairs x tiles, so every SM streams the same number of tiles;
+  [c T / C, (c + 1) T / C) of T = pairs x tiles, so every CTA streams the same number of tiles
+  (C: a whole number of CTAs per pair where that idles few SMs, ``even_split_ctas``);
   a pair's tiles span a few CTAs (``mosaic.stream_ctas``), each writing an unnormalised partial
   (f32; q.dtype at head_dim 256, where f32 staging does not fit in shared memory) and the
   running max / sum of its rows into its slot, and ``_merge`` combines the slots in jnp.
@@ -21,8 +22,9 @@ kernel loads the 64 rows around them (from a multiple of 8) and uses only those
 (``mosaic.decode_rows``), so no padded copy of q is made (S H < 64 or not a multiple of 8: q is
 padded to that, a few rows). Static: as ``mosaic``, plus ``stream`` and ``num_ctas``.
 
-Measured (H100, benchmarks/NOTES.md "Session 3"): whole pairs 64 x 4096 with 64-key tiles and 3
-stages at 1.00x the Triton kernel; 8 x 32768 (64 pairs) by stream-K with 128-key tiles.
+Measured (H100, benchmarks/NOTES.md "Session 3" and "Session 4"): 64-key tiles in 3 stages,
+whole pairs at 64 x 4096 and stream-K over 128 CTAs (2 per pair) at 8 x 32768, each 1.00x the
+Triton kernel.
 """
 from __future__ import annotations
 
@@ -35,7 +37,14 @@ import numpy as np
 
 from pallas_kernels.paged_attention import mosaic
 
-_LONG_SHARE = 8192        # keys per CTA from which stream-K uses 128-key tiles (head_dim 128)
+def even_split_ctas(num_pairs, num_ctas):
+  """Stream-K grid: the largest multiple of ``num_pairs`` up to ``num_ctas`` (each pair split
+  over the same whole number of CTAs, so a CTA's share rarely spans two pairs) when it idles at
+  most 1/32 of the CTAs, else ``num_ctas``. HBM saturates before all SMs stream, and the share
+  crossing a pair costs an epilogue, a q load and a partial slot: 8 x 32768 measured 0.7-1.5%
+  faster on 128 CTAs than on 132 (benchmarks/NOTES.md, Session 4)."""
+  even = num_pairs * (num_ctas // num_pairs)
+  return even if even >= num_ctas - num_ctas // 32 else num_ctas
 
 
 def stream_plan(num_pairs, tiles, num_ctas):
@@ -103,15 +112,12 @@ def paged_decode(q, k_pages, v_pages, block_tables, context_lens, *, scale: floa
     return num_ctas or mosaic.num_sms() * mosaic.ctas_per_sm(bs, head_dim, q.dtype, True)
   stream = pairs < slots_for(st.bs) if stream is None else stream
   if stream:
-    if (block_sizes is None and head_dim == 128
-        and pairs * max_context >= _LONG_SHARE * slots_for(st.bs)):
-      # Long shares stream better as 128-key tiles, 2 stages (H100: 8 x 32768, NOTES.md).
-      st = dataclasses.replace(st, bs=mosaic.BlockSizes(128, 2, 1))
     bk = st.bs.block_kv
     tiles = -(-max_context // bk)
     if sliding_window is not None:
       tiles = min(tiles, -(-sliding_window // bk) + 1)
-    ctas = min(slots_for(st.bs), pairs * tiles)
+    ctas = slots_for(st.bs)
+    ctas = min(ctas if num_ctas else even_split_ctas(pairs, ctas), pairs * tiles)
     num_slots, valid = stream_plan(pairs, tiles, ctas)
     st = dataclasses.replace(st, stream_tiles=tiles, num_splits=num_slots)
   else:
