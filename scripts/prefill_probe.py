@@ -6,7 +6,8 @@ through ``jax.nn.dot_product_attention`` on contiguous KV (prompt only: cuDNN al
 mask top-left, so it has no mixed-batch twin), Mosaic with its defaults (one item per CTA, the
 hardware schedules the grid), optionally with 132 persistent CTAs (``--persistent``) and an
 earlier copy of mosaic.py (``--base FILE``, e.g. from ``git show HEAD:pallas_kernels/...``),
-each twice (A B ... A B). ``--kernels`` lists where each Mosaic call's time goes (a profile).
+each in ``--rounds`` rounds (A B ... A B; default 2; the summary is the median).
+``--kernels`` lists where each Mosaic call's time goes (a profile).
 Timing: GPU busy time per call (``benchmarks.run.jax_device_time``; wall-clock on the CPU).
   python3 scripts/prefill_probe.py [--budget-s 300] [--lengths 8192,1024] [--base FILE]
 """
@@ -29,11 +30,16 @@ from probe_common import CPU
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300.0)
 ap.add_argument("--iters", type=int, default=3 if CPU else 20)
+ap.add_argument("--rounds", type=int, default=2, help="A B ... rounds (the median is shown)")
 ap.add_argument("--lengths", default="8192", help="prompt lengths (one sequence each)")
 ap.add_argument("--no-mixed", action="store_true", help="skip the mixed 4 x (2k + 2k) batch")
 ap.add_argument("--persistent", action="store_true", help="also 132 persistent CTAs")
 ap.add_argument("--base", help="an earlier mosaic.py to time beside the current one")
 ap.add_argument("--kernels", action="store_true", help="profile: time per kernel per call")
+ap.add_argument("--pages", default="", help="also these KV block sizes (tokens per page), "
+                "e.g. 64,128 (the main rows use 16)")
+ap.add_argument("--fa3", action="store_true",
+                help="also JAX's attention_mgpu (FA3, contiguous float16 KV; prompts only)")
 ap.add_argument("--blocks", default="", help="also these block sizes, e.g. 128x3x2,64x4x2 "
                 "(block_kv x stages x warpgroups)")
 args = ap.parse_args()
@@ -62,21 +68,33 @@ def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
   k = jax.random.normal(ks[0], (batch, total, Hkv, D), jnp.bfloat16)
   v = jax.random.normal(ks[1], (batch, total, Hkv, D), jnp.bfloat16)
   q = jax.random.normal(ks[2], (batch * new, H, D), jnp.bfloat16)
-  nb = batch * total // BS
-  perm = np.random.default_rng(0).permutation(nb)
-  pages = lambda x: jnp.zeros((nb, Hkv, BS, D), x.dtype).at[perm].set(
-      x.reshape(nb, BS, Hkv, D).transpose(0, 2, 1, 3))
-  k_pages, v_pages = pages(k), pages(v)
-  tables = jnp.asarray(perm.reshape(batch, total // BS), jnp.int32)
   lens = jnp.full((batch,), total, jnp.int32)
   cu = jnp.arange(batch + 1, dtype=jnp.int32) * new
   flops = 4 * batch * sum(cached + j + 1 for j in range(new)) * D * H
 
-  def mosaic_row(num_ctas=None, module=mosaic, block_sizes=None):
+  def paged(bs):   # K/V pages in a permuted order, and the block table
+    nb = batch * total // bs
+    perm = np.random.default_rng(0).permutation(nb)
+    pages = lambda x: jnp.zeros((nb, Hkv, bs, D), x.dtype).at[perm].set(
+        x.reshape(nb, bs, Hkv, D).transpose(0, 2, 1, 3))
+    return pages(k), pages(v), jnp.asarray(perm.reshape(batch, total // bs), jnp.int32)
+  k_pages, v_pages, tables = paged(BS)
+
+  def mosaic_row(num_ctas=None, module=mosaic, block_sizes=None, tables=tables):
     return jax.jit(lambda q, kp, vp: module.paged_attention(
         q, kp, vp, tables, lens, cu, scale=D ** -.5, interpret=CPU, num_ctas=num_ctas,
         block_sizes=block_sizes))
   rows = [("mosaic (defaults: one item per CTA)", mosaic_row(), (q, k_pages, v_pages))]
+  for bs in map(int, filter(None, args.pages.split(","))):
+    kp, vp, bt = paged(bs)
+    rows.append((f"mosaic, page {bs}", mosaic_row(tables=bt), (q, kp, vp)))
+  if args.fa3 and cached == 0 and batch == 1 and not CPU:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
+    cfg = fa3.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+    f16 = lambda x: x.astype(jnp.float16)
+    rows.append(("Pallas FA3 (attention_mgpu), contiguous f16",
+                 jax.jit(lambda q, k, v: fa3.attention(q[None], k, v, cfg)[0]),
+                 (f16(q * D ** -.5), f16(k), f16(v))))
   for spec in filter(None, args.blocks.split(",")):
     bs = mosaic.BlockSizes(*map(int, spec.split("x")))
     rows.append((f"mosaic {spec}", mosaic_row(block_sizes=bs), (q, k_pages, v_pages)))
@@ -98,7 +116,7 @@ def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
   probe_common.ab_rounds(name, [(label, 0, functools.partial(timed, f, *a))
                                 for label, f, a in rows],
                          lambda t: f"{flops / t / 1e12:6.1f} TFLOP/s",
-                         deadline=T0 + args.budget_s, width=36)
+                         deadline=T0 + args.budget_s, width=36, rounds=args.rounds)
 
 if CPU:   # smoke run under the interpreter (times mean nothing)
   run_shape("tiny", 1, 0, 128, H=4, Hkv=2, D=64)

@@ -42,15 +42,16 @@ def probe_time(f, *a, iters, device):
   return t, out
 
 
-def ab_rounds(name, rows, figure, *, deadline, width=42):
-  """Times every row twice in A B ... A B order, so drift shows, and prints a summary.
+def ab_rounds(name, rows, figure, *, deadline, width=42, rounds=2):
+  """Times every row ``rounds`` times in A B ... A B order, so drift shows, and prints a
+  summary: the median of the rounds (the mean of two).
 
   rows: [(label, ref_key, run)] with run() -> (seconds, output); each output is compared with
   the first output of its ref_key (relative L2). figure(seconds) -> str. A failing row is
   reported and the rest go on; rows past ``deadline`` (time.perf_counter()) are skipped.
   """
   refs, results = {}, {}
-  for rnd in range(2):
+  for rnd in range(rounds):
     for label, key, run in rows:
       if time.perf_counter() > deadline:
         print(f"{name} {label}: skipped (budget)", flush=True); continue
@@ -63,10 +64,10 @@ def ab_rounds(name, rows, figure, *, deadline, width=42):
       results.setdefault(label, []).append(t)
       print(f"{name} [{rnd}] {label:{width}s} {t * 1e6:9.1f} us {figure(t)} "
             f"err {rel_err(out, ref):.1e}", flush=True)
-  base = np.mean(results.get(rows[0][0], [np.nan]))
-  print(f"{name} summary (mean of the 2 rounds, ratio to '{rows[0][0]}'):", flush=True)
+  base = np.median(results.get(rows[0][0], [np.nan]))
+  print(f"{name} summary (median of {rounds} rounds, ratio to '{rows[0][0]}'):", flush=True)
   for label, ts in results.items():
-    print(f"  {label:{width}s} {figure(np.mean(ts))}  x{base / np.mean(ts):.3f}", flush=True)
+    print(f"  {label:{width}s} {figure(np.median(ts))}  x{base / np.median(ts):.3f}", flush=True)
 
 
 def paged_cache(num_seqs, ctx, num_kv_heads, head_dim, block_size, *, identity=False, seed=0):

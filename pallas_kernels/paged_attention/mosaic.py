@@ -251,7 +251,7 @@ class _Item:
   full_lo: jax.Array
   full_hi: jax.Array
   kv_end: jax.Array
-  row0: jax.Array        # first q row of the tile (a multiple of 8)
+  row0: jax.Array        # first q row of the tile (a multiple of 8; load_q tells Mosaic)
   pos0: jax.Array        # position of tile row 0 (decode: of every row)
   # prefill: rows [lo, hi) are the tile's, head0 its first query head
   lo: jax.Array | None = None
@@ -273,7 +273,7 @@ def _prefill_item(st: _Static, info_ref, k) -> _Item:
   return _Item(
       seq=row(_SEQ), kv_head=kv_head, kv_len=row(_LEN), begin=row(_BEGIN), end=row(_END),
       full_lo=row(_FULL_LO), full_hi=row(_FULL_HI), kv_end=row(_KV_END),
-      row0=pl.multiple_of(row(_ROW0), 8), pos0=row(_POS0), lo=row(_LO), hi=row(_HI),
+      row0=row(_ROW0), pos0=row(_POS0), lo=row(_LO), hi=row(_HI),
       head0=kv_head * st.num_groups + lax.rem(hp, per_kv) * st.bs.num_wgs)
 
 
@@ -298,7 +298,7 @@ def _decode_item(st: _Static, lens_ref, pair, split=0, share=None) -> _Item:
     begin, end = jnp.minimum(begin + share[0], end), jnp.minimum(begin + share[1], end)
   row0, r_off, q_start = decode_rows(seq, kv_head, st.num_kv_heads, st.num_groups, st.q_rows)
   return _Item(seq=seq, kv_head=kv_head, kv_len=kv_len, begin=begin, end=end, full_lo=full_lo,
-               full_hi=full_hi, kv_end=kv_end, row0=pl.multiple_of(row0, 8), pos0=p_row,
+               full_hi=full_hi, kv_end=kv_end, row0=row0, pos0=p_row,
                split=split, r_off=r_off, q_start=q_start)
 
 
@@ -418,13 +418,14 @@ def _kernel(*refs, st: _Static):
 
     def load_q(it: _Item):
       """Issues the item's q tile (decode: and its rows' ALiBi slopes) on q_bar."""
+      row0 = pl.multiple_of(it.row0, 8)
       if st.decode:
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(it.row0, BLOCK_Q)], q_smem, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, BLOCK_Q)], q_smem, q_bar.at[wg])
         if st.has_alibi:
-          plgpu.copy_gmem_to_smem(alibi_ref.at[pl.ds(it.row0, BLOCK_Q)], slope_smem,
+          plgpu.copy_gmem_to_smem(alibi_ref.at[pl.ds(row0, BLOCK_Q)], slope_smem,
                                   q_bar.at[wg])
       else:
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(it.row0, BLOCK_Q), it.head0 + wg], q_smem,
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, BLOCK_Q), it.head0 + wg], q_smem,
                                 q_bar.at[wg])
 
     def attend(j, it: _Item, next_item, has_next, g0):
@@ -632,14 +633,21 @@ def _kernel(*refs, st: _Static):
         issue(v_ref, v_smem.at[slot], v_bar.at[slot], it.begin + i, ids)
       return g0 + (it.end - it.begin)
 
-    total = _for_each_item(st, info_ref, stream)
+    # One warp streams (the other three idle): a 16-token page is one copy, 16 per 128-key
+    # tile, and each copy's index math and barrier arrivals would otherwise take issue slots
+    # on all four warps' schedulers from the compute warpgroups.
+    @plgpu.warp_map
+    def _(warp):
+      @pl.when(warp == 0)
+      def _():
+        total = _for_each_item(st, info_ref, stream)
 
-    # Observe the last releases too, so no barrier phase is left unobserved at exit.
-    @pl.loop(jnp.maximum(total - stages, 0), total)
-    def _(g):
-      slot = lax.rem(g, stages)
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
+        # Observe the last releases too, so no barrier phase is left unobserved at exit.
+        @pl.loop(jnp.maximum(total - stages, 0), total)
+        def _(g):
+          slot = lax.rem(g, stages)
+          plgpu.barrier_wait(k_free.at[slot])
+          plgpu.barrier_wait(v_free.at[slot])
 
 
 def build_call(st: _Static, out_type, grid, grid_names, dtype):
