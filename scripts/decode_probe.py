@@ -5,7 +5,8 @@ tables are a random permutation of the pages (as the benchmarks) or the identity
 sequence's pages in order; ``--identity``) to separate the DRAM cost of scattered 4 KB pages
 from the kernels' own. Ceilings in the same process: torch copy, XLA read-only sum, and torch
 gathers of rows of 4 KB (one page of one KV head) and 32 KB (one page of all KV heads) in
-permuted order. Rows are timed in an A B ... A B order (every row twice) so drift shows.
+permuted order. Rows are timed in an A B ... A B order (``--rounds``, default 2; the summary
+is the median) so drift shows.
 Timing (``--timing``): ``device`` (default on a GPU) is the GPU busy time per call from a
 profiler trace of 20 back-to-back calls (``benchmarks.run.jax_device_time``, as the benchmarks);
 ``wall`` is the median of 20 samples of >= 3 ms of back-to-back calls. Every row's output is
@@ -37,6 +38,7 @@ ap.add_argument("--iters", type=int, default=3 if CPU else 20)
 ap.add_argument("--timing", choices=("device", "wall"), default="wall" if CPU else "device")
 ap.add_argument("--identity", action="store_true", help="also rows with identity tables")
 ap.add_argument("--page", type=int, default=16, help="KV block size (tokens per page)")
+ap.add_argument("--rounds", type=int, default=2, help="A B ... rounds (the median is shown)")
 args = ap.parse_args()
 T0 = time.perf_counter()
 KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None,
@@ -99,7 +101,7 @@ def mosaic_row(bk=None, stages=None, stream=None, num_ctas=None):
 
 
 def run_shape(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=None):
-  """rows: [(label, call, identity_table)]; each row runs twice (A B ... A B)."""
+  """rows: [(label, call, identity_table)]; each row runs --rounds times (A B ... A B)."""
   BS = BS or args.page
   name = name if BS == 16 else f"{name} (page {BS})"
   q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
@@ -114,7 +116,7 @@ def run_shape(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=None):
     return label, ident, lambda: median_time(jax.jit(call), q, k, v, bt, L)
   probe_common.ab_rounds(name, [row(*r) for r in rows],
                          lambda t: f"{nbytes / t / 1e12:.3f} TB/s",
-                         deadline=T0 + args.budget_s, width=54)
+                         deadline=T0 + args.budget_s, width=54, rounds=args.rounds)
 
 
 ceilings()
