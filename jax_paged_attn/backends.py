@@ -49,9 +49,10 @@ TABLE = {
 # What ``auto`` tries on an NVIDIA GPU, per op and case, fastest first; a backend that cannot
 # run the configuration (check_supported) is skipped, and xla is always the last resort.
 # "decode" is paged_decode; "prefill" is paged_attention (prefill chunks, decode tokens or any
-# mix). Measured on an H100 (benchmarks/NOTES.md, sessions 2 and 3, device time):
-#   prefill 8k causal bf16: mosaic 574 TFLOP/s, triton 328;  decode 64x4096: mosaic 3.02 TB/s,
-#   triton 3.00 (parity), 8x32768: triton 2.98, mosaic 2.91, so triton first;  KV write 64k
+# mix). Measured on an H100 (benchmarks/NOTES.md, sessions 2 to 4, device time):
+#   prefill 8k causal bf16: mosaic 601 TFLOP/s, triton 328;  decode 64x4096: mosaic 3.005 TB/s,
+#   triton 3.008, 8x32768: mosaic 2.98, triton 2.97 (parity within 0.5% both ways across runs,
+#   so triton, which also reads float8 caches, stays first);  KV write 64k
 #   tokens: triton 2.82 TB/s, XLA scatter 0.45;  MoE Mixtral: triton 542 TFLOP/s, mosaic 550
 #   (parity);  MoE decode (64 tokens): triton 2.91 vs xla 2.88 (parity), so xla
 #   (lax.ragged_dot, one kernel fewer to maintain) stays.

@@ -6,7 +6,7 @@ scale·q·k (softcap, ALiBi, sinks), keys gathered from the paged cache
 ``pages[block_tables[i, t // BS], h // G, t % BS]``; f32 softmax, output in q.dtype.
 
 Structure (FA3, as ``jax.experimental.pallas.ops.gpu.attention_mgpu``): one CTA holds
-``num_wgs`` compute warpgroups and one memory warpgroup. The memory warpgroup walks the KV
+``num_wgs`` compute warpgroups and one memory warpgroup, of which one warp walks the KV
 tiles of the CTA's items: a tile of ``block_kv`` keys is ``block_kv // BS`` TMA copies of
 whole pages (one page of one KV head is a contiguous [BS, D] tile), or one slice of a page when
 BS > block_kv, into a ``num_stages``-deep ring guarded by barriers. Compute warpgroups run
@@ -34,8 +34,9 @@ Static: head_dim, block_size, the block sizes, scale, softcap, window, which of 
 Masking: the KV loop of a tile ends at its last row's diagonal and starts at its first row's
 window, runs unmasked where every key is visible to every row, and masks elsewhere with -inf
 logits; the running max starts at a finite ``_MASK`` (an -inf max would give NaN in
-exp2(m_old - m_new) for a row that has seen nothing yet). Unused cache slots may hold NaN, and 0 * NaN = NaN in PV, so the V rows past
-the last visible key are zeroed in shared memory before the final PV.
+exp2(m_old - m_new) for a row that has seen nothing yet). Unused cache slots may hold NaN, and
+0 * NaN = NaN in PV, so the V rows past the last visible key are zeroed in shared memory before
+the final PV.
 
 Interpreter (``interpret=True``): Pallas's Mosaic GPU interpreter lacks wgmma with a register
 lhs and ``pl.run_state`` of accumulators, so there (only) P goes through shared memory and the
@@ -205,8 +206,8 @@ def _plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv):
   tiles = jnp.where(n > 0, (cu[1:] - first + BLOCK_Q - 1) // BLOCK_Q, 0)
   tile_end = jnp.cumsum(tiles)
   b = jnp.arange(num_tiles, dtype=jnp.int32)
-  # compare_all is one fused reduction; the default binary search is a while loop, a kernel
-  # launch per step on a GPU (about 10 us of a 1k-token prefill).
+  # compare_all is one fused reduction; the default binary search is a while loop, kernel
+  # launches per step on a GPU (15-18 us per call on an H100, NOTES.md Session 4).
   seg = jnp.searchsorted(tile_end, b, side="right", method="compare_all")
   seg = jnp.minimum(seg, num_seqs).astype(jnp.int32)
   real = b < tile_end[-1]

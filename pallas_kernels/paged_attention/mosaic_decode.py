@@ -37,6 +37,7 @@ import numpy as np
 
 from pallas_kernels.paged_attention import mosaic
 
+
 def even_split_ctas(num_pairs, num_ctas):
   """Stream-K grid: the largest multiple of ``num_pairs`` up to ``num_ctas`` (each pair split
   over the same whole number of CTAs, so a CTA's share rarely spans two pairs) when it idles at
