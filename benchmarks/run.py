@@ -44,6 +44,7 @@ import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -214,6 +215,19 @@ def jax_sync(out):
     jax.block_until_ready(out)
 
 
+def sample_times(call, iters, reps, sync=jax_sync):
+    """``iters`` samples of ``reps`` back-to-back ``call()``s, each closed by ``sync`` of the
+    last output: (seconds per call of each sample, the last output)."""
+    samples = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = call()
+        sync(out)
+        samples.append((time.perf_counter() - t) / reps)
+    return samples, out
+
+
 def measure(ctx: Ctx, fn, arg_sets, sync=jax_sync, *, on_first=None, iters=None, warmup=None):
     """Times ``fn(*arg_sets[i % n])``; returns a dict of timing fields.
 
@@ -242,15 +256,8 @@ def measure(ctx: Ctx, fn, arg_sets, sync=jax_sync, *, on_first=None, iters=None,
     reps = 1 if single >= a.min_sample_s else min(64, math.ceil(a.min_sample_s / max(single, 1e-7)))
     if single * reps * iters > a.max_row_s:
         iters = max(3, int(a.max_row_s / (single * reps)))
-    samples = []
-    k = 1
-    for _ in range(iters):
-        t = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*arg_sets[k % n])
-            k += 1
-        sync(out)
-        samples.append((time.perf_counter() - t) / reps)
+    k = itertools.count(1)   # input set of each call (0 was the first call's)
+    samples, out = sample_times(lambda: fn(*arg_sets[next(k) % n]), iters, reps, sync)
     del out
     wall = statistics.median(samples)
     res = {"time_s": wall, "wall_time_s": wall, "time_min_s": min(samples),
@@ -268,20 +275,17 @@ def measure(ctx: Ctx, fn, arg_sets, sync=jax_sync, *, on_first=None, iters=None,
 _DERIVED_LINES = ("XLA Modules", "XLA Ops", "Steps", "TraceMe", "Source")
 
 
-def jax_device_time(fn, arg_sets, calls):
-    """GPU busy time per call of ``calls`` back-to-back calls, from a ``jax.profiler`` trace.
-
-    Busy time is the union of the intervals of every event on the GPU planes' stream lines
-    (kernels, copies), so gaps between kernels and between calls are not counted. None when
-    the trace holds no GPU events.
-    """
+def gpu_events(fn, arg_sets, calls):
+    """[(kernel or copy name, start_ns, end_ns)] on the GPU planes' stream lines of a
+    ``jax.profiler`` trace of ``calls`` back-to-back calls of a warm ``fn`` (derived lines,
+    which repeat the kernels, are skipped)."""
     import glob
     import shutil
     import tempfile
     from jax import profiler
     d = tempfile.mkdtemp(prefix="jpa_prof_")
     try:
-        n = len(arg_sets)   # fn is warm: measure() timed it just before
+        n = len(arg_sets)
         profiler.start_trace(d)
         try:
             for i in range(calls):
@@ -289,27 +293,36 @@ def jax_device_time(fn, arg_sets, calls):
             jax.block_until_ready(out)
         finally:
             profiler.stop_trace()
-        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        if not files:
-            return None
-        spans = []
-        for plane in profiler.ProfileData.from_file(files[0]).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if any(line.name.startswith(x) for x in _DERIVED_LINES):
+        events = []
+        for path in glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[:1]:
+            for plane in profiler.ProfileData.from_file(path).planes:
+                if not plane.name.startswith("/device:GPU"):
                     continue
-                spans += [(e.start_ns, e.end_ns) for e in line.events if e.duration_ns > 0]
-        if not spans:
-            return None
-        busy, end = 0.0, -math.inf
-        for a, b in sorted(spans):   # union of intervals
-            if b > end:
-                busy += b - max(a, end)
-                end = b
-        return busy * 1e-9 / calls
+                for line in plane.lines:
+                    if not line.name.startswith(_DERIVED_LINES):
+                        events += [(e.name, e.start_ns, e.end_ns) for e in line.events
+                                   if e.duration_ns > 0]
+        return events
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def jax_device_time(fn, arg_sets, calls):
+    """GPU busy time per call of ``calls`` back-to-back calls, from a ``jax.profiler`` trace.
+
+    Busy time is the union of the intervals of every event on the GPU planes' stream lines
+    (kernels, copies), so gaps between kernels and between calls are not counted. None when
+    the trace holds no GPU events.
+    """
+    spans = sorted((a, b) for _, a, b in gpu_events(fn, arg_sets, calls))   # fn is warm
+    if not spans:
+        return None
+    busy, end = 0.0, -math.inf
+    for a, b in spans:   # union of intervals
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy * 1e-9 / calls
 
 
 def torch_device_time(torch, fn, arg_sets, calls):

@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_paged_attn as jpa  # noqa: E402
 from benchmarks import shapes as S  # noqa: E402
+from benchmarks.run import sample_times  # noqa: E402
 from jax_paged_attn import sharding as sh  # noqa: E402
 
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 1e-4}   # rel. L2 error vs 1 device
@@ -136,21 +137,15 @@ def moe_fn(shape, n, devices, kw):
 
 def time_fn(fn, args, iters: int, warmup: int) -> dict:
     t = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t
     single = first
     for _ in range(max(1, warmup)):     # the last warm-up call estimates one call's time
         t = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*args))
         single = time.perf_counter() - t
     reps = 1 if single >= MIN_SAMPLE_S else min(64, math.ceil(MIN_SAMPLE_S / max(single, 1e-7)))
-    samples = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t) / reps)
+    samples, _ = sample_times(lambda: fn(*args), iters, reps)
     return {"time_s": statistics.median(samples), "time_min_s": min(samples),
             "time_max_s": max(samples), "iters": iters, "reps": reps,
             "first_call_s": round(first, 4)}

@@ -1,7 +1,7 @@
 """What the probe scripts share: the timing loops, the A/B rounds and a paged bf16 KV cache.
 
 Imported by the scripts beside it (run as ``python3 scripts/NAME.py``: this folder is on
-``sys.path``). benchmarks/run.py keeps its own, fuller harness.
+``sys.path``). The sample loop and the profiler trace are benchmarks/run.py's.
 """
 import os
 import sys
@@ -10,6 +10,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.run import gpu_events, jax_device_time, sample_times  # noqa: E402
 
 CPU = jax.default_backend() != "gpu"
 
@@ -21,13 +24,7 @@ def median_time(f, *a, iters, min_sample_s=3e-3):
   jax.block_until_ready(f(*a)); jax.block_until_ready(f(*a))
   t = time.perf_counter(); jax.block_until_ready(f(*a)); one = time.perf_counter() - t
   reps = 1 if CPU else max(1, int(min_sample_s / max(one, 1e-6)))
-  ts = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    for _ in range(reps):
-      out = f(*a)
-    jax.block_until_ready(out)
-    ts.append((time.perf_counter() - t) / reps)
+  ts, out = sample_times(lambda: f(*a), iters, reps)
   return float(np.median(ts)), out
 
 
@@ -36,8 +33,6 @@ def probe_time(f, *a, iters, device):
   call of ``iters`` back-to-back calls (``benchmarks.run.jax_device_time``, as the benchmarks)."""
   t, out = median_time(f, *a, iters=iters)
   if device:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.run import jax_device_time
     t = jax_device_time(f, [a], iters) or t
   return t, out
 
@@ -90,32 +85,10 @@ def rel_err(a, b):
 def kernel_breakdown(f, *a, calls=10):
   """[(microseconds per call, launches per call, kernel name)] of ``calls`` back-to-back calls
   of ``f`` on the GPU (a ``jax.profiler`` trace), longest first: where a call's time goes."""
-  import glob
-  import shutil
-  import tempfile
-  from jax import profiler
   jax.block_until_ready(f(*a))
-  d = tempfile.mkdtemp(prefix="jpa_kernels_")
-  try:
-    profiler.start_trace(d)
-    try:
-      for _ in range(calls):
-        out = f(*a)
-      jax.block_until_ready(out)
-    finally:
-      profiler.stop_trace()
-    total, count = {}, {}
-    for path in glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True):
-      for plane in profiler.ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
-          continue
-        for line in plane.lines:
-          if line.name.startswith(("XLA Modules", "XLA Ops", "Steps", "TraceMe", "Source")):
-            continue   # derived lines repeat the kernels (as benchmarks.run skips them)
-          for e in line.events:
-            total[e.name] = total.get(e.name, 0) + e.duration_ns
-            count[e.name] = count.get(e.name, 0) + 1
-    return sorted(((t / calls / 1e3, count[n] / calls, n) for n, t in total.items()),
-                  reverse=True)
-  finally:
-    shutil.rmtree(d, ignore_errors=True)
+  total, count = {}, {}
+  for name, start, end in gpu_events(f, [a], calls):
+    total[name] = total.get(name, 0) + end - start
+    count[name] = count.get(name, 0) + 1
+  return sorted(((t / calls / 1e3, count[n] / calls, n) for n, t in total.items()),
+                reverse=True)
