@@ -32,8 +32,12 @@ def _ok(r):
 
 
 def _is_prefill_row(r):
-    return (_ok(r) and r.get("is_prefill") and r.get("metric") == "TFLOP/s"
-            and r.get("group") in ("prefill", "sweep"))
+    return (
+        _ok(r)
+        and r.get("is_prefill")
+        and r.get("metric") == "TFLOP/s"
+        and r.get("group") in ("prefill", "sweep")
+    )
 
 
 def _is_decode_row(r):
@@ -71,14 +75,24 @@ def render(json_path, png_path: str | None = None) -> str:
         series[(r["kind"], r["impl"])][r["seq_len"]] = r["value"]
     for (kind, impl), pts in sorted(series.items()):
         xs = sorted(pts)
-        ax1.plot(xs, [pts[x] for x in xs], marker="o", linestyle="-" if kind == "ours" else "--",
-                 linewidth=2.2 if kind == "ours" else 1.2,
-                 label=f"{impl}" + ("" if kind == "ours" else " (peer)"))
+        ax1.plot(
+            xs,
+            [pts[x] for x in xs],
+            marker="o",
+            linestyle="-" if kind == "ours" else "--",
+            linewidth=2.2 if kind == "ours" else 1.2,
+            label=f"{impl}" + ("" if kind == "ours" else " (peer)"),
+        )
     for name, style in (("torch", ":"), ("xla", "-.")):
         v = ceil.get("matmul", {}).get(name)
         if v:
-            ax1.axhline(v, color="k", linestyle=style, linewidth=1,
-                        label=f"bf16 matmul ceiling, {name}: {v:.3g}")
+            ax1.axhline(
+                v,
+                color="k",
+                linestyle=style,
+                linewidth=1,
+                label=f"bf16 matmul ceiling, {name}: {v:.3g}",
+            )
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("sequence length (one causal prompt)")
     ax1.set_ylabel("TFLOP/s  (4 * visible q.k pairs * D * H / time)")
@@ -104,12 +118,17 @@ def render(json_path, png_path: str | None = None) -> str:
         for j, label in enumerate(impls):
             xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(shapes))]
             ys = [vals.get((s, label), 0.0) for s in shapes]
-            bars = ax2.bar(xs, ys, width, label=label,
-                           hatch="" if "(peer)" in label else "//")
+            bars = ax2.bar(xs, ys, width, label=label, hatch="" if "(peer)" in label else "//")
             for b, y in zip(bars, ys):
                 if y:
-                    ax2.text(b.get_x() + b.get_width() / 2, y, f"{y:.3g}", ha="center",
-                             va="bottom", fontsize=6)
+                    ax2.text(
+                        b.get_x() + b.get_width() / 2,
+                        y,
+                        f"{y:.3g}",
+                        ha="center",
+                        va="bottom",
+                        fontsize=6,
+                    )
         ax2.set_xticks(range(len(shapes)))
         ax2.set_xticklabels(shapes)
         ax2.legend(fontsize=7)
@@ -118,8 +137,9 @@ def render(json_path, png_path: str | None = None) -> str:
     for name, style in (("torch", ":"), ("xla", "-.")):
         v = ceil.get("copy", {}).get(name)
         if v:
-            ax2.axhline(v, color="k", linestyle=style, linewidth=1,
-                        label=f"copy ceiling, {name}: {v:.3g}")
+            ax2.axhline(
+                v, color="k", linestyle=style, linewidth=1, label=f"copy ceiling, {name}: {v:.3g}"
+            )
     if ceil.get("copy"):
         ax2.legend(fontsize=7)
     ax2.set_ylabel("effective TB/s  (K and V of every context token once / time)")

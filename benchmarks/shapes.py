@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-L2_BYTES = 50 * 2**20   # H100 L2 is 50 MB: smaller inputs are rotated among several copies
+L2_BYTES = 50 * 2**20  # H100 L2 is 50 MB: smaller inputs are rotated among several copies
 
 
 def itemsize(dtype: str) -> int:
@@ -39,12 +39,13 @@ def itemsize(dtype: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class DecodeShape:
     """One query token per sequence over a paged cache (``paged_decode``)."""
+
     name: str
     num_seqs: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    context_len: int        # every sequence, including this step's token
+    context_len: int  # every sequence, including this step's token
     block_size: int = 16
     dtype: str = "bfloat16"
     model: str = ""
@@ -70,6 +71,7 @@ class DecodeShape:
 class AttentionShape:
     """A batch of sequences, each ``(cached, new)`` tokens; the ``new`` queries are the tail of
     the context (SPEC §3) and attend causally. ``cached == 0`` everywhere is a plain prefill."""
+
     name: str
     seqs: tuple[tuple[int, int], ...]
     num_heads: int
@@ -117,13 +119,14 @@ class AttentionShape:
 @dataclasses.dataclass(frozen=True)
 class KVWriteShape:
     """``write_kv`` of ``num_tokens`` new tokens into a cache of ``num_blocks`` blocks."""
+
     name: str
     num_tokens: int
     num_kv_heads: int
     head_dim: int
     block_size: int = 16
     dtype: str = "bfloat16"
-    cache_factor: int = 2     # the cache holds cache_factor x the blocks written
+    cache_factor: int = 2  # the cache holds cache_factor x the blocks written
     model: str = ""
 
     @property
@@ -146,19 +149,25 @@ class MoEShape:
     inter: int
     dtype: str = "bfloat16"
     activation: str = "silu"
-    decode: bool = False      # decode-shaped: judged by TB/s of expert weights touched
+    decode: bool = False  # decode-shaped: judged by TB/s of expert weights touched
     model: str = ""
 
     @property
     def flops(self) -> int:
-        return 2 * self.num_tokens * self.top_k * (self.hidden * 2 * self.inter
-                                                   + self.inter * self.hidden)
+        return (
+            2
+            * self.num_tokens
+            * self.top_k
+            * (self.hidden * 2 * self.inter + self.inter * self.hidden)
+        )
 
     @property
     def gemm_flops(self) -> dict[str, int]:
         tk = self.num_tokens * self.top_k
-        return {"gate_up": 2 * tk * self.hidden * 2 * self.inter,
-                "down": 2 * tk * self.inter * self.hidden}
+        return {
+            "gate_up": 2 * tk * self.hidden * 2 * self.inter,
+            "down": 2 * tk * self.inter * self.hidden,
+        }
 
     @property
     def expert_bytes(self) -> int:
@@ -172,54 +181,119 @@ class MoEShape:
 # ---------------------------------------------------------------------------------------------
 # The shapes of PERF.md (Llama-3-8B attention: 32 query heads, 8 KV heads, head dim 128).
 
-DECODE = DecodeShape("decode_llama3_8b", num_seqs=64, num_heads=32, num_kv_heads=8,
-                     head_dim=128, context_len=4096, model="Llama-3-8B, batch 64, 4k context")
-DECODE_LONG = DecodeShape("decode_long_32k", num_seqs=8, num_heads=32, num_kv_heads=8,
-                          head_dim=128, context_len=32768, model="Llama-3-8B, batch 8, 32k context")
+DECODE = DecodeShape(
+    "decode_llama3_8b",
+    num_seqs=64,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    context_len=4096,
+    model="Llama-3-8B, batch 64, 4k context",
+)
+DECODE_LONG = DecodeShape(
+    "decode_long_32k",
+    num_seqs=8,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    context_len=32768,
+    model="Llama-3-8B, batch 8, 32k context",
+)
 
 
-def prefill(seq_len: int, *, num_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
-            name: str | None = None) -> AttentionShape:
+def prefill(
+    seq_len: int,
+    *,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    block_size=16,
+    name: str | None = None,
+) -> AttentionShape:
     if name is None:
         name = f"prefill_{seq_len // 1024}k" if seq_len % 1024 == 0 else f"prefill_{seq_len}"
-    return AttentionShape(name, ((0, seq_len),), num_heads, num_kv_heads, head_dim, block_size,
-                          model="Llama-3-8B, one causal prompt")
+    return AttentionShape(
+        name,
+        ((0, seq_len),),
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        model="Llama-3-8B, one causal prompt",
+    )
 
 
 PREFILL_8K = prefill(8192)
-MIXED = AttentionShape("mixed_4x2k_2k", ((2048, 2048),) * 4, 32, 8, 128,
-                       model="Llama-3-8B, 4 x (2048 cached + 2048 new)")
+MIXED = AttentionShape(
+    "mixed_4x2k_2k",
+    ((2048, 2048),) * 4,
+    32,
+    8,
+    128,
+    model="Llama-3-8B, 4 x (2048 cached + 2048 new)",
+)
 PREFILL_SWEEP = tuple(prefill(n) for n in (1024, 2048, 4096, 8192, 16384))
 
-KV_WRITE = KVWriteShape("kv_write_64k", num_tokens=65536, num_kv_heads=8, head_dim=128,
-                        model="Llama-3-8B layer, 65536 new tokens")
+KV_WRITE = KVWriteShape(
+    "kv_write_64k",
+    num_tokens=65536,
+    num_kv_heads=8,
+    head_dim=128,
+    model="Llama-3-8B layer, 65536 new tokens",
+)
 
-MOE_MIXTRAL = MoEShape("moe_mixtral", num_tokens=4096, num_experts=8, top_k=2, hidden=4096,
-                       inter=14336, model="Mixtral-8x7B, 4096 tokens")
-MOE_MIXTRAL_DECODE = MoEShape("moe_mixtral_decode", num_tokens=64, num_experts=8, top_k=2,
-                              hidden=4096, inter=14336, decode=True,
-                              model="Mixtral-8x7B, 64 decode tokens")
-MOE_SMALL_EXPERTS = MoEShape("moe_deepseek_v2_lite", num_tokens=4096, num_experts=64, top_k=6,
-                             hidden=2048, inter=1408,
-                             model="DeepSeek-V2-Lite routed experts, 4096 tokens")
+MOE_MIXTRAL = MoEShape(
+    "moe_mixtral",
+    num_tokens=4096,
+    num_experts=8,
+    top_k=2,
+    hidden=4096,
+    inter=14336,
+    model="Mixtral-8x7B, 4096 tokens",
+)
+MOE_MIXTRAL_DECODE = MoEShape(
+    "moe_mixtral_decode",
+    num_tokens=64,
+    num_experts=8,
+    top_k=2,
+    hidden=4096,
+    inter=14336,
+    decode=True,
+    model="Mixtral-8x7B, 64 decode tokens",
+)
+MOE_SMALL_EXPERTS = MoEShape(
+    "moe_deepseek_v2_lite",
+    num_tokens=4096,
+    num_experts=64,
+    top_k=6,
+    hidden=2048,
+    inter=1408,
+    model="DeepSeek-V2-Lite routed experts, 4096 tokens",
+)
 
 # ---------------------------------------------------------------------------------------------
 # CPU-sized twins: same structure (GQA, partial last page, mixed batch, ragged routing).
 
-TINY_DECODE = DecodeShape("tiny_decode", num_seqs=3, num_heads=4, num_kv_heads=2, head_dim=64,
-                          context_len=40)
-TINY_DECODE_LONG = DecodeShape("tiny_decode_long", num_seqs=2, num_heads=4, num_kv_heads=2,
-                               head_dim=64, context_len=200)
+TINY_DECODE = DecodeShape(
+    "tiny_decode", num_seqs=3, num_heads=4, num_kv_heads=2, head_dim=64, context_len=40
+)
+TINY_DECODE_LONG = DecodeShape(
+    "tiny_decode_long", num_seqs=2, num_heads=4, num_kv_heads=2, head_dim=64, context_len=200
+)
 TINY_PREFILL = prefill(64, num_heads=4, num_kv_heads=2, head_dim=64, name="tiny_prefill_64")
 TINY_MIXED = AttentionShape("tiny_mixed", ((24, 20), (16, 16)), 4, 2, 64)
-TINY_PREFILL_SWEEP = (prefill(32, num_heads=4, num_kv_heads=2, head_dim=64,
-                              name="tiny_prefill_32"), TINY_PREFILL)
+TINY_PREFILL_SWEEP = (
+    prefill(32, num_heads=4, num_kv_heads=2, head_dim=64, name="tiny_prefill_32"),
+    TINY_PREFILL,
+)
 TINY_KV_WRITE = KVWriteShape("tiny_kv_write", num_tokens=64, num_kv_heads=2, head_dim=64)
 TINY_MOE = MoEShape("tiny_moe", num_tokens=16, num_experts=4, top_k=2, hidden=64, inter=128)
-TINY_MOE_DECODE = MoEShape("tiny_moe_decode", num_tokens=4, num_experts=4, top_k=2, hidden=64,
-                           inter=128, decode=True)
-TINY_MOE_SMALL = MoEShape("tiny_moe_small_experts", num_tokens=16, num_experts=8, top_k=3,
-                          hidden=64, inter=64)
+TINY_MOE_DECODE = MoEShape(
+    "tiny_moe_decode", num_tokens=4, num_experts=4, top_k=2, hidden=64, inter=128, decode=True
+)
+TINY_MOE_SMALL = MoEShape(
+    "tiny_moe_small_experts", num_tokens=16, num_experts=8, top_k=3, hidden=64, inter=64
+)
 
 GROUPS = ("ceilings", "decode", "prefill", "sweep", "moe", "kv_write")
 
@@ -227,12 +301,22 @@ GROUPS = ("ceilings", "decode", "prefill", "sweep", "moe", "kv_write")
 def suite(tiny: bool = False) -> dict[str, tuple]:
     """The shapes of each benchmark group (``ceilings`` has none: it sizes its own arrays)."""
     if tiny:
-        return {"ceilings": (), "decode": (TINY_DECODE, TINY_DECODE_LONG),
-                "prefill": (TINY_PREFILL, TINY_MIXED), "sweep": TINY_PREFILL_SWEEP,
-                "moe": (TINY_MOE, TINY_MOE_DECODE, TINY_MOE_SMALL), "kv_write": (TINY_KV_WRITE,)}
-    return {"ceilings": (), "decode": (DECODE, DECODE_LONG), "prefill": (PREFILL_8K, MIXED),
-            "sweep": PREFILL_SWEEP, "moe": (MOE_MIXTRAL, MOE_MIXTRAL_DECODE, MOE_SMALL_EXPERTS),
-            "kv_write": (KV_WRITE,)}
+        return {
+            "ceilings": (),
+            "decode": (TINY_DECODE, TINY_DECODE_LONG),
+            "prefill": (TINY_PREFILL, TINY_MIXED),
+            "sweep": TINY_PREFILL_SWEEP,
+            "moe": (TINY_MOE, TINY_MOE_DECODE, TINY_MOE_SMALL),
+            "kv_write": (TINY_KV_WRITE,),
+        }
+    return {
+        "ceilings": (),
+        "decode": (DECODE, DECODE_LONG),
+        "prefill": (PREFILL_8K, MIXED),
+        "sweep": PREFILL_SWEEP,
+        "moe": (MOE_MIXTRAL, MOE_MIXTRAL_DECODE, MOE_SMALL_EXPERTS),
+        "kv_write": (KV_WRITE,),
+    }
 
 
 def to_dict(shape) -> dict:

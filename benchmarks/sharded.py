@@ -43,21 +43,30 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 import jax_paged_attn as jpa  # noqa: E402
 from benchmarks import shapes as S  # noqa: E402
 from benchmarks.run import sample_times  # noqa: E402
 from jax_paged_attn import sharding as sh  # noqa: E402
 
-TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 1e-4}   # rel. L2 error vs 1 device
+TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 1e-4}  # rel. L2 error vs 1 device
 MIN_SAMPLE_S = 2e-3
 
 # CPU twins: 8 query heads over 2 KV heads (replicated 4x on 8 devices), 8 experts.
-TINY_DECODE_TP = S.DecodeShape("tiny_decode_tp", num_seqs=4, num_heads=8, num_kv_heads=2,
-                               head_dim=64, context_len=40, dtype="float32")
-TINY_MOE_EP = S.MoEShape("tiny_moe_ep", num_tokens=16, num_experts=8, top_k=2, hidden=64,
-                         inter=128, dtype="float32")
+TINY_DECODE_TP = S.DecodeShape(
+    "tiny_decode_tp",
+    num_seqs=4,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+    context_len=40,
+    dtype="float32",
+)
+TINY_MOE_EP = S.MoEShape(
+    "tiny_moe_ep", num_tokens=16, num_experts=8, top_k=2, hidden=64, inter=128, dtype="float32"
+)
 
 
 def suite(quick: bool):
@@ -78,12 +87,15 @@ def decode_inputs(shape: S.DecodeShape, seed=0):
     pages = (nb, shape.num_kv_heads, shape.block_size, shape.head_dim)
     key = jax.random.key(seed)
     kk, kv, kq = jax.random.split(key, 3)
-    cache = jpa.KVCache(jax.random.normal(kk, pages, jnp.float32).astype(dtype),
-                        jax.random.normal(kv, pages, jnp.float32).astype(dtype))
+    cache = jpa.KVCache(
+        jax.random.normal(kk, pages, jnp.float32).astype(dtype),
+        jax.random.normal(kv, pages, jnp.float32).astype(dtype),
+    )
     tables = rng.permutation(nb).reshape(shape.num_seqs, blocks).astype(np.int32)
     lens = np.array(shape.context_lens, np.int32)
-    q = jax.random.normal(kq, (shape.num_seqs, shape.num_heads, shape.head_dim),
-                          jnp.float32).astype(dtype)
+    q = jax.random.normal(
+        kq, (shape.num_seqs, shape.num_heads, shape.head_dim), jnp.float32
+    ).astype(dtype)
     return q, cache, jnp.asarray(tables), jnp.asarray(lens)
 
 
@@ -91,10 +103,14 @@ def moe_inputs(shape: S.MoEShape, seed=0):
     dtype = jnp.dtype(shape.dtype)
     k = jax.random.split(jax.random.key(seed), 4)
     x = jax.random.normal(k[0], (shape.num_tokens, shape.hidden), jnp.float32).astype(dtype)
-    wgu = (jax.random.normal(k[1], (shape.num_experts, shape.hidden, 2 * shape.inter),
-                             jnp.float32) / math.sqrt(shape.hidden)).astype(dtype)
-    wd = (jax.random.normal(k[2], (shape.num_experts, shape.inter, shape.hidden),
-                            jnp.float32) / math.sqrt(shape.inter)).astype(dtype)
+    wgu = (
+        jax.random.normal(k[1], (shape.num_experts, shape.hidden, 2 * shape.inter), jnp.float32)
+        / math.sqrt(shape.hidden)
+    ).astype(dtype)
+    wd = (
+        jax.random.normal(k[2], (shape.num_experts, shape.inter, shape.hidden), jnp.float32)
+        / math.sqrt(shape.inter)
+    ).astype(dtype)
     logits = jax.random.normal(k[3], (shape.num_tokens, shape.num_experts), jnp.float32)
     weights, ids = jpa.moe_topk(logits, shape.top_k, renormalize=True)
     return x, wgu, wd, weights, ids
@@ -113,8 +129,12 @@ def decode_fn(shape, n, devices, kw):
     mesh = Mesh(np.array(devices[:n]), ("tp",))
     specs = sh.attention_specs(mesh, "tp", shape.num_heads, shape.num_kv_heads)
     named = specs.shardings(mesh)
-    args = (jax.device_put(q, named.q), sh.shard_cache(cache, mesh, "tp", shape.num_heads),
-            jax.device_put(tables, named.meta), jax.device_put(lens, named.meta))
+    args = (
+        jax.device_put(q, named.q),
+        sh.shard_cache(cache, mesh, "tp", shape.num_heads),
+        jax.device_put(tables, named.meta),
+        jax.device_put(lens, named.meta),
+    )
     return jax.jit(sh.shard_paged_decode(mesh, "tp", **kw)), args
 
 
@@ -126,8 +146,13 @@ def moe_fn(shape, n, devices, kw):
         return jax.jit(lambda *a: jpa.fused_moe(*a, **kw)), args
     mesh = Mesh(np.array(devices[:n]), ("ep",))
     rep, experts = NamedSharding(mesh, P()), NamedSharding(mesh, P("ep"))
-    args = (jax.device_put(x, rep), jax.device_put(wgu, experts), jax.device_put(wd, experts),
-            jax.device_put(weights, rep), jax.device_put(ids, rep))
+    args = (
+        jax.device_put(x, rep),
+        jax.device_put(wgu, experts),
+        jax.device_put(wd, experts),
+        jax.device_put(weights, rep),
+        jax.device_put(ids, rep),
+    )
     return jax.jit(sh.shard_fused_moe(mesh, "ep", **kw)), args
 
 
@@ -140,15 +165,20 @@ def time_fn(fn, args, iters: int, warmup: int) -> dict:
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t
     single = first
-    for _ in range(max(1, warmup)):     # the last warm-up call estimates one call's time
+    for _ in range(max(1, warmup)):  # the last warm-up call estimates one call's time
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         single = time.perf_counter() - t
     reps = 1 if single >= MIN_SAMPLE_S else min(64, math.ceil(MIN_SAMPLE_S / max(single, 1e-7)))
     samples, _ = sample_times(lambda: fn(*args), iters, reps)
-    return {"time_s": statistics.median(samples), "time_min_s": min(samples),
-            "time_max_s": max(samples), "iters": iters, "reps": reps,
-            "first_call_s": round(first, 4)}
+    return {
+        "time_s": statistics.median(samples),
+        "time_min_s": min(samples),
+        "time_max_s": max(samples),
+        "iters": iters,
+        "reps": reps,
+        "first_call_s": round(first, 4),
+    }
 
 
 def rel_err(out, ref) -> float:
@@ -180,8 +210,14 @@ def run(args) -> list[dict]:
                 print(f"skip {shape.name} n={n}: {len(devices)} devices / does not split")
                 continue
             fn, fargs = (decode_fn if group == "decode" else moe_fn)(shape, n, devices, kw)
-            row = {"group": group, "shape": shape.name, "devices": n, "backend": args.backend,
-                   "dtype": shape.dtype, "shape_fields": dataclasses.asdict(shape)}
+            row = {
+                "group": group,
+                "shape": shape.name,
+                "devices": n,
+                "backend": args.backend,
+                "dtype": shape.dtype,
+                "shape_fields": dataclasses.asdict(shape),
+            }
             try:
                 out = jax.block_until_ready(fn(*fargs))
                 if n == 1:
@@ -213,44 +249,63 @@ def run(args) -> list[dict]:
 def line(r: dict) -> str:
     if "error" in r:
         return f"| {r['shape']} | {r['devices']} | error: {r['error']} | | | |"
-    rate = (f"{r['kv_TB/s']:.3f} TB/s" if "kv_TB/s" in r else f"{r['TFLOP/s']:.2f} TFLOP/s")
+    rate = f"{r['kv_TB/s']:.3f} TB/s" if "kv_TB/s" in r else f"{r['TFLOP/s']:.2f} TFLOP/s"
     sp = r.get("speedup_vs_1")
     err = r.get("rel_err_vs_1")
-    return (f"| {r['shape']} | {r['devices']} | {r['time_s'] * 1e3:.3f} ms | "
-            f"{'-' if sp is None else f'{sp:.2f}x ({r['efficiency']:.0%})'} | {rate} | "
-            f"{'ok' if r['valid'] else 'INVALID'} ({0 if err is None else err:.1e}) |")
+    return (
+        f"| {r['shape']} | {r['devices']} | {r['time_s'] * 1e3:.3f} ms | "
+        f"{'-' if sp is None else f'{sp:.2f}x ({r["efficiency"]:.0%})'} | {rate} | "
+        f"{'ok' if r['valid'] else 'INVALID'} ({0 if err is None else err:.1e}) |"
+    )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--devices", default=None,
-                    help="comma-separated device counts (default: 1 and powers of two)")
+    ap.add_argument(
+        "--devices",
+        default=None,
+        help="comma-separated device counts (default: 1 and powers of two)",
+    )
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (default on a CPU)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
-                                                   "sharded.json"))
+    ap.add_argument(
+        "--json", default=os.path.join(os.path.dirname(__file__), "results", "sharded.json")
+    )
     args = ap.parse_args(argv)
     if args.iters < 20:
         ap.error("--iters must be >= 20 (the median of at least 20 timed runs)")
     count = jax.device_count()
     if args.devices is None:
-        args.devices = [1] + [2 ** i for i in range(1, count.bit_length()) if 2 ** i <= count]
+        args.devices = [1] + [2**i for i in range(1, count.bit_length()) if 2**i <= count]
     else:
         args.devices = [int(d) for d in args.devices.split(",")]
     if jax.default_backend() == "cpu":
         args.quick = True
     dev = jax.devices()[0]
-    print(f"jax {jax.__version__}, {count} x {getattr(dev, 'device_kind', dev.platform)}; "
-          f"backend={args.backend}; devices {args.devices}", flush=True)
-    print("| shape | devices | median | speed-up vs 1 (efficiency) | rate | check |\n"
-          "| --- | --- | --- | --- | --- | --- |", flush=True)
+    print(
+        f"jax {jax.__version__}, {count} x {getattr(dev, 'device_kind', dev.platform)}; "
+        f"backend={args.backend}; devices {args.devices}",
+        flush=True,
+    )
+    print(
+        "| shape | devices | median | speed-up vs 1 (efficiency) | rate | check |\n"
+        "| --- | --- | --- | --- | --- | --- |",
+        flush=True,
+    )
     rows = run(args)
-    doc = {"device": getattr(dev, "device_kind", str(dev)), "platform": jax.default_backend(),
-           "num_devices": count, "jax_version": jax.__version__, "argv": sys.argv,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "iters": args.iters, "warmup": args.warmup, "rows": rows}
+    doc = {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "platform": jax.default_backend(),
+        "num_devices": count,
+        "jax_version": jax.__version__,
+        "argv": sys.argv,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "rows": rows,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1, default=str)

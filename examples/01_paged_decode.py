@@ -29,7 +29,7 @@ from matplotlib.patches import Rectangle
 
 import jax_paged_attn as jpa
 
-BACKEND = os.environ.get("JPA_BACKEND", "auto")   # "auto": kernels on a GPU, "xla" on a CPU
+BACKEND = os.environ.get("JPA_BACKEND", "auto")  # "auto": kernels on a GPU, "xla" on a CPU
 print(f"jax {jax.__version__} on {jax.default_backend()}; backend={BACKEND!r}")
 
 # %% [markdown]
@@ -41,32 +41,32 @@ print(f"jax {jax.__version__} on {jax.default_backend()}; backend={BACKEND!r}")
 # table maps logical blocks to any physical ones, so a sequence's blocks need not be contiguous.
 
 # %%
-BLOCK_SIZE = 8                     # tokens per block
-NUM_BLOCKS = 16                    # the whole pool
-NUM_KV_HEADS, NUM_HEADS, HEAD_DIM = 2, 4, 64   # GQA: query heads 0,1 read KV head 0; 2,3 head 1
-NUM_SEQS, MAX_BLOCKS = 3, 4        # block-table shape: up to 4 blocks = 32 tokens per sequence
+BLOCK_SIZE = 8  # tokens per block
+NUM_BLOCKS = 16  # the whole pool
+NUM_KV_HEADS, NUM_HEADS, HEAD_DIM = 2, 4, 64  # GQA: query heads 0,1 read KV head 0; 2,3 head 1
+NUM_SEQS, MAX_BLOCKS = 3, 4  # block-table shape: up to 4 blocks = 32 tokens per sequence
 
 cache = jpa.KVCache.init(NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=jnp.float32)
 print("cache.k:", cache.k.shape, "= [num_blocks, kv_heads, block_size, head_dim]")
 
 rng = np.random.default_rng(0)
-free_blocks = [int(b) for b in rng.permutation(NUM_BLOCKS)]   # pop() takes from the end
-block_tables = np.zeros((NUM_SEQS, MAX_BLOCKS), np.int32)     # entries past a context are unread
-context_lens = np.zeros(NUM_SEQS, np.int32)                    # tokens in the cache per sequence
+free_blocks = [int(b) for b in rng.permutation(NUM_BLOCKS)]  # pop() takes from the end
+block_tables = np.zeros((NUM_SEQS, MAX_BLOCKS), np.int32)  # entries past a context are unread
+context_lens = np.zeros(NUM_SEQS, np.int32)  # tokens in the cache per sequence
 
 
 def slot_of(seq: int, pos: int) -> int:
     """The cache slot of token `pos` of `seq`; takes a new block when `pos` starts one."""
-    if pos % BLOCK_SIZE == 0:                                  # first token of a logical block
+    if pos % BLOCK_SIZE == 0:  # first token of a logical block
         block_tables[seq, pos // BLOCK_SIZE] = free_blocks.pop()
     return int(block_tables[seq, pos // BLOCK_SIZE]) * BLOCK_SIZE + pos % BLOCK_SIZE
 
 
 def free_sequence(seq: int) -> None:
     """Returns a finished sequence's blocks to the free list."""
-    used = -(-int(context_lens[seq]) // BLOCK_SIZE)             # ceil(len / block size)
+    used = -(-int(context_lens[seq]) // BLOCK_SIZE)  # ceil(len / block size)
     free_blocks.extend(int(b) for b in block_tables[seq, :used])
-    context_lens[seq] = 0                                      # 0 marks an inactive sequence
+    context_lens[seq] = 0  # 0 marks an inactive sequence
 
 
 # %% [markdown]
@@ -94,14 +94,20 @@ for seq, n in enumerate(PROMPT_LENS):
     new_v.append(v)
 
 slot_mapping = np.array(slots, np.int32)
-cache = jpa.write_kv(cache, jnp.asarray(np.concatenate(new_k)), jnp.asarray(np.concatenate(new_v)),
-                     jnp.asarray(slot_mapping))
+cache = jpa.write_kv(
+    cache,
+    jnp.asarray(np.concatenate(new_k)),
+    jnp.asarray(np.concatenate(new_v)),
+    jnp.asarray(slot_mapping),
+)
 print("block_tables:\n", block_tables)
 print("slot_mapping:", slot_mapping.tolist())
 for seq, n in enumerate(PROMPT_LENS):
     last = slots[sum(PROMPT_LENS[:seq]) + n - 1]
-    print(f"  seq {seq}: {n} tokens -> {-(-n // BLOCK_SIZE)} block(s); token {n - 1} is in slot "
-          f"{last} = block {last // BLOCK_SIZE} * {BLOCK_SIZE} + offset {last % BLOCK_SIZE}")
+    print(
+        f"  seq {seq}: {n} tokens -> {-(-n // BLOCK_SIZE)} block(s); token {n - 1} is in slot "
+        f"{last} = block {last // BLOCK_SIZE} * {BLOCK_SIZE} + offset {last % BLOCK_SIZE}"
+    )
 
 
 def read_back(cache, seq):
@@ -111,7 +117,7 @@ def read_back(cache, seq):
     return np.asarray(cache.k)[blocks, :, offsets], np.asarray(cache.v)[blocks, :, offsets]
 
 
-for seq in range(NUM_SEQS):                                     # written exactly, bit for bit
+for seq in range(NUM_SEQS):  # written exactly, bit for bit
     k, v = read_back(cache, seq)
     np.testing.assert_array_equal(k, history_k[seq])
     np.testing.assert_array_equal(v, history_v[seq])
@@ -124,7 +130,7 @@ for seq in range(NUM_SEQS):                                     # written exactl
 # tokens, so a partly filled last block is drawn partly filled.
 
 # %%
-COLOURS = plt.get_cmap("tab20")          # 20 distinct colours, indexed by physical block id
+COLOURS = plt.get_cmap("tab20")  # 20 distinct colours, indexed by physical block id
 
 
 def draw_block_table(ax, tables, lens, title):
@@ -139,18 +145,40 @@ def draw_block_table(ax, tables, lens, title):
                 continue
             block = int(tables[seq, b])
             drawn[seq, b] = block
-            ax.add_patch(Rectangle((b, seq), filled / BLOCK_SIZE, 1,
-                                   facecolor=COLOURS(block), edgecolor="none"))
+            ax.add_patch(
+                Rectangle(
+                    (b, seq), filled / BLOCK_SIZE, 1, facecolor=COLOURS(block), edgecolor="none"
+                )
+            )
             ax.add_patch(Rectangle((b, seq), 1, 1, fill=False, edgecolor="black"))
-            ax.text(b + 0.5, seq + 0.5, f"#{block}\n{filled}/{BLOCK_SIZE}", ha="center",
-                    va="center", fontsize=8)
+            ax.text(
+                b + 0.5,
+                seq + 0.5,
+                f"#{block}\n{filled}/{BLOCK_SIZE}",
+                ha="center",
+                va="center",
+                fontsize=8,
+            )
         if lens[seq] == 0:
-            ax.text(tables.shape[1] / 2, seq + 0.5, "(inactive: blocks freed)", ha="center",
-                    va="center", fontsize=8, color="0.4")
-    ax.set(xlim=(0, tables.shape[1]), ylim=(tables.shape[0], 0), title=title,
-           xlabel="logical block", xticks=np.arange(tables.shape[1]) + 0.5,
-           xticklabels=range(tables.shape[1]), yticks=np.arange(tables.shape[0]) + 0.5,
-           yticklabels=[f"seq {s}\n{n} tok" for s, n in enumerate(lens)])
+            ax.text(
+                tables.shape[1] / 2,
+                seq + 0.5,
+                "(inactive: blocks freed)",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="0.4",
+            )
+    ax.set(
+        xlim=(0, tables.shape[1]),
+        ylim=(tables.shape[0], 0),
+        title=title,
+        xlabel="logical block",
+        xticks=np.arange(tables.shape[1]) + 0.5,
+        xticklabels=range(tables.shape[1]),
+        yticks=np.arange(tables.shape[0]) + 0.5,
+        yticklabels=[f"seq {s}\n{n} tok" for s, n in enumerate(lens)],
+    )
     ax.set_aspect("equal")
     return drawn
 
@@ -179,8 +207,8 @@ traces = []
 
 
 def decode_step(cache, q, k, v, slot_mapping, block_tables, context_lens):
-    traces.append(1)                                        # runs only while jax traces
-    cache = jpa.write_kv(cache, k, v, slot_mapping)          # write this step's token first ...
+    traces.append(1)  # runs only while jax traces
+    cache = jpa.write_kv(cache, k, v, slot_mapping)  # write this step's token first ...
     out = jpa.paged_decode(q, cache, block_tables, context_lens, backend=BACKEND)  # ... attend
     return out, cache
 
@@ -197,38 +225,46 @@ def dense_attention(q, k, v):
     return np.einsum("hl,lhd->hd", p / p.sum(axis=-1, keepdims=True), v)
 
 
-MAX_NEW = [10, 3, 7]       # tokens each sequence generates; seq 1 finishes after 3 steps
+MAX_NEW = [10, 3, 7]  # tokens each sequence generates; seq 1 finishes after 3 steps
 NUM_STEPS = max(MAX_NEW)
 generated = [0] * NUM_SEQS
 for step in range(1, NUM_STEPS + 1):
     q = rng.standard_normal((NUM_SEQS, NUM_HEADS, HEAD_DIM)).astype(np.float32)
     k = rng.standard_normal((NUM_SEQS, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32)
     v = rng.standard_normal((NUM_SEQS, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32)
-    slot_mapping = np.full(NUM_SEQS, -1, np.int32)          # -1: padding, nothing is written
+    slot_mapping = np.full(NUM_SEQS, -1, np.int32)  # -1: padding, nothing is written
     for seq in range(NUM_SEQS):
         if generated[seq] == MAX_NEW[seq]:
-            continue                                        # finished: stays inactive
+            continue  # finished: stays inactive
         slot_mapping[seq] = slot_of(seq, int(context_lens[seq]))
         context_lens[seq] += 1
         generated[seq] += 1
-        history_k[seq] = np.concatenate([history_k[seq], k[seq:seq + 1]])
-        history_v[seq] = np.concatenate([history_v[seq], v[seq:seq + 1]])
+        history_k[seq] = np.concatenate([history_k[seq], k[seq : seq + 1]])
+        history_v[seq] = np.concatenate([history_v[seq], v[seq : seq + 1]])
 
-    out, cache = decode_step(cache, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                             jnp.array(slot_mapping), jnp.array(block_tables),
-                             jnp.array(context_lens))
+    out, cache = decode_step(
+        cache,
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(v),
+        jnp.array(slot_mapping),
+        jnp.array(block_tables),
+        jnp.array(context_lens),
+    )
     out = np.asarray(out)
 
     errors = []
     for seq in range(NUM_SEQS):
         if context_lens[seq] == 0:
-            expected = np.zeros((NUM_HEADS, HEAD_DIM))       # inactive rows are zeros, not NaN
+            expected = np.zeros((NUM_HEADS, HEAD_DIM))  # inactive rows are zeros, not NaN
         else:
             expected = dense_attention(q[seq], history_k[seq], history_v[seq])
         np.testing.assert_allclose(out[seq], expected, atol=2e-3, rtol=2e-3)
         errors.append(float(np.max(np.abs(out[seq] - expected))))
-    print(f"step {step}: context_lens {context_lens.tolist()}, slots {slot_mapping.tolist()}, "
-          f"max |paged - dense| {max(errors):.1e}")
+    print(
+        f"step {step}: context_lens {context_lens.tolist()}, slots {slot_mapping.tolist()}, "
+        f"max |paged - dense| {max(errors):.1e}"
+    )
 
     if step in (3, 5, NUM_STEPS):
         snapshots.append(snapshot(f"after decode step {step}"))
@@ -238,7 +274,7 @@ for step in range(1, NUM_STEPS + 1):
             print(f"        seq {seq} finished; free blocks now {free_blocks}")
 
 assert len(traces) == 1, f"the decode step compiled {len(traces)} times"
-for seq in range(NUM_SEQS):                                 # the cache holds every history
+for seq in range(NUM_SEQS):  # the cache holds every history
     if context_lens[seq]:
         k, v = read_back(cache, seq)
         np.testing.assert_array_equal(k, history_k[seq])
@@ -257,7 +293,8 @@ for ax, (title, tables, lens, free) in zip(axes, snapshots):
     owned = drawn[drawn >= 0].tolist()
     # every physical block is either owned by exactly one sequence or free: none leaks
     assert sorted(owned + free) == list(range(NUM_BLOCKS)), (title, owned, free)
-fig.suptitle(f"block tables: cells = logical blocks, #id = physical block, "
-             f"n/{BLOCK_SIZE} = slots filled")
+fig.suptitle(
+    f"block tables: cells = logical blocks, #id = physical block, n/{BLOCK_SIZE} = slots filled"
+)
 fig.tight_layout()
 plt.show()

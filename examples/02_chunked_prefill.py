@@ -24,7 +24,7 @@ import numpy as np
 
 import jax_paged_attn as jpa
 
-BACKEND = os.environ.get("JPA_BACKEND", "auto")   # "auto": kernels on a GPU, "xla" on a CPU
+BACKEND = os.environ.get("JPA_BACKEND", "auto")  # "auto": kernels on a GPU, "xla" on a CPU
 print(f"jax {jax.__version__} on {jax.default_backend()}; backend={BACKEND!r}")
 
 # %% [markdown]
@@ -35,16 +35,16 @@ print(f"jax {jax.__version__} on {jax.default_backend()}; backend={BACKEND!r}")
 
 # %%
 PROMPT_LEN, CHUNK, BLOCK_SIZE = 100, 32, 16
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 1, 64     # MQA: all 4 query heads share one KV head
-WINDOW = 24                                      # the sliding window of the second run
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 1, 64  # MQA: all 4 query heads share one KV head
+WINDOW = 24  # the sliding window of the second run
 
 rng = np.random.default_rng(0)
 q = rng.standard_normal((PROMPT_LEN, NUM_HEADS, HEAD_DIM)).astype(np.float32)
 k = rng.standard_normal((PROMPT_LEN, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32)
 v = rng.standard_normal((PROMPT_LEN, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32)
 
-num_prompt_blocks = -(-PROMPT_LEN // BLOCK_SIZE)                 # 7
-num_blocks = num_prompt_blocks + 3                               # a few spare blocks
+num_prompt_blocks = -(-PROMPT_LEN // BLOCK_SIZE)  # 7
+num_blocks = num_prompt_blocks + 3  # a few spare blocks
 block_tables = rng.permutation(num_blocks)[None, :num_prompt_blocks].astype(np.int32)  # [1, 7]
 positions = np.arange(PROMPT_LEN)
 slots = block_tables[0, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
@@ -61,6 +61,7 @@ print("chunks (first position, rows):", chunks)
 #
 # `context_lens` counts the chunk's own tokens (`start + n`). The chunk is written before it
 # is read, so it sees itself.
+
 
 # %%
 def prefill_step(cache, q, k, v, meta, window):
@@ -82,16 +83,18 @@ def chunk_inputs(start, n, values=v):
 
     meta = jpa.AttentionMetadata(
         block_tables=jnp.asarray(block_tables),
-        context_lens=jnp.array([start + n], jnp.int32),         # tokens cached after this step
-        cu_seqlens_q=jnp.array([0, n], jnp.int32),              # rows 0..n-1 are this sequence
-        slot_mapping=jnp.asarray(np.pad(slots[rows], (0, pad), constant_values=-1)))
+        context_lens=jnp.array([start + n], jnp.int32),  # tokens cached after this step
+        cu_seqlens_q=jnp.array([0, n], jnp.int32),  # rows 0..n-1 are this sequence
+        slot_mapping=jnp.asarray(np.pad(slots[rows], (0, pad), constant_values=-1)),
+    )
     return padded(q), padded(k), padded(values), meta
 
 
 def prefill(window=None, values=v):
     """Runs the whole prompt chunk by chunk; returns the outputs [PROMPT_LEN, heads, dim]."""
-    cache = jpa.KVCache.init(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, values.shape[-1],
-                             dtype=jnp.float32)
+    cache = jpa.KVCache.init(
+        num_blocks, BLOCK_SIZE, NUM_KV_HEADS, values.shape[-1], dtype=jnp.float32
+    )
     outs = []
     for start, n in chunks:
         q_c, k_c, v_c, meta = chunk_inputs(start, n, values)
@@ -107,6 +110,7 @@ def prefill(window=None, values=v):
 #
 # The reference attends over the whole prompt at once, in float64, with the mask written out.
 # No cache and no chunks are involved.
+
 
 # %%
 def visible(query_pos, key_pos, window=None):
@@ -127,8 +131,10 @@ def dense_attention(q, k, v, window=None):
 for window in (None, WINDOW):
     got, expected = prefill(window), dense_attention(q, k, v, window)
     np.testing.assert_allclose(got, expected, atol=2e-3, rtol=2e-3)
-    print(f"sliding_window={window}: {len(chunks)} chunks, max |chunked - dense| "
-          f"{np.max(np.abs(got - expected)):.1e}")
+    print(
+        f"sliding_window={window}: {len(chunks)} chunks, max |chunked - dense| "
+        f"{np.max(np.abs(got - expected)):.1e}"
+    )
 
 # %% [markdown]
 # ## What one chunk sees
@@ -144,29 +150,37 @@ for window in (None, WINDOW):
 # %%
 CHUNK_INDEX = 1
 start, n = chunks[CHUNK_INDEX]
-context = start + n                                     # 64 keys
+context = start + n  # 64 keys
 assert context <= HEAD_DIM
 one_hot = np.zeros((PROMPT_LEN, NUM_KV_HEADS, HEAD_DIM), np.float32)
-one_hot[np.arange(context), :, np.arange(context)] = 1.0    # v[t] = e_t (later keys unused)
+one_hot[np.arange(context), :, np.arange(context)] = 1.0  # v[t] = e_t (later keys unused)
 
 query_pos, key_pos = np.arange(start, context), np.arange(context)
 fig, axes = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
 for ax, window in zip(axes, (None, WINDOW)):
-    weights = prefill(window, values=one_hot)[start:context, 0, :context]   # [rows, keys]
+    weights = prefill(window, values=one_hot)[start:context, 0, :context]  # [rows, keys]
     mask = visible(query_pos, key_pos, window)
     assert np.array_equal(weights > 0, mask), "the op's mask differs from the formula"
     expected = dense_attention(q[:context], k[:context], one_hot[:context], window)
     np.testing.assert_allclose(weights, expected[start:, 0], atol=2e-3, rtol=2e-3)
-    np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=1e-3)   # each row is a softmax
+    np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=1e-3)  # each row is a softmax
 
-    image = ax.imshow(np.ma.masked_equal(weights, 0.0), cmap="viridis", aspect="auto",
-                      extent=(-0.5, context - 0.5, context - 0.5, start - 0.5))
-    ax.set_facecolor("0.85")                            # masked keys: grey
+    image = ax.imshow(
+        np.ma.masked_equal(weights, 0.0),
+        cmap="viridis",
+        aspect="auto",
+        extent=(-0.5, context - 0.5, context - 0.5, start - 0.5),
+    )
+    ax.set_facecolor("0.85")  # masked keys: grey
     ax.axvline(start - 0.5, color="white", linestyle="--")
-    ax.set(title=f"chunk {CHUNK_INDEX}, " + (f"sliding window {window}" if window else "causal"),
-           xlabel="key position t (grey: masked)")
-    print(f"{'window ' + str(window) if window else 'causal'}: row p=40 sees keys "
-          f"{key_pos[mask[40 - start]].min()}..{key_pos[mask[40 - start]].max()}")
+    ax.set(
+        title=f"chunk {CHUNK_INDEX}, " + (f"sliding window {window}" if window else "causal"),
+        xlabel="key position t (grey: masked)",
+    )
+    print(
+        f"{'window ' + str(window) if window else 'causal'}: row p=40 sees keys "
+        f"{key_pos[mask[40 - start]].min()}..{key_pos[mask[40 - start]].max()}"
+    )
 axes[0].set_ylabel("query position p = L - n + j")
 fig.colorbar(image, ax=axes, label="attention weight (head 0)")
 plt.show()

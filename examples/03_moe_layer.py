@@ -27,7 +27,7 @@ import numpy as np
 
 import jax_paged_attn as jpa
 
-BACKEND = os.environ.get("JPA_BACKEND", "auto")   # "auto": kernels on a GPU, "xla" on a CPU
+BACKEND = os.environ.get("JPA_BACKEND", "auto")  # "auto": kernels on a GPU, "xla" on a CPU
 print(f"jax {jax.__version__} on {jax.default_backend()}; backend={BACKEND!r}")
 
 # %% [markdown]
@@ -42,10 +42,12 @@ NUM_TOKENS, HIDDEN, NUM_EXPERTS, INTER, TOP_K = 512, 64, 8, 128, 2
 rng = np.random.default_rng(0)
 x = rng.standard_normal((NUM_TOKENS, HIDDEN)).astype(np.float32)
 w_router = (rng.standard_normal((HIDDEN, NUM_EXPERTS)) / np.sqrt(HIDDEN)).astype(np.float32)
-router_skew = np.linspace(1.0, -1.0, NUM_EXPERTS).astype(np.float32)   # expert 0 is favoured
-w_gate_up = (rng.standard_normal((NUM_EXPERTS, HIDDEN, 2 * INTER)) / np.sqrt(HIDDEN)).astype(np.float32)
+router_skew = np.linspace(1.0, -1.0, NUM_EXPERTS).astype(np.float32)  # expert 0 is favoured
+w_gate_up = (rng.standard_normal((NUM_EXPERTS, HIDDEN, 2 * INTER)) / np.sqrt(HIDDEN)).astype(
+    np.float32
+)
 w_down = (rng.standard_normal((NUM_EXPERTS, INTER, HIDDEN)) / np.sqrt(INTER)).astype(np.float32)
-router_logits = x @ w_router + router_skew                  # [tokens, experts]
+router_logits = x @ w_router + router_skew  # [tokens, experts]
 print("x", x.shape, "w_gate_up", w_gate_up.shape, "(gate | up)", "w_down", w_down.shape)
 
 
@@ -75,8 +77,12 @@ weights_ref = np.take_along_axis(probs, ids_ref, -1)
 weights_ref /= weights_ref.sum(-1, keepdims=True)
 np.testing.assert_array_equal(ids_sm, ids_ref)
 np.testing.assert_allclose(weights_sm, weights_ref, rtol=1e-5, atol=1e-6)
-print("softmax: token 0 -> experts", np.asarray(ids_sm)[0].tolist(), "with weights",
-      [f"{w:.3f}" for w in np.asarray(weights_sm)[0]])
+print(
+    "softmax: token 0 -> experts",
+    np.asarray(ids_sm)[0].tolist(),
+    "with weights",
+    [f"{w:.3f}" for w in np.asarray(weights_sm)[0]],
+)
 print("softmax: load per expert", load(ids_sm).tolist())
 
 # %% [markdown]
@@ -91,26 +97,32 @@ print("softmax: load per expert", load(ids_sm).tolist())
 # With no bias, sigmoid picks the same experts as softmax: both are monotone in the logits.
 # Only the weights differ.
 
+
 # %%
 def sigmoid_route(bias):
-    return jpa.moe_topk(jnp.asarray(router_logits), TOP_K, scoring="sigmoid",
-                        correction_bias=jnp.asarray(bias), renormalize=True,
-                        routed_scaling_factor=2.5)
+    return jpa.moe_topk(
+        jnp.asarray(router_logits),
+        TOP_K,
+        scoring="sigmoid",
+        correction_bias=jnp.asarray(bias),
+        renormalize=True,
+        routed_scaling_factor=2.5,
+    )
 
 
 bias = np.zeros(NUM_EXPERTS, np.float32)
 ids_unbiased = sigmoid_route(bias)[1]
-np.testing.assert_array_equal(ids_unbiased, ids_sm)          # same choice as softmax
+np.testing.assert_array_equal(ids_unbiased, ids_sm)  # same choice as softmax
 load_unbiased = load(ids_unbiased)
-for _ in range(30):                                         # aux-loss-free balancing
+for _ in range(30):  # aux-loss-free balancing
     counts = load(sigmoid_route(bias)[1])
     bias += 0.01 * np.sign(counts.mean() - counts)
 weights_sg, ids_sg = sigmoid_route(bias)
 load_balanced = load(ids_sg)
 
 scores = 1.0 / (1.0 + np.exp(-router_logits))
-ids_ref = top_k_np(scores + bias, TOP_K)                     # chosen with the bias ...
-weights_ref = np.take_along_axis(scores, ids_ref, -1)        # ... weighted without it
+ids_ref = top_k_np(scores + bias, TOP_K)  # chosen with the bias ...
+weights_ref = np.take_along_axis(scores, ids_ref, -1)  # ... weighted without it
 weights_ref = 2.5 * weights_ref / weights_ref.sum(-1, keepdims=True)
 np.testing.assert_array_equal(ids_sg, ids_ref)
 np.testing.assert_allclose(weights_sg, weights_ref, rtol=1e-5, atol=1e-6)
@@ -123,8 +135,10 @@ def imbalance(counts):
 
 assert imbalance(load_balanced) < imbalance(load_unbiased)
 print("bias:", [f"{b:+.2f}" for b in bias])
-print(f"sigmoid load {load_unbiased.tolist()} (max/mean {imbalance(load_unbiased):.2f}) -> "
-      f"with bias {load_balanced.tolist()} (max/mean {imbalance(load_balanced):.2f})")
+print(
+    f"sigmoid load {load_unbiased.tolist()} (max/mean {imbalance(load_unbiased):.2f}) -> "
+    f"with bias {load_balanced.tolist()} (max/mean {imbalance(load_balanced):.2f})"
+)
 
 # %% [markdown]
 # DeepSeek-V3 also routes by **groups**: the experts form `num_expert_group` groups, and each
@@ -133,13 +147,18 @@ print(f"sigmoid load {load_unbiased.tolist()} (max/mean {imbalance(load_unbiased
 
 # %%
 GROUPS, KEEP_GROUPS, GROUP_SIZE = 4, 2, NUM_EXPERTS // 4
-_, ids_grouped = jpa.moe_topk(jnp.asarray(router_logits), 3, scoring="sigmoid",
-                              correction_bias=jnp.asarray(bias), num_expert_group=GROUPS,
-                              topk_group=KEEP_GROUPS)
+_, ids_grouped = jpa.moe_topk(
+    jnp.asarray(router_logits),
+    3,
+    scoring="sigmoid",
+    correction_bias=jnp.asarray(bias),
+    num_expert_group=GROUPS,
+    topk_group=KEEP_GROUPS,
+)
 
 select = (scores + bias).reshape(NUM_TOKENS, GROUPS, GROUP_SIZE)
-group_score = np.sort(select, axis=-1)[..., -2:].sum(-1)             # sum of each group's top-2
-kept = top_k_np(group_score, KEEP_GROUPS)                           # [tokens, 2] group ids
+group_score = np.sort(select, axis=-1)[..., -2:].sum(-1)  # sum of each group's top-2
+kept = top_k_np(group_score, KEEP_GROUPS)  # [tokens, 2] group ids
 allowed = np.zeros((NUM_TOKENS, GROUPS), bool)
 np.put_along_axis(allowed, kept, True, axis=-1)
 masked = np.where(np.repeat(allowed, GROUP_SIZE, axis=-1), scores + bias, -np.inf)
@@ -151,9 +170,11 @@ def groups_used(ids):
 
 
 ungrouped = top_k_np(scores + bias, 3)
-print(f"top-3 of {GROUPS} groups of {GROUP_SIZE}: tokens spread over 3 groups: "
-      f"{(groups_used(ungrouped) == 3).sum()} without grouping, "
-      f"{(groups_used(ids_grouped) == 3).sum()} with topk_group={KEEP_GROUPS}")
+print(
+    f"top-3 of {GROUPS} groups of {GROUP_SIZE}: tokens spread over 3 groups: "
+    f"{(groups_used(ungrouped) == 3).sum()} without grouping, "
+    f"{(groups_used(ids_grouped) == 3).sum()} with topk_group={KEEP_GROUPS}"
+)
 assert groups_used(ids_grouped).max() <= KEEP_GROUPS
 
 # %% [markdown]
@@ -162,14 +183,27 @@ assert groups_used(ids_grouped).max() <= KEEP_GROUPS
 # %%
 fig, ax = plt.subplots(figsize=(8, 3.5))
 experts = np.arange(NUM_EXPERTS)
-for i, (label, counts) in enumerate([("softmax", load(ids_sm)),
-                                     ("sigmoid", load_unbiased),
-                                     ("sigmoid + balancing bias", load_balanced)]):
+for i, (label, counts) in enumerate(
+    [
+        ("softmax", load(ids_sm)),
+        ("sigmoid", load_unbiased),
+        ("sigmoid + balancing bias", load_balanced),
+    ]
+):
     ax.bar(experts + (i - 1) * 0.27, counts, width=0.27, label=label)
-ax.axhline(NUM_TOKENS * TOP_K / NUM_EXPERTS, color="black", linestyle="--", linewidth=1,
-           label="perfect balance")
-ax.set(xlabel="expert", ylabel="tokens routed", xticks=experts,
-       title=f"{NUM_TOKENS} tokens, top-{TOP_K} of {NUM_EXPERTS} experts")
+ax.axhline(
+    NUM_TOKENS * TOP_K / NUM_EXPERTS,
+    color="black",
+    linestyle="--",
+    linewidth=1,
+    label="perfect balance",
+)
+ax.set(
+    xlabel="expert",
+    ylabel="tokens routed",
+    xticks=experts,
+    title=f"{NUM_TOKENS} tokens, top-{TOP_K} of {NUM_EXPERTS} experts",
+)
 ax.legend(fontsize=8)
 fig.tight_layout()
 plt.show()
@@ -182,14 +216,15 @@ plt.show()
 # experts it did not choose). That costs `E / top_k` times more FLOPs than needed. `fused_moe`
 # computes only the chosen pairs.
 
+
 # %%
 def dense_moe(x, w_gate_up, w_down, weights, ids):
     x, w_gate_up, w_down = (a.astype(np.float64) for a in (x, w_gate_up, w_down))
-    h = np.einsum("td,edf->tef", x, w_gate_up)                      # [tokens, experts, 2I]
+    h = np.einsum("td,edf->tef", x, w_gate_up)  # [tokens, experts, 2I]
     gate, up = h[..., :INTER], h[..., INTER:]
-    y = np.einsum("tef,efd->ted", gate / (1 + np.exp(-gate)) * up, w_down)   # silu(gate) * up
+    y = np.einsum("tef,efd->ted", gate / (1 + np.exp(-gate)) * up, w_down)  # silu(gate) * up
     combine = np.zeros((len(x), NUM_EXPERTS))
-    for j in range(ids.shape[1]):                                   # ids outside [0, E): none
+    for j in range(ids.shape[1]):  # ids outside [0, E): none
         inside = (ids[:, j] >= 0) & (ids[:, j] < NUM_EXPERTS)
         combine[np.arange(len(x))[inside], ids[inside, j]] += weights[inside, j]
     return np.einsum("te,ted->td", combine, y)
@@ -197,8 +232,16 @@ def dense_moe(x, w_gate_up, w_down, weights, ids):
 
 fused = jax.jit(jpa.fused_moe, static_argnames=("activation", "backend"))
 for name, (weights, ids) in [("softmax", (weights_sm, ids_sm)), ("sigmoid", (weights_sg, ids_sg))]:
-    y = np.asarray(fused(jnp.asarray(x), jnp.asarray(w_gate_up), jnp.asarray(w_down),
-                         weights, ids, backend=BACKEND))
+    y = np.asarray(
+        fused(
+            jnp.asarray(x),
+            jnp.asarray(w_gate_up),
+            jnp.asarray(w_down),
+            weights,
+            ids,
+            backend=BACKEND,
+        )
+    )
     expected = dense_moe(x, w_gate_up, w_down, np.asarray(weights), np.asarray(ids))
     np.testing.assert_allclose(y, expected, atol=2e-3, rtol=2e-3)
     rel = np.linalg.norm(y - expected) / np.linalg.norm(expected)
@@ -217,11 +260,22 @@ half = NUM_EXPERTS // 2
 partial = []
 for device in range(2):
     own = slice(device * half, (device + 1) * half)
-    local_ids = ids_sm - device * half                     # ids of the other device fall outside
-    partial.append(np.asarray(fused(jnp.asarray(x), jnp.asarray(w_gate_up[own]),
-                                    jnp.asarray(w_down[own]), weights_sm, local_ids,
-                                    backend=BACKEND)))
+    local_ids = ids_sm - device * half  # ids of the other device fall outside
+    partial.append(
+        np.asarray(
+            fused(
+                jnp.asarray(x),
+                jnp.asarray(w_gate_up[own]),
+                jnp.asarray(w_down[own]),
+                weights_sm,
+                local_ids,
+                backend=BACKEND,
+            )
+        )
+    )
 full = dense_moe(x, w_gate_up, w_down, np.asarray(weights_sm), np.asarray(ids_sm))
 np.testing.assert_allclose(partial[0] + partial[1], full, atol=2e-3, rtol=2e-3)
-print(f"2 devices x {half} experts: sum of partial outputs == full layer "
-      f"(max error {np.max(np.abs(partial[0] + partial[1] - full)):.1e})")
+print(
+    f"2 devices x {half} experts: sum of partial outputs == full layer "
+    f"(max error {np.max(np.abs(partial[0] + partial[1] - full)):.1e})"
+)

@@ -29,7 +29,7 @@ from flax import nnx
 
 import jax_paged_attn as jpa
 
-BACKEND = os.environ.get("JPA_BACKEND", "auto")   # "auto": kernels on a GPU, "xla" on a CPU
+BACKEND = os.environ.get("JPA_BACKEND", "auto")  # "auto": kernels on a GPU, "xla" on a CPU
 print(f"jax {jax.__version__} on {jax.default_backend()}; backend={BACKEND!r}")
 
 
@@ -39,12 +39,12 @@ class Config:
     hidden: int = 128
     layers: int = 3
     heads: int = 4
-    kv_heads: int = 2              # GQA: 2 query heads per KV head
-    head_dim: int = 64             # the GPU kernels take 64 and up
+    kv_heads: int = 2  # GQA: 2 query heads per KV head
+    head_dim: int = 64  # the GPU kernels take 64 and up
     ffn: int = 256
     block_size: int = 8
     num_blocks: int = 16
-    max_blocks_per_seq: int = 4    # 32 tokens per sequence
+    max_blocks_per_seq: int = 4  # 32 tokens per sequence
 
 
 cfg = Config()
@@ -58,14 +58,17 @@ cfg = Config()
 # `meta.slot_mapping`, then attends. `Block.dense` is the same layer with dense causal
 # attention instead: the reference.
 
+
 # %%
 def rope(x, positions):
     """Rotary embedding of x [tokens, heads, dim] at absolute positions [tokens]."""
     half = x.shape[-1] // 2
     angle = positions[:, None, None] * (10000.0 ** (-jnp.arange(half) / half))
     x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle),
-                            x1 * jnp.sin(angle) + x2 * jnp.cos(angle)], axis=-1)
+    return jnp.concatenate(
+        [x1 * jnp.cos(angle) - x2 * jnp.sin(angle), x1 * jnp.sin(angle) + x2 * jnp.cos(angle)],
+        axis=-1,
+    )
 
 
 class Block(nnx.Module):
@@ -96,7 +99,7 @@ class Block(nnx.Module):
     def __call__(self, x, positions, cache: jpa.KVCache, meta: jpa.AttentionMetadata):
         """Paged: x [tokens, hidden] is a flat batch of many sequences' rows."""
         q, k, v = self.qkv(x, positions)
-        out, cache = self.attn(q, k, v, cache, meta)        # write k, v; then attend
+        out, cache = self.attn(q, k, v, cache, meta)  # write k, v; then attend
         return self.finish(x, out), cache
 
     def dense(self, x):
@@ -117,7 +120,7 @@ class Decoder(nnx.Module):
 
         @nnx.split_rngs(splits=cfg.layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(rngs):                       # one Block whose params are stacked
+        def make_blocks(rngs):  # one Block whose params are stacked
             return Block(cfg, rngs=rngs)
 
         self.blocks = make_blocks(rngs)
@@ -128,7 +131,7 @@ class Decoder(nnx.Module):
         """Logits [tokens, vocab] of a flat batch, and the updated stacked caches."""
         block_def, block_params = nnx.split(self.blocks)
 
-        def layer(x, params_and_cache):              # scan slices params and cache per layer
+        def layer(x, params_and_cache):  # scan slices params and cache per layer
             params, cache = params_and_cache
             x, cache = nnx.merge(block_def, params)(x, positions, cache, meta)
             return x, cache
@@ -158,17 +161,22 @@ print("parameters:", sum(x.size for x in jax.tree.leaves(params)))
 # `nnx.merge`, the functional NNX style) and donates the cache: argument 1.
 
 # %%
-caches = jax.tree.map(lambda *layers: jnp.stack(layers),
-                      *[jpa.KVCache.init(cfg.num_blocks, cfg.block_size, cfg.kv_heads,
-                                         cfg.head_dim, dtype=jnp.float32)
-                        for _ in range(cfg.layers)])
+caches = jax.tree.map(
+    lambda *layers: jnp.stack(layers),
+    *[
+        jpa.KVCache.init(
+            cfg.num_blocks, cfg.block_size, cfg.kv_heads, cfg.head_dim, dtype=jnp.float32
+        )
+        for _ in range(cfg.layers)
+    ],
+)
 print("stacked cache: k", caches.k.shape, "= [layers, num_blocks, kv_heads, block_size, head_dim]")
 
 traces = []
 
 
 def forward(params, caches, tokens, positions, meta):
-    traces.append(tokens.shape)                     # runs only when jax traces a new shape
+    traces.append(tokens.shape)  # runs only when jax traces a new shape
     return nnx.merge(graphdef, params)(tokens, positions, caches, meta)
 
 
@@ -189,7 +197,7 @@ NEW_TOKENS = 4
 free_blocks = [int(b) for b in rng.permutation(cfg.num_blocks)]
 block_tables = np.zeros((len(prompts), cfg.max_blocks_per_seq), np.int32)
 for seq, prompt in enumerate(prompts):
-    needed = -(-(len(prompt) + NEW_TOKENS) // cfg.block_size)     # 17 -> 3 blocks, 11 -> 2
+    needed = -(-(len(prompt) + NEW_TOKENS) // cfg.block_size)  # 17 -> 3 blocks, 11 -> 2
     block_tables[seq, :needed] = [free_blocks.pop() for _ in range(needed)]
 
 
@@ -202,9 +210,10 @@ def run_step(caches, rows, q_lens, context_lens):
     seqs, positions, tokens = (np.array(col, np.int32) for col in zip(*rows))
     meta = jpa.AttentionMetadata(
         block_tables=jnp.asarray(block_tables),
-        context_lens=jnp.array(context_lens, jnp.int32),           # including this step's rows
+        context_lens=jnp.array(context_lens, jnp.int32),  # including this step's rows
         cu_seqlens_q=jnp.array(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
-        slot_mapping=jnp.array([slot(s, p) for s, p in zip(seqs, positions)], jnp.int32))
+        slot_mapping=jnp.array([slot(s, p) for s, p in zip(seqs, positions)], jnp.int32),
+    )
     old = caches
     logits, caches = step(params, caches, jnp.asarray(tokens), jnp.asarray(positions), meta)
     assert old.k.is_deleted(), "the cache was copied, not donated"
@@ -212,27 +221,29 @@ def run_step(caches, rows, q_lens, context_lens):
 
 
 tokens = [list(p) for p in prompts]
-paged_logits = [[], []]                                # per sequence: logits of each position
+paged_logits = [[], []]  # per sequence: logits of each position
 
 rows = [(s, pos, t) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
 logits, caches = run_step(caches, rows, [len(p) for p in prompts], [len(p) for p in prompts])
 first = 0
 for seq, prompt in enumerate(prompts):
-    paged_logits[seq].extend(logits[first:first + len(prompt)])
+    paged_logits[seq].extend(logits[first : first + len(prompt)])
     first += len(prompt)
 print(f"prefill: {len(rows)} rows, cu_seqlens_q {[0, len(prompts[0]), len(rows)]}")
 
 for i in range(NEW_TOKENS):
-    for seq in range(len(prompts)):                    # greedy: the last position's argmax
+    for seq in range(len(prompts)):  # greedy: the last position's argmax
         tokens[seq].append(int(np.argmax(paged_logits[seq][-1])))
     rows = [(s, len(t) - 1, t[-1]) for s, t in enumerate(tokens)]
     logits, caches = run_step(caches, rows, [1, 1], [len(t) for t in tokens])
     for seq in range(len(prompts)):
         paged_logits[seq].append(logits[seq])
-    print(f"decode step {i + 1}: context_lens {[len(t) for t in tokens]}, "
-          f"new tokens {[t[-1] for t in tokens]}")
+    print(
+        f"decode step {i + 1}: context_lens {[len(t) for t in tokens]}, "
+        f"new tokens {[t[-1] for t in tokens]}"
+    )
 
-assert len(traces) == 2, traces            # one compilation for prefill, one for decode
+assert len(traces) == 2, traces  # one compilation for prefill, one for decode
 print("compiled shapes:", traces)
 
 # %% [markdown]
@@ -242,7 +253,7 @@ print("compiled shapes:", traces)
 # that every step should have produced at its positions: the prefill rows and each decode row.
 
 # %%
-TOLERANCE = 5e-3   # max |paged - dense| / max |dense|; float32 matmuls may run as TF32 on GPUs
+TOLERANCE = 5e-3  # max |paged - dense| / max |dense|; float32 matmuls may run as TF32 on GPUs
 dense = jax.jit(lambda params, tokens: nnx.merge(graphdef, params).dense(tokens))
 for seq, seq_tokens in enumerate(tokens):
     expected = np.asarray(dense(params, jnp.asarray(seq_tokens)))
@@ -250,5 +261,7 @@ for seq, seq_tokens in enumerate(tokens):
     assert got.shape == expected.shape, (got.shape, expected.shape)
     error = np.max(np.abs(got - expected)) / np.max(np.abs(expected))
     assert error < TOLERANCE, f"seq {seq}: relative logit error {error:.1e}"
-    print(f"seq {seq}: {len(prompts[seq])} prompt + {NEW_TOKENS} generated tokens; max relative "
-          f"logit error vs dense {error:.1e}")
+    print(
+        f"seq {seq}: {len(prompts[seq])} prompt + {NEW_TOKENS} generated tokens; max relative "
+        f"logit error vs dense {error:.1e}"
+    )

@@ -47,7 +47,7 @@ def cells_of(source: str) -> list[tuple[str, str]]:
 def notebook(script: pathlib.Path):
     """The notebook (an ``nbformat.NotebookNode``) of ``script``: its cells, no outputs,
     deterministic ids."""
-    import nbformat   # only here: the parsing above needs no Jupyter packages
+    import nbformat  # only here: the parsing above needs no Jupyter packages
 
     nb = nbformat.v4.new_notebook()
     nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": {"name": "python"}}

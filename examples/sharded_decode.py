@@ -34,7 +34,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 import jax_paged_attn as jpa  # noqa: E402
 from jax_paged_attn import sharding as sh  # noqa: E402
@@ -43,10 +44,10 @@ from jax_paged_attn import sharding as sh  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Config:
     heads: int = 8
-    kv_heads: int = 2          # < 8 devices: each KV head is replicated on 4 of them
+    kv_heads: int = 2  # < 8 devices: each KV head is replicated on 4 of them
     head_dim: int = 64
     block_size: int = 16
-    max_blocks: int = 8        # per sequence: up to 128 tokens
+    max_blocks: int = 8  # per sequence: up to 128 tokens
     seqs: int = 4
     hidden: int = 256
     experts: int = 8
@@ -67,7 +68,8 @@ def make_weights(cfg: Config, key):
         wo=w(ks[2], (hd, cfg.hidden), hd),
         router=w(ks[3], (cfg.hidden, cfg.experts), cfg.hidden),
         w_gate_up=w(ks[4], (cfg.experts, cfg.hidden, 2 * cfg.expert_ffn), cfg.hidden),
-        w_down=w(ks[5], (cfg.experts, cfg.expert_ffn, cfg.hidden), cfg.expert_ffn))
+        w_down=w(ks[5], (cfg.experts, cfg.expert_ffn, cfg.hidden), cfg.expert_ffn),
+    )
 
 
 def block(cfg, attend, moe, weights, x, cache, meta):
@@ -98,8 +100,12 @@ def schedule(cfg: Config, rng):
         pos = np.concatenate([np.arange(L - n, L) for n, L in zip(q_lens, lens)])
         seq = np.repeat(np.arange(cfg.seqs), q_lens)
         slots = tables[seq, pos // cfg.block_size] * cfg.block_size + pos % cfg.block_size
-        return jpa.AttentionMetadata(jnp.asarray(tables), jnp.asarray(lens, jnp.int32),
-                                     jnp.asarray(cu), jnp.asarray(slots, jnp.int32))
+        return jpa.AttentionMetadata(
+            jnp.asarray(tables),
+            jnp.asarray(lens, jnp.int32),
+            jnp.asarray(cu),
+            jnp.asarray(slots, jnp.int32),
+        )
 
     yield meta_for(prompt, prompt)
     lens = prompt.copy()
@@ -117,22 +123,30 @@ def main(argv=None):
     interpret = args.backend not in ("xla", "auto") and jax.default_backend() == "cpu"
     cfg = Config()
     n = args.devices
-    print(f"{n} x {jax.devices()[0].platform} devices, backend={args.backend}"
-          f"{' (interpreted)' if interpret else ''}; heads {cfg.heads}/{cfg.kv_heads} KV, "
-          f"{cfg.experts} experts")
+    print(
+        f"{n} x {jax.devices()[0].platform} devices, backend={args.backend}"
+        f"{' (interpreted)' if interpret else ''}; heads {cfg.heads}/{cfg.kv_heads} KV, "
+        f"{cfg.experts} experts"
+    )
 
     # --- 1. the mesh and the shardings -------------------------------------------------------
     mesh = Mesh(np.array(jax.devices()[:n]), ("model",))
     layout = sh.kv_head_layout(cfg.heads, cfg.kv_heads, n)
-    print(f"each device: {layout.local_heads} query heads, {layout.local_kv_heads} KV head(s) "
-          f"(each KV head stored {layout.replicas}x), {cfg.experts // n} experts")
+    print(
+        f"each device: {layout.local_heads} query heads, {layout.local_kv_heads} KV head(s) "
+        f"(each KV head stored {layout.replicas}x), {cfg.experts // n} experts"
+    )
     weights = make_weights(cfg, jax.random.key(0))
-    experts = NamedSharding(mesh, P("model"))            # [E, ...] split on the expert axis
-    sharded_weights = dict(weights, w_gate_up=jax.device_put(weights["w_gate_up"], experts),
-                           w_down=jax.device_put(weights["w_down"], experts))
+    experts = NamedSharding(mesh, P("model"))  # [E, ...] split on the expert axis
+    sharded_weights = dict(
+        weights,
+        w_gate_up=jax.device_put(weights["w_gate_up"], experts),
+        w_down=jax.device_put(weights["w_down"], experts),
+    )
 
-    cache = jpa.KVCache.init(cfg.seqs * cfg.max_blocks, cfg.block_size, cfg.kv_heads,
-                             cfg.head_dim, jnp.float32)
+    cache = jpa.KVCache.init(
+        cfg.seqs * cfg.max_blocks, cfg.block_size, cfg.kv_heads, cfg.head_dim, jnp.float32
+    )
     # Its own buffers: both steps donate their cache, and on one device placing it is a no-op.
     sharded_cache = sh.shard_cache(jax.tree.map(jnp.copy, cache), mesh, "model", cfg.heads)
 
@@ -149,10 +163,12 @@ def main(argv=None):
     tp_attend = functools.partial(sh.shard_layer(mesh, "model", layer), interpret=interpret)
     ep_moe = sh.shard_fused_moe(mesh, "model", **kw)
 
-    single_step = jax.jit(lambda w, x, c, m: block(cfg, single_attend, single_moe, w, x, c, m),
-                          donate_argnums=2)
-    sharded_step = jax.jit(lambda w, x, c, m: block(cfg, tp_attend, ep_moe, w, x, c, m),
-                           donate_argnums=2)
+    single_step = jax.jit(
+        lambda w, x, c, m: block(cfg, single_attend, single_moe, w, x, c, m), donate_argnums=2
+    )
+    sharded_step = jax.jit(
+        lambda w, x, c, m: block(cfg, tp_attend, ep_moe, w, x, c, m), donate_argnums=2
+    )
 
     # --- 3. prefill, then decode; check every step against the single device -----------------
     rng = np.random.default_rng(0)
@@ -167,19 +183,25 @@ def main(argv=None):
         yn, attnn, sharded_cache = sharded_step(sharded_weights, x, sharded_cache, meta)
         yn.block_until_ready()
         t2 = time.perf_counter()
-        if i >= 3:                                        # prefill + 2 warm-up decode steps
+        if i >= 3:  # prefill + 2 warm-up decode steps
             times["single"].append(t1 - t0)
             times["sharded"].append(t2 - t1)
         err = float(jnp.max(jnp.abs(yn - y1)) / (jnp.max(jnp.abs(y1)) + 1e-30))
         worst = max(worst, err)
         if not err < 1e-3 or not bool(jnp.allclose(attnn, attn1, rtol=1e-3, atol=1e-3)):
-            raise SystemExit(f"step {i}: sharded result differs from the single device "
-                             f"(max rel. error {err:.3g})")
+            raise SystemExit(
+                f"step {i}: sharded result differs from the single device "
+                f"(max rel. error {err:.3g})"
+            )
     # Each KV head's replicas hold the tokens of the single-device cache (up to the rounding
     # of the k/v projection, which XLA may compile differently in the two programs).
     for j in range(layout.replicas):
-        np.testing.assert_allclose(np.asarray(sharded_cache.k[:, j::layout.replicas]),
-                                   np.asarray(cache.k), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(sharded_cache.k[:, j :: layout.replicas]),
+            np.asarray(cache.k),
+            rtol=1e-4,
+            atol=1e-5,
+        )
     print(f"attention out sharding: {attnn.sharding.spec}; cache: {sharded_cache.k.sharding.spec}")
     print(f"{args.steps} decode steps agree with the single device (max rel. error {worst:.2e})")
     for name, ts in times.items():

@@ -6,26 +6,62 @@ The public API (see SPEC.md / README.md): ``KVCache``, ``write_kv``, ``copy_bloc
 ``fused_moe``; scale-out with ``shard_map`` in ``jax_paged_attn.sharding``.
 """
 
+from jax_paged_attn import sharding
 from jax_paged_attn.attention import PagedAttention, paged_attention, paged_decode
 from jax_paged_attn.backends import BACKENDS
-from jax_paged_attn.cache import (KVCache, copy_blocks, gather_blocks, scatter_blocks,
-                                  update_kv_scales, write_kv)
+from jax_paged_attn.cache import (
+    KVCache,
+    copy_blocks,
+    gather_blocks,
+    scatter_blocks,
+    update_kv_scales,
+    write_kv,
+)
 from jax_paged_attn.metadata import AttentionMetadata, check_metadata, metadata_checks
 from jax_paged_attn.moe import fused_moe, moe_topk
-from jax_paged_attn import sharding
-from jax_paged_attn.sharding import (attention_specs, kv_head_layout, local_expert_ids,
-                                     local_layer, replicate_kv_heads, shard_cache,
-                                     shard_fused_moe, shard_layer, shard_paged_attention,
-                                     shard_paged_decode, unreplicate_kv_heads)
+from jax_paged_attn.sharding import (
+    attention_specs,
+    kv_head_layout,
+    local_expert_ids,
+    local_layer,
+    replicate_kv_heads,
+    shard_cache,
+    shard_fused_moe,
+    shard_layer,
+    shard_paged_attention,
+    shard_paged_decode,
+    unreplicate_kv_heads,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "AttentionMetadata", "KVCache", "PagedAttention", "check_metadata",
-    "copy_blocks", "fused_moe", "gather_blocks", "metadata_checks", "moe_topk",
-    "paged_attention", "paged_decode", "scatter_blocks", "update_kv_scales", "write_kv",
+    "BACKENDS",
+    "AttentionMetadata",
+    "KVCache",
+    "PagedAttention",
+    "check_metadata",
+    "copy_blocks",
+    "fused_moe",
+    "gather_blocks",
+    "metadata_checks",
+    "moe_topk",
+    "paged_attention",
+    "paged_decode",
+    "scatter_blocks",
+    "update_kv_scales",
+    "write_kv",
     # scale-out (jax_paged_attn.sharding)
-    "attention_specs", "kv_head_layout", "local_expert_ids", "local_layer",
-    "replicate_kv_heads", "shard_cache", "shard_fused_moe", "shard_layer",
-    "shard_paged_attention", "shard_paged_decode", "sharding", "unreplicate_kv_heads",
+    "attention_specs",
+    "kv_head_layout",
+    "local_expert_ids",
+    "local_layer",
+    "replicate_kv_heads",
+    "shard_cache",
+    "shard_fused_moe",
+    "shard_layer",
+    "shard_paged_attention",
+    "shard_paged_decode",
+    "sharding",
+    "unreplicate_kv_heads",
 ]

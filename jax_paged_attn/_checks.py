@@ -24,7 +24,7 @@ def dtype_name(dtype) -> str:
 def as_array(name: str, x, *, ndim: int | None = None) -> jax.Array:
     if x is None:
         raise ValueError(f"{name} must be an array, got None")
-    if not isinstance(x, jax.Array):   # NumPy arrays and lists become JAX arrays
+    if not isinstance(x, jax.Array):  # NumPy arrays and lists become JAX arrays
         try:
             x = jnp.asarray(x)
         except Exception as e:  # noqa: BLE001 - re-raised with the argument's name
@@ -38,7 +38,9 @@ def int_array(name: str, x, *, ndim: int, shape: tuple | None = None) -> jax.Arr
     """An integer array of the given rank, converted to int32."""
     x = as_array(name, x, ndim=ndim)
     if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array (int32), got dtype {dtype_name(x.dtype)}")
+        raise ValueError(
+            f"{name} must be an integer array (int32), got dtype {dtype_name(x.dtype)}"
+        )
     if shape is not None and tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     return x.astype(jnp.int32) if x.dtype != jnp.int32 else x

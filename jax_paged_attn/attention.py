@@ -27,11 +27,14 @@ def _validated_q(q, cache: KVCache, name: str = "q") -> jax.Array:
     if q.dtype not in [jnp.dtype(d) for d in _checks.FLOAT_DTYPES]:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {q.dtype}")
     if q.shape[2] != cache.head_dim:
-        raise ValueError(f"{name} head_dim {q.shape[2]} must equal the cache's head_dim "
-                         f"{cache.head_dim}")
+        raise ValueError(
+            f"{name} head_dim {q.shape[2]} must equal the cache's head_dim {cache.head_dim}"
+        )
     if q.shape[1] % cache.num_kv_heads:
-        raise ValueError(f"{name} has {q.shape[1]} heads, which must be a multiple of the "
-                         f"cache's {cache.num_kv_heads} KV heads")
+        raise ValueError(
+            f"{name} has {q.shape[1]} heads, which must be a multiple of the "
+            f"cache's {cache.num_kv_heads} KV heads"
+        )
     return q
 
 
@@ -41,34 +44,57 @@ def _options(num_heads, head_dim, scale, softcap, sliding_window, alibi_slopes, 
         scale=1.0 / math.sqrt(head_dim) if scale is None else scale,
         softcap=_checks.static_number("softcap", softcap),
         sliding_window=_checks.static_number("sliding_window", sliding_window, integer=True),
-        alibi_slopes=_checks.float_vector("alibi_slopes", alibi_slopes, num_heads,
-                                          "one slope per query head"),
-        sinks=_checks.float_vector("sinks", sinks, num_heads, "one logit per query head"))
+        alibi_slopes=_checks.float_vector(
+            "alibi_slopes", alibi_slopes, num_heads, "one slope per query head"
+        ),
+        sinks=_checks.float_vector("sinks", sinks, num_heads, "one logit per query head"),
+    )
 
 
 def _run(kind, q, cache, block_tables, context_lens, cu_seqlens_q, opts, backend, interpret):
     def supported(name):
         backends.module(name, "attention").check_supported(
-            head_dim=cache.head_dim, block_size=cache.block_size, q_dtype=q.dtype,
-            kv_dtype=cache.dtype)
+            head_dim=cache.head_dim,
+            block_size=cache.block_size,
+            q_dtype=q.dtype,
+            kv_dtype=cache.dtype,
+        )
 
-    name = backends.resolve(backend, "attention", interpret=interpret, case=kind,
-                            supported=supported)
-    kwargs = dict(scale=opts.scale, softcap=opts.softcap, sliding_window=opts.sliding_window,
-                  alibi_slopes=opts.alibi_slopes, sinks=opts.sinks, k_scale=cache.k_scale,
-                  v_scale=cache.v_scale)
+    name = backends.resolve(
+        backend, "attention", interpret=interpret, case=kind, supported=supported
+    )
+    kwargs = dict(
+        scale=opts.scale,
+        softcap=opts.softcap,
+        sliding_window=opts.sliding_window,
+        alibi_slopes=opts.alibi_slopes,
+        sinks=opts.sinks,
+        k_scale=cache.k_scale,
+        v_scale=cache.v_scale,
+    )
     impl = reference if name == "xla" else backends.module(name, "attention")
     if name != "xla":
         kwargs["interpret"] = interpret
     if kind == "decode":
         return impl.paged_decode(q, cache.k, cache.v, block_tables, context_lens, **kwargs)
-    return impl.paged_attention(q, cache.k, cache.v, block_tables, context_lens, cu_seqlens_q,
-                                **kwargs)
+    return impl.paged_attention(
+        q, cache.k, cache.v, block_tables, context_lens, cu_seqlens_q, **kwargs
+    )
 
 
-def paged_attention(q, cache: KVCache, meta: AttentionMetadata, *, scale=None, softcap=None,
-                    sliding_window=None, alibi_slopes=None, sinks=None, backend: str = "auto",
-                    interpret: bool = False) -> jax.Array:
+def paged_attention(
+    q,
+    cache: KVCache,
+    meta: AttentionMetadata,
+    *,
+    scale=None,
+    softcap=None,
+    sliding_window=None,
+    alibi_slopes=None,
+    sinks=None,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
     """Attention of ``q`` (``[T, H, D]``) over the paged cache; returns ``[T, H, D]``.
 
     Query row ``j`` of sequence ``i`` (``n`` rows, context ``L``) sits at position
@@ -95,13 +121,33 @@ def paged_attention(q, cache: KVCache, meta: AttentionMetadata, *, scale=None, s
     q = _validated_q(q, cache)
     meta = validated(meta, num_tokens=None)
     opts = _options(q.shape[1], q.shape[2], scale, softcap, sliding_window, alibi_slopes, sinks)
-    return _run("prefill", q, cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
-                opts, backend, interpret)
+    return _run(
+        "prefill",
+        q,
+        cache,
+        meta.block_tables,
+        meta.context_lens,
+        meta.cu_seqlens_q,
+        opts,
+        backend,
+        interpret,
+    )
 
 
-def paged_decode(q, cache: KVCache, block_tables, context_lens, *, scale=None, softcap=None,
-                 sliding_window=None, alibi_slopes=None, sinks=None, backend: str = "auto",
-                 interpret: bool = False) -> jax.Array:
+def paged_decode(
+    q,
+    cache: KVCache,
+    block_tables,
+    context_lens,
+    *,
+    scale=None,
+    softcap=None,
+    sliding_window=None,
+    alibi_slopes=None,
+    sinks=None,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
     """One query per sequence: ``q`` is ``[S, H, D]``; the same meaning as
     :func:`paged_attention` with ``cu_seqlens_q = arange(S + 1)``, on decode kernels (the KV
     is split across programs when sequences are few and contexts long)."""
@@ -109,8 +155,10 @@ def paged_decode(q, cache: KVCache, block_tables, context_lens, *, scale=None, s
     q = _validated_q(q, cache)
     block_tables = _checks.int_array("block_tables", block_tables, ndim=2)
     if block_tables.shape[0] != q.shape[0]:
-        raise ValueError(f"block_tables must have one row per query (q has {q.shape[0]}), "
-                         f"got {block_tables.shape[0]} rows")
+        raise ValueError(
+            f"block_tables must have one row per query (q has {q.shape[0]}), "
+            f"got {block_tables.shape[0]} rows"
+        )
     context_lens = _checks.int_array("context_lens", context_lens, ndim=1, shape=(q.shape[0],))
     opts = _options(q.shape[1], q.shape[2], scale, softcap, sliding_window, alibi_slopes, sinks)
     return _run("decode", q, cache, block_tables, context_lens, None, opts, backend, interpret)
@@ -146,37 +194,68 @@ class PagedAttention:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         _checks.static_number("num_kv_heads", self.num_kv_heads, integer=True)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                             f"({self.num_kv_heads})")
-        _options(self.num_heads, self.head_dim, self.scale, self.softcap, self.sliding_window,
-                 None, None)
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        _options(
+            self.num_heads, self.head_dim, self.scale, self.softcap, self.sliding_window, None, None
+        )
         if self.alibi_slopes is not None:
-            slopes = tuple(float(s) for s in jax.device_get(self.alibi_slopes).reshape(-1)) \
-                if hasattr(self.alibi_slopes, "shape") else tuple(float(s) for s in self.alibi_slopes)
+            slopes = (
+                tuple(float(s) for s in jax.device_get(self.alibi_slopes).reshape(-1))
+                if hasattr(self.alibi_slopes, "shape")
+                else tuple(float(s) for s in self.alibi_slopes)
+            )
             if len(slopes) != self.num_heads:
-                raise ValueError(f"alibi_slopes must have {self.num_heads} entries (one per "
-                                 f"query head), got {len(slopes)}")
+                raise ValueError(
+                    f"alibi_slopes must have {self.num_heads} entries (one per "
+                    f"query head), got {len(slopes)}"
+                )
             object.__setattr__(self, "alibi_slopes", slopes)
         _checks.one_of("backend", self.backend, backends.BACKENDS)
 
-    def __call__(self, q, k, v, cache: KVCache, meta: AttentionMetadata, *, sinks=None,
-                 interpret: bool = False):
+    def __call__(
+        self,
+        q,
+        k,
+        v,
+        cache: KVCache,
+        meta: AttentionMetadata,
+        *,
+        sinks=None,
+        interpret: bool = False,
+    ):
         q = _checks.as_array("q", q, ndim=3)
         if q.shape[1:] != (self.num_heads, self.head_dim):
-            raise ValueError(f"q must have shape [T, {self.num_heads}, {self.head_dim}], "
-                             f"got {tuple(q.shape)}")
+            raise ValueError(
+                f"q must have shape [T, {self.num_heads}, {self.head_dim}], got {tuple(q.shape)}"
+            )
         cache = validated_cache(cache)
         if (cache.num_kv_heads, cache.head_dim) != (self.num_kv_heads, self.head_dim):
-            raise ValueError(f"cache has {cache.num_kv_heads} KV heads of dim {cache.head_dim}; "
-                             f"the layer expects {self.num_kv_heads} of dim {self.head_dim}")
+            raise ValueError(
+                f"cache has {cache.num_kv_heads} KV heads of dim {cache.head_dim}; "
+                f"the layer expects {self.num_kv_heads} of dim {self.head_dim}"
+            )
         meta = validated(meta, num_tokens=q.shape[0], need_slots=True)
         # The layer's backend writes too when it has a KV-write kernel (mosaic has none: auto).
-        write_backend = self.backend if self.backend in ("auto", "xla") or backends.built(
-            self.backend, "kv_write") else "auto"
-        cache = write_kv(cache, k, v, meta.slot_mapping, backend=write_backend,
-                         interpret=interpret)
+        write_backend = (
+            self.backend
+            if self.backend in ("auto", "xla") or backends.built(self.backend, "kv_write")
+            else "auto"
+        )
+        cache = write_kv(cache, k, v, meta.slot_mapping, backend=write_backend, interpret=interpret)
         slopes = None if self.alibi_slopes is None else jnp.asarray(self.alibi_slopes, jnp.float32)
-        out = paged_attention(q, cache, meta, scale=self.scale, softcap=self.softcap,
-                              sliding_window=self.sliding_window, alibi_slopes=slopes,
-                              sinks=sinks, backend=self.backend, interpret=interpret)
+        out = paged_attention(
+            q,
+            cache,
+            meta,
+            scale=self.scale,
+            softcap=self.softcap,
+            sliding_window=self.sliding_window,
+            alibi_slopes=slopes,
+            sinks=sinks,
+            backend=self.backend,
+            interpret=interpret,
+        )
         return out, cache

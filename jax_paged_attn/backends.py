@@ -21,29 +21,37 @@ OPS = ("attention", "kv_write", "moe")
 @dataclasses.dataclass(frozen=True)
 class Backend:
     name: str
-    platforms: tuple[str, ...]   # JAX platforms it compiles for (interpret mode: any)
-    modules: dict                # op -> module path holding the kernel entry points
-    interpretable: bool          # can run on the CPU with interpret=True
+    platforms: tuple[str, ...]  # JAX platforms it compiles for (interpret mode: any)
+    modules: dict  # op -> module path holding the kernel entry points
+    interpretable: bool  # can run on the CPU with interpret=True
     min_capability: float = 0.0  # NVIDIA compute capability it needs (Hopper: 9.0)
 
 
 TABLE = {
     "xla": Backend("xla", ("cpu", "gpu", "cuda", "rocm", "tpu", "mps", "METAL"), {}, False),
     "triton": Backend(
-        "triton", ("gpu", "cuda"),
-        {"attention": "pallas_kernels.paged_attention.triton",
-         "kv_write": "pallas_kernels.kv_write.triton",
-         "moe": "pallas_kernels.moe.triton"},
-        True),
+        "triton",
+        ("gpu", "cuda"),
+        {
+            "attention": "pallas_kernels.paged_attention.triton",
+            "kv_write": "pallas_kernels.kv_write.triton",
+            "moe": "pallas_kernels.moe.triton",
+        },
+        True,
+    ),
     "mosaic": Backend(
-        "mosaic", ("gpu", "cuda"),
-        {"attention": "pallas_kernels.paged_attention.mosaic",
-         "moe": "pallas_kernels.moe.mosaic"},
-        True, min_capability=9.0),
+        "mosaic",
+        ("gpu", "cuda"),
+        {"attention": "pallas_kernels.paged_attention.mosaic", "moe": "pallas_kernels.moe.mosaic"},
+        True,
+        min_capability=9.0,
+    ),
     "metal": Backend(
-        "metal", ("mps",),
+        "metal",
+        ("mps",),
         {"attention": "metal_plugin", "kv_write": "metal_plugin", "moe": "metal_plugin"},
-        True),
+        True,
+    ),
 }
 
 # What ``auto`` tries on an NVIDIA GPU, per op and case, fastest first; a backend that cannot
@@ -108,8 +116,9 @@ def module(backend: str, op: str) -> types.ModuleType:
     return importlib.import_module(TABLE[backend].modules[op])
 
 
-def resolve(backend: str, op: str, *, interpret: bool, case: str | None = None,
-            supported=None) -> str:
+def resolve(
+    backend: str, op: str, *, interpret: bool, case: str | None = None, supported=None
+) -> str:
     """Name of the backend that runs ``op``.
 
     ``supported(name)`` raises NotImplementedError when a kernel backend cannot run this
@@ -132,6 +141,7 @@ def resolve(backend: str, op: str, *, interpret: bool, case: str | None = None,
                 continue
             if name == "metal":
                 import metal_plugin
+
                 if not metal_plugin.dispatch_available():
                     continue
             try:
@@ -146,10 +156,12 @@ def resolve(backend: str, op: str, *, interpret: bool, case: str | None = None,
     if not built(backend, op):
         raise NotImplementedError(
             f"backend={backend!r} has no {op} kernels in this build; backends that implement "
-            f"{op}: {available(op)}. Use backend='xla' (runs everywhere) or backend='auto'.")
+            f"{op}: {available(op)}. Use backend='xla' (runs everywhere) or backend='auto'."
+        )
     if backend == "metal" and not interpret and p == "mps":
         import metal_plugin
-        if not metal_plugin.dispatch_available():   # it says why, once
+
+        if not metal_plugin.dispatch_available():  # it says why, once
             return "xla"
     if interpret:
         if not TABLE[backend].interpretable:
@@ -157,11 +169,13 @@ def resolve(backend: str, op: str, *, interpret: bool, case: str | None = None,
     elif p not in TABLE[backend].platforms:
         raise NotImplementedError(
             f"backend={backend!r} runs on {TABLE[backend].platforms}, but JAX runs on {p!r}. "
-            f"Pass interpret=True to run its kernels on the CPU (tests), or use backend='xla'.")
+            f"Pass interpret=True to run its kernels on the CPU (tests), or use backend='xla'."
+        )
     elif not _runs_here(backend):
         raise NotImplementedError(
             f"backend={backend!r} needs compute capability >= {TABLE[backend].min_capability} "
-            f"(this GPU: {_capability()}); use backend='triton' or 'xla'.")
+            f"(this GPU: {_capability()}); use backend='triton' or 'xla'."
+        )
     if supported is not None:
         supported(backend)
     return backend

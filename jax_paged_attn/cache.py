@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax_paged_attn import _checks, backends
 
 FP8 = jnp.float8_e4m3fn
-FP8_MAX = 448.0          # largest finite e4m3fn value; stores saturate to +-448
+FP8_MAX = 448.0  # largest finite e4m3fn value; stores saturate to +-448
 FP8_CALIBRATION = 240.0  # the seed's calibration divisor: absmax maps to 240, leaving headroom
 
 
@@ -42,27 +42,42 @@ class KVCache:
     v_scale: jax.Array | None = None
 
     @classmethod
-    def init(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-             dtype=jnp.bfloat16, *, k_scale=None, v_scale=None) -> "KVCache":
+    def init(
+        cls,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype=jnp.bfloat16,
+        *,
+        k_scale=None,
+        v_scale=None,
+    ) -> KVCache:
         """A zero-filled cache. float8_e4m3fn caches get per-KV-head scales (default 1.0,
         vLLM's default; pass small scales and call :func:`update_kv_scales` to calibrate)."""
-        for name, value in (("num_blocks", num_blocks), ("block_size", block_size),
-                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        for name, value in (
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
             _checks.static_number(name, value, integer=True)
         try:
             dtype = jnp.dtype(dtype)
         except TypeError as e:
             raise ValueError(f"dtype must be a JAX dtype, got {dtype!r}") from e
         if dtype not in [jnp.dtype(d) for d in _checks.CACHE_DTYPES]:
-            raise ValueError(f"dtype must be one of float32, bfloat16, float16, float8_e4m3fn; "
-                             f"got {dtype.name}")
+            raise ValueError(
+                f"dtype must be one of float32, bfloat16, float16, float8_e4m3fn; got {dtype.name}"
+            )
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
         if dtype == FP8:
             k_scale = _init_scale("k_scale", k_scale, num_kv_heads)
             v_scale = _init_scale("v_scale", v_scale, num_kv_heads)
         elif k_scale is not None or v_scale is not None:
-            raise ValueError("k_scale/v_scale are only for float8_e4m3fn caches, "
-                             f"got dtype {dtype.name}")
+            raise ValueError(
+                f"k_scale/v_scale are only for float8_e4m3fn caches, got dtype {dtype.name}"
+            )
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), k_scale, v_scale)
 
     @property
@@ -106,8 +121,9 @@ def validated_cache(cache) -> KVCache:
     if k.shape != v.shape or k.dtype != v.dtype:
         raise ValueError(f"cache.v must match cache.k: {v.shape} {v.dtype} vs {k.shape} {k.dtype}")
     if k.dtype not in [jnp.dtype(d) for d in _checks.CACHE_DTYPES]:
-        raise ValueError(f"cache.k dtype must be float32, bfloat16, float16 or float8_e4m3fn, "
-                         f"got {k.dtype}")
+        raise ValueError(
+            f"cache.k dtype must be float32, bfloat16, float16 or float8_e4m3fn, got {k.dtype}"
+        )
     if cache.is_float8:
         for name in ("k_scale", "v_scale"):
             scale = getattr(cache, name)
@@ -122,8 +138,10 @@ def _validated_kv(cache: KVCache, k, v):
     k = _checks.as_array("k", k, ndim=3)
     v = _checks.as_array("v", v, ndim=3)
     if k.shape[1:] != (hkv, d):
-        raise ValueError(f"k must have shape [T, {hkv}, {d}] (num_kv_heads, head_dim of the "
-                         f"cache), got {tuple(k.shape)}")
+        raise ValueError(
+            f"k must have shape [T, {hkv}, {d}] (num_kv_heads, head_dim of the "
+            f"cache), got {tuple(k.shape)}"
+        )
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     for name, x in (("k", k), ("v", v)):
@@ -149,8 +167,9 @@ def _write_xla(pages, x, scale, slot_mapping):
     return pages.at[block, :, offset].set(quantize(x, scale, pages.dtype), mode="drop")
 
 
-def write_kv(cache: KVCache, k, v, slot_mapping, *, backend: str = "auto",
-             interpret: bool = False) -> KVCache:
+def write_kv(
+    cache: KVCache, k, v, slot_mapping, *, backend: str = "auto", interpret: bool = False
+) -> KVCache:
     """Writes token ``i``'s ``k[i], v[i]`` (``[T, Hkv, D]``) into slot ``slot_mapping[i]``.
 
     Slots ``< 0`` are padding and write nothing; every other byte of the cache is unchanged.
@@ -173,8 +192,15 @@ def write_kv(cache: KVCache, k, v, slot_mapping, *, backend: str = "auto",
         new_v = _write_xla(cache.v, v, cache.v_scale, slot_mapping)
     else:
         new_k, new_v = backends.module(name, "kv_write").write_kv(
-            cache.k, cache.v, k, v, slot_mapping, k_scale=cache.k_scale,
-            v_scale=cache.v_scale, interpret=interpret)
+            cache.k,
+            cache.v,
+            k,
+            v,
+            slot_mapping,
+            k_scale=cache.k_scale,
+            v_scale=cache.v_scale,
+            interpret=interpret,
+        )
     return dataclasses.replace(cache, k=new_k, v=new_v)
 
 
@@ -184,8 +210,9 @@ def update_kv_scales(cache: KVCache, k, v) -> KVCache:
     Pass only real tokens (padding rows count towards the absmax)."""
     cache = validated_cache(cache)
     if not cache.is_float8:
-        raise ValueError(f"cache must be a float8_e4m3fn cache to calibrate scales, "
-                         f"got dtype {cache.dtype}")
+        raise ValueError(
+            f"cache must be a float8_e4m3fn cache to calibrate scales, got dtype {cache.dtype}"
+        )
     k, v = _validated_kv(cache, k, v)
 
     def absmax(x):
@@ -194,7 +221,8 @@ def update_kv_scales(cache: KVCache, k, v) -> KVCache:
     return dataclasses.replace(
         cache,
         k_scale=jnp.maximum(cache.k_scale, absmax(k) / FP8_CALIBRATION),
-        v_scale=jnp.maximum(cache.v_scale, absmax(v) / FP8_CALIBRATION))
+        v_scale=jnp.maximum(cache.v_scale, absmax(v) / FP8_CALIBRATION),
+    )
 
 
 def copy_blocks(cache: KVCache, src, dst) -> KVCache:
@@ -210,12 +238,17 @@ def copy_blocks(cache: KVCache, src, dst) -> KVCache:
     src = _checks.int_array("src", src, ndim=1)
     dst = _checks.int_array("dst", dst, ndim=1)
     if src.shape != dst.shape:
-        raise ValueError(f"dst must have the shape of src {tuple(src.shape)}, got {tuple(dst.shape)}")
+        raise ValueError(
+            f"dst must have the shape of src {tuple(src.shape)}, got {tuple(dst.shape)}"
+        )
     nb = cache.num_blocks
-    dst = jnp.where((src < 0) | (dst < 0), nb, dst)   # dropped by mode="drop"
+    dst = jnp.where((src < 0) | (dst < 0), nb, dst)  # dropped by mode="drop"
     src = jnp.clip(src, 0, nb - 1)
-    return dataclasses.replace(cache, k=cache.k.at[dst].set(cache.k[src], mode="drop"),
-                               v=cache.v.at[dst].set(cache.v[src], mode="drop"))
+    return dataclasses.replace(
+        cache,
+        k=cache.k.at[dst].set(cache.k[src], mode="drop"),
+        v=cache.v.at[dst].set(cache.v[src], mode="drop"),
+    )
 
 
 def gather_blocks(cache: KVCache, ids):
@@ -246,5 +279,6 @@ def scatter_blocks(cache: KVCache, ids, k, v) -> KVCache:
         if x.dtype != cache.dtype:
             raise ValueError(f"{name} must have the cache's dtype {cache.dtype}, got {x.dtype}")
     ids = jnp.where(ids < 0, cache.num_blocks, ids)
-    return dataclasses.replace(cache, k=cache.k.at[ids].set(k, mode="drop"),
-                               v=cache.v.at[ids].set(v, mode="drop"))
+    return dataclasses.replace(
+        cache, k=cache.k.at[ids].set(k, mode="drop"), v=cache.v.at[ids].set(v, mode="drop")
+    )

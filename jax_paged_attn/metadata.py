@@ -49,7 +49,7 @@ class AttentionMetadata:
     slot_mapping: jax.Array | None = None
 
     @classmethod
-    def decode(cls, block_tables, context_lens, slot_mapping=None) -> "AttentionMetadata":
+    def decode(cls, block_tables, context_lens, slot_mapping=None) -> AttentionMetadata:
         """Metadata for one query per sequence: ``cu_seqlens_q = arange(S + 1)``.
 
         >>> import jax.numpy as jnp
@@ -60,8 +60,9 @@ class AttentionMetadata:
         """
         block_tables = _checks.int_array("block_tables", block_tables, ndim=2)
         num_seqs = block_tables.shape[0]
-        return cls(block_tables, context_lens, jnp.arange(num_seqs + 1, dtype=jnp.int32),
-                   slot_mapping)
+        return cls(
+            block_tables, context_lens, jnp.arange(num_seqs + 1, dtype=jnp.int32), slot_mapping
+        )
 
     @property
     def num_seqs(self) -> int:
@@ -72,8 +73,9 @@ class AttentionMetadata:
         return self.block_tables.shape[1]
 
 
-def validated(meta: AttentionMetadata, *, num_tokens: int | None = None,
-              need_slots: bool = False) -> AttentionMetadata:
+def validated(
+    meta: AttentionMetadata, *, num_tokens: int | None = None, need_slots: bool = False
+) -> AttentionMetadata:
     """Shape/dtype checks of ``meta`` (trace time); returns it with int32 leaves."""
     if not isinstance(meta, AttentionMetadata):
         raise ValueError(f"meta must be an AttentionMetadata, got {type(meta).__name__}")
@@ -83,17 +85,20 @@ def validated(meta: AttentionMetadata, *, num_tokens: int | None = None,
         raise ValueError("meta.block_tables must have at least one row (sequence)")
     if block_tables.shape[1] == 0:
         raise ValueError("meta.block_tables must have at least one column (block)")
-    context_lens = _checks.int_array("meta.context_lens", meta.context_lens, ndim=1,
-                                     shape=(num_seqs,))
-    cu_seqlens_q = _checks.int_array("meta.cu_seqlens_q", meta.cu_seqlens_q, ndim=1,
-                                     shape=(num_seqs + 1,))
+    context_lens = _checks.int_array(
+        "meta.context_lens", meta.context_lens, ndim=1, shape=(num_seqs,)
+    )
+    cu_seqlens_q = _checks.int_array(
+        "meta.cu_seqlens_q", meta.cu_seqlens_q, ndim=1, shape=(num_seqs + 1,)
+    )
     slot_mapping = meta.slot_mapping
     if slot_mapping is not None:
         shape = None if num_tokens is None else (num_tokens,)
         slot_mapping = _checks.int_array("meta.slot_mapping", slot_mapping, ndim=1, shape=shape)
     elif need_slots:
-        raise ValueError("meta.slot_mapping must be set: the layer writes this step's k, v "
-                         "through it")
+        raise ValueError(
+            "meta.slot_mapping must be set: the layer writes this step's k, v through it"
+        )
     return AttentionMetadata(block_tables, context_lens, cu_seqlens_q, slot_mapping)
 
 
@@ -109,34 +114,49 @@ def metadata_checks(cache, meta: AttentionMetadata, num_tokens: int | None = Non
     checkify.check(cu[0] == 0, "meta.cu_seqlens_q[0] must be 0, got {}", cu[0])
     checkify.check(jnp.all(cu[1:] >= cu[:-1]), "meta.cu_seqlens_q must be non-decreasing")
     if num_tokens is not None:
-        checkify.check(cu[-1] <= num_tokens,
-                       "meta.cu_seqlens_q[-1] = {} exceeds the number of query rows T = {}",
-                       cu[-1], jnp.int32(num_tokens))
+        checkify.check(
+            cu[-1] <= num_tokens,
+            "meta.cu_seqlens_q[-1] = {} exceeds the number of query rows T = {}",
+            cu[-1],
+            jnp.int32(num_tokens),
+        )
     checkify.check(jnp.all(lens >= 0), "meta.context_lens must be >= 0")
-    checkify.check(jnp.all(lens <= max_blocks * bs),
-                   "meta.context_lens: a context of {} tokens is longer than its block-table "
-                   "row holds ({} blocks of {})", jnp.max(lens), jnp.int32(max_blocks),
-                   jnp.int32(bs))
+    checkify.check(
+        jnp.all(lens <= max_blocks * bs),
+        "meta.context_lens: a context of {} tokens is longer than its block-table "
+        "row holds ({} blocks of {})",
+        jnp.max(lens),
+        jnp.int32(max_blocks),
+        jnp.int32(bs),
+    )
     n_q = cu[1:] - cu[:-1]
-    checkify.check(jnp.all((n_q <= lens) | (lens == 0) | (n_q == 0)),
-                   "meta: a sequence has more query rows than context tokens "
-                   "(context_lens[i] < cu_seqlens_q[i+1] - cu_seqlens_q[i]); its first rows "
-                   "see no key")
+    checkify.check(
+        jnp.all((n_q <= lens) | (lens == 0) | (n_q == 0)),
+        "meta: a sequence has more query rows than context tokens "
+        "(context_lens[i] < cu_seqlens_q[i+1] - cu_seqlens_q[i]); its first rows "
+        "see no key",
+    )
     used = jnp.arange(max_blocks)[None, :] < ((lens + bs - 1) // bs)[:, None]
     in_range = (tables >= 0) & (tables < nb)
-    checkify.check(jnp.all(in_range | ~used),
-                   "meta.block_tables: a block id in use is outside [0, {})", jnp.int32(nb))
+    checkify.check(
+        jnp.all(in_range | ~used),
+        "meta.block_tables: a block id in use is outside [0, {})",
+        jnp.int32(nb),
+    )
     if meta.slot_mapping is not None:
         slots = meta.slot_mapping
-        checkify.check(jnp.all(slots < nb * bs),
-                       "meta.slot_mapping: a slot is >= num_blocks * block_size = {}",
-                       jnp.int32(nb * bs))
+        checkify.check(
+            jnp.all(slots < nb * bs),
+            "meta.slot_mapping: a slot is >= num_blocks * block_size = {}",
+            jnp.int32(nb * bs),
+        )
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _checked(cache, meta, num_tokens):
     def run(cache, meta):
         metadata_checks(cache, meta, num_tokens)
+
     return checkify.checkify(run)(cache, meta)[0]
 
 

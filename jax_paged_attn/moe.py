@@ -12,9 +12,17 @@ SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
 
 
-def moe_topk(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = False,
-             correction_bias=None, num_expert_group: int | None = None,
-             topk_group: int | None = None, routed_scaling_factor: float = 1.0):
+def moe_topk(
+    router_logits,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    correction_bias=None,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+):
     """Routes each token to ``top_k`` experts; returns ``(f32[T, k] weights, i32[T, k] ids)``.
 
     ``softmax``: softmax over all experts, then top-k. ``sigmoid``: sigmoid scores; a
@@ -40,24 +48,26 @@ def moe_topk(router_logits, top_k: int, *, scoring: str = "softmax", renormalize
     if not isinstance(renormalize, bool):
         raise ValueError(f"renormalize must be a bool, got {renormalize!r}")
     routed_scaling_factor = _checks.static_number("routed_scaling_factor", routed_scaling_factor)
-    bias = _checks.float_vector("correction_bias", correction_bias, num_experts,
-                                "one per expert")
+    bias = _checks.float_vector("correction_bias", correction_bias, num_experts, "one per expert")
     if (num_expert_group is None) != (topk_group is None):
-        raise ValueError("num_expert_group and topk_group must be given together "
-                         f"(got num_expert_group={num_expert_group}, topk_group={topk_group})")
+        raise ValueError(
+            "num_expert_group and topk_group must be given together "
+            f"(got num_expert_group={num_expert_group}, topk_group={topk_group})"
+        )
     if num_expert_group is not None:
-        num_expert_group = _checks.static_number("num_expert_group", num_expert_group,
-                                                 integer=True)
+        num_expert_group = _checks.static_number("num_expert_group", num_expert_group, integer=True)
         topk_group = _checks.static_number("topk_group", topk_group, integer=True)
         if num_experts % num_expert_group:
-            raise ValueError(f"num_expert_group ({num_expert_group}) must divide the number "
-                             f"of experts ({num_experts})")
+            raise ValueError(
+                f"num_expert_group ({num_expert_group}) must divide the number "
+                f"of experts ({num_experts})"
+            )
         if topk_group > num_expert_group:
-            raise ValueError(f"topk_group ({topk_group}) must be <= num_expert_group "
-                             f"({num_expert_group})")
+            raise ValueError(
+                f"topk_group ({topk_group}) must be <= num_expert_group ({num_expert_group})"
+            )
         if top_k > topk_group * (num_experts // num_expert_group):
-            raise ValueError(f"top_k ({top_k}) exceeds the experts of the {topk_group} kept "
-                             "groups")
+            raise ValueError(f"top_k ({top_k}) exceeds the experts of the {topk_group} kept groups")
 
     logits = logits.astype(jnp.float32)
     scores = jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
@@ -66,10 +76,13 @@ def moe_topk(router_logits, top_k: int, *, scoring: str = "softmax", renormalize
         per_group = num_experts // num_expert_group
         grouped = select.reshape(-1, num_expert_group, per_group)
         top2 = lax.top_k(grouped, min(2, per_group))[0]
-        group_score = jnp.sum(top2, axis=-1)                           # [T, G]
+        group_score = jnp.sum(top2, axis=-1)  # [T, G]
         _, keep = lax.top_k(group_score, topk_group)
-        keep_mask = jnp.zeros_like(group_score, bool).at[
-            jnp.arange(group_score.shape[0])[:, None], keep].set(True)
+        keep_mask = (
+            jnp.zeros_like(group_score, bool)
+            .at[jnp.arange(group_score.shape[0])[:, None], keep]
+            .set(True)
+        )
         select = jnp.where(jnp.repeat(keep_mask, per_group, axis=-1), select, -jnp.inf)
     _, ids = lax.top_k(select, top_k)
     weights = jnp.take_along_axis(scores, ids, axis=-1)
@@ -78,8 +91,17 @@ def moe_topk(router_logits, top_k: int, *, scoring: str = "softmax", renormalize
     return weights * routed_scaling_factor, ids.astype(jnp.int32)
 
 
-def fused_moe(x, w_gate_up, w_down, weights, ids, *, activation: str = "silu",
-              backend: str = "auto", interpret: bool = False):
+def fused_moe(
+    x,
+    w_gate_up,
+    w_down,
+    weights,
+    ids,
+    *,
+    activation: str = "silu",
+    backend: str = "auto",
+    interpret: bool = False,
+):
     """``y[t] = sum_j weights[t, j] * (act(x[t] @ Wg[e]) * (x[t] @ Wu[e])) @ Wd[e]``,
     ``e = ids[t, j]``; gate = first ``I`` columns of ``w_gate_up[e]``, up = last ``I``.
 
@@ -100,13 +122,17 @@ def fused_moe(x, w_gate_up, w_down, weights, ids, *, activation: str = "silu",
     w_down = _checks.as_array("w_down", w_down, ndim=3)
     num_experts, hidden, inter2 = w_gate_up.shape
     if hidden != x.shape[1]:
-        raise ValueError(f"w_gate_up must be [E, {x.shape[1]}, 2I] (hidden size of x), "
-                         f"got {tuple(w_gate_up.shape)}")
+        raise ValueError(
+            f"w_gate_up must be [E, {x.shape[1]}, 2I] (hidden size of x), "
+            f"got {tuple(w_gate_up.shape)}"
+        )
     if inter2 % 2:
         raise ValueError(f"w_gate_up's last dim must be 2I (gate and up), got {inter2}")
     if w_down.shape != (num_experts, inter2 // 2, hidden):
-        raise ValueError(f"w_down must have shape {(num_experts, inter2 // 2, hidden)}, "
-                         f"got {tuple(w_down.shape)}")
+        raise ValueError(
+            f"w_down must have shape {(num_experts, inter2 // 2, hidden)}, "
+            f"got {tuple(w_down.shape)}"
+        )
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         if w.dtype != x.dtype:
             raise ValueError(f"{name} dtype {w.dtype} must match x's {x.dtype}")
@@ -115,8 +141,9 @@ def fused_moe(x, w_gate_up, w_down, weights, ids, *, activation: str = "silu",
         raise ValueError(f"ids must have one row per token ({x.shape[0]}), got {ids.shape[0]}")
     weights = _checks.as_array("weights", weights, ndim=2)
     if weights.shape != ids.shape:
-        raise ValueError(f"weights must have the shape of ids {tuple(ids.shape)}, "
-                         f"got {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must have the shape of ids {tuple(ids.shape)}, got {tuple(weights.shape)}"
+        )
     _checks.one_of("activation", activation, ACTIVATIONS)
     weights = weights.astype(jnp.float32)
     case = "decode" if x.shape[0] * ids.shape[1] <= 256 else "prefill"
@@ -124,11 +151,18 @@ def fused_moe(x, w_gate_up, w_down, weights, ids, *, activation: str = "silu",
     def supported(name):
         check = getattr(backends.module(name, "moe"), "check_supported", None)
         if check is not None:
-            check(num_tokens=x.shape[0], top_k=ids.shape[1], num_experts=num_experts,
-                  hidden=hidden, inter=inter2 // 2, dtype=x.dtype)
+            check(
+                num_tokens=x.shape[0],
+                top_k=ids.shape[1],
+                num_experts=num_experts,
+                hidden=hidden,
+                inter=inter2 // 2,
+                dtype=x.dtype,
+            )
 
     name = backends.resolve(backend, "moe", interpret=interpret, case=case, supported=supported)
     if name == "xla":
         return reference.fused_moe(x, w_gate_up, w_down, weights, ids, activation=activation)
-    return backends.module(name, "moe").fused_moe(x, w_gate_up, w_down, weights, ids,
-                                                  activation=activation, interpret=interpret)
+    return backends.module(name, "moe").fused_moe(
+        x, w_gate_up, w_down, weights, ids, activation=activation, interpret=interpret
+    )

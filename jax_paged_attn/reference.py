@@ -29,9 +29,9 @@ def _tiles(cu_seqlens_q, context_lens, num_tokens: int, q_tile: int):
     (absolute position of each row in its context, -1 where invalid)).
     """
     num_seqs = context_lens.shape[0]
-    n_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]                      # [S]
+    n_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # [S]
     tiles_per_seq = (n_q + q_tile - 1) // q_tile
-    tile_end = jnp.cumsum(tiles_per_seq)                            # [S]
+    tile_end = jnp.cumsum(tiles_per_seq)  # [S]
     # Each non-empty tile holds >= 1 row and each sequence adds at most one partial tile.
     num_tiles = min(num_tokens, -(-num_tokens // q_tile) + num_seqs)
     tile = jnp.arange(num_tiles, dtype=jnp.int32)
@@ -50,17 +50,31 @@ def _tiles(cu_seqlens_q, context_lens, num_tokens: int, q_tile: int):
 def _varying_like(x, tree):
     """Inside ``shard_map`` (check_vma), loop carries must vary over the axes ``x`` varies over."""
     aval = jax.typeof(x)
-    axis_type = getattr(aval, "manual_axis_type", None)   # jax 0.11; older: aval.vma
+    axis_type = getattr(aval, "manual_axis_type", None)  # jax 0.11; older: aval.vma
     vma = tuple(sorted(axis_type.varying if axis_type is not None else getattr(aval, "vma", ())))
     if not vma:
         return tree
     return jax.tree.map(lambda a: lax.pcast(a, vma, to="varying"), tree)
 
 
-def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_q, *,
-                    scale: float, softcap: float | None, sliding_window: int | None,
-                    alibi_slopes, sinks, k_scale, v_scale, q_tile: int | None = None,
-                    kv_chunk: int | None = None):
+def paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    scale: float,
+    softcap: float | None,
+    sliding_window: int | None,
+    alibi_slopes,
+    sinks,
+    k_scale,
+    v_scale,
+    q_tile: int | None = None,
+    kv_chunk: int | None = None,
+):
     """SPEC §3 attention over a paged cache; arguments as in pallas_kernels/INTERFACE.md.
 
     ``q_tile`` query rows share each KV gather; ``kv_chunk`` keys are processed per step
@@ -70,7 +84,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
     _, num_kv_heads, block_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     max_blocks = block_tables.shape[1]
-    if q_tile is None:   # one row per tile when the batch looks like decode
+    if q_tile is None:  # one row per tile when the batch looks like decode
         q_tile = 1 if num_tokens <= 2 * context_lens.shape[0] else 16
     if kv_chunk is None:
         # Few, large steps: each gathers about 2^24 K elements (64 MiB in f32), at least 128
@@ -89,7 +103,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
     # accumulation); float32 and float8 (scaled) caches compute in float32.
     half = q.dtype == k_pages.dtype and q.dtype != jnp.float32
     compute = q.dtype if half else jnp.float32
-    q_rows = jnp.take(q, rows, axis=0, mode="fill", fill_value=0)   # [NT, QT, H, D]
+    q_rows = jnp.take(q, rows, axis=0, mode="fill", fill_value=0)  # [NT, QT, H, D]
     qt = q_rows.astype(compute).reshape(num_tiles, q_tile, num_kv_heads, group, head_dim)
     slopes = None if alibi_slopes is None else alibi_slopes.reshape(num_kv_heads, group)
 
@@ -100,24 +114,30 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
     num_steps = jnp.maximum(last_block - first_block + blocks_per_step - 1, 0) // blocks_per_step
 
     def dequant(pages, scale_vec):
-        x = pages.astype(compute)                           # [NT, BPS, Hkv, BS, D]
+        x = pages.astype(compute)  # [NT, BPS, Hkv, BS, D]
         if scale_vec is not None:
             x = x * scale_vec[None, None, :, None, None]
-        x = jnp.swapaxes(x, 1, 2)                           # [NT, Hkv, BPS, BS, D]
+        x = jnp.swapaxes(x, 1, 2)  # [NT, Hkv, BPS, BS, D]
         return x.reshape(num_tiles, num_kv_heads, blocks_per_step * block_size, head_dim)
 
     def step(i, carry):
-        m, l, acc = carry                                   # [NT, Hkv, G, QT](,D)
+        m, l, acc = carry  # [NT, Hkv, G, QT](,D)
         blk = first_block + i * blocks_per_step + jnp.arange(blocks_per_step)
         ids = block_tables[seq][:, jnp.minimum(blk, max_blocks - 1)]  # [NT, BPS]
-        k = dequant(k_pages[ids], k_scale)                  # [NT, Hkv, K, D]
+        k = dequant(k_pages[ids], k_scale)  # [NT, Hkv, K, D]
         v = dequant(v_pages[ids], v_scale)
         key = (blk[:, None] * block_size + jnp.arange(block_size)).reshape(-1)  # [K]
-        visible = ((key[None, None, :] <= pos[:, :, None]) &
-                   (key[None, None, :] >= lo[:, :, None]) &
-                   (blk[:, None] < max_blocks).repeat(block_size, 1).reshape(-1))  # [NT, QT, K]
-        s = jnp.einsum("nqkgd,nksd->nkgqs", qt, k, precision=_HI,
-                       preferred_element_type=jnp.float32) * scale
+        visible = (
+            (key[None, None, :] <= pos[:, :, None])
+            & (key[None, None, :] >= lo[:, :, None])
+            & (blk[:, None] < max_blocks).repeat(block_size, 1).reshape(-1)
+        )  # [NT, QT, K]
+        s = (
+            jnp.einsum(
+                "nqkgd,nksd->nkgqs", qt, k, precision=_HI, preferred_element_type=jnp.float32
+            )
+            * scale
+        )
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
         if slopes is not None:
@@ -126,18 +146,26 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
         vis = visible[:, None, None, :, :]
         s = jnp.where(vis, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # no key seen yet: avoid inf - inf
-        p = jnp.exp(s - m_safe[..., None])                  # masked logits give exactly 0
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key seen yet: avoid inf - inf
+        p = jnp.exp(s - m_safe[..., None])  # masked logits give exactly 0
         alpha = jnp.exp(m - m_safe)
         # Masked keys may be NaN in the cache (unused slots): zero them, as 0 * NaN = NaN.
         v = jnp.where(jnp.any(visible, axis=1)[:, None, :, None], v, jnp.zeros((), v.dtype))
-        pv = jnp.einsum("nkgqs,nksd->nkgqd", p.astype(compute), v, precision=_HI,
-                        preferred_element_type=jnp.float32)
+        pv = jnp.einsum(
+            "nkgqs,nksd->nkgqd",
+            p.astype(compute),
+            v,
+            precision=_HI,
+            preferred_element_type=jnp.float32,
+        )
         return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
     shape = (num_tiles, num_kv_heads, group, q_tile)
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros(shape + (head_dim,), jnp.float32))
+    init = (
+        jnp.full(shape, -jnp.inf, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros(shape + (head_dim,), jnp.float32),
+    )
     init = _varying_like(q, init)
     m, l, acc = lax.fori_loop(0, num_steps, step, init)
     if sinks is not None:
@@ -154,8 +182,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_
 def paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs):
     num_seqs = q.shape[0]
     cu = jnp.arange(num_seqs + 1, dtype=jnp.int32)
-    return paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu, q_tile=1,
-                           **kwargs)
+    return paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu, q_tile=1, **kwargs)
 
 
 ACTIVATIONS = {
@@ -173,15 +200,14 @@ def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation: str):
     top_k = topk_ids.shape[1]
     ids = topk_ids.reshape(-1)
     valid = (ids >= 0) & (ids < num_experts)
-    key = jnp.where(valid, ids, num_experts)        # other devices' experts sort last
+    key = jnp.where(valid, ids, num_experts)  # other devices' experts sort last
     order = jnp.argsort(key, stable=True)
     token = order // top_k
     group_sizes = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    xs = x[token]                                   # [T*k, Hd] in expert order
+    xs = x[token]  # [T*k, Hd] in expert order
     h = lax.ragged_dot(xs, w_gate_up, group_sizes, preferred_element_type=jnp.float32)
     a = ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]
-    y = lax.ragged_dot(a.astype(x.dtype), w_down, group_sizes,
-                       preferred_element_type=jnp.float32)
+    y = lax.ragged_dot(a.astype(x.dtype), w_down, group_sizes, preferred_element_type=jnp.float32)
     w = topk_weights.reshape(-1)[order].astype(jnp.float32)
     # Rows past sum(group_sizes) belong to no local expert: they contribute exactly zero.
     y = jnp.where(valid[order][:, None], y * w[:, None], 0.0)

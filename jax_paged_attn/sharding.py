@@ -41,7 +41,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_paged_attn import _checks
 from jax_paged_attn.attention import PagedAttention, paged_attention, paged_decode
@@ -55,13 +56,25 @@ from jax_paged_attn.moe import fused_moe
 # an explicit psum, so there is nothing for the check to catch.
 
 __all__ = [
-    "AttentionSpecs", "KVHeadLayout", "attention_specs", "kv_head_layout", "local_expert_ids",
-    "local_layer", "moe_specs", "replicate_kv_heads", "shard_cache", "shard_fused_moe",
-    "shard_layer", "shard_paged_attention", "shard_paged_decode", "unreplicate_kv_heads",
+    "AttentionSpecs",
+    "KVHeadLayout",
+    "attention_specs",
+    "kv_head_layout",
+    "local_expert_ids",
+    "local_layer",
+    "moe_specs",
+    "replicate_kv_heads",
+    "shard_cache",
+    "shard_fused_moe",
+    "shard_layer",
+    "shard_paged_attention",
+    "shard_paged_decode",
+    "unreplicate_kv_heads",
 ]
 
 
 # ----------------------------------------------------------------------------- head layout
+
 
 @dataclasses.dataclass(frozen=True)
 class KVHeadLayout:
@@ -108,22 +121,34 @@ def kv_head_layout(num_heads: int, num_kv_heads: int, axis_size: int) -> KVHeadL
     num_kv_heads = _checks.static_number("num_kv_heads", num_kv_heads, integer=True)
     axis_size = _checks.static_number("axis_size", axis_size, integer=True)
     if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                         f"({num_kv_heads})")
+        raise ValueError(
+            f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+        )
     if num_heads % axis_size:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of the mesh axis size "
-                         f"({axis_size}): each device takes num_heads / axis_size query heads")
+        raise ValueError(
+            f"num_heads ({num_heads}) must be a multiple of the mesh axis size "
+            f"({axis_size}): each device takes num_heads / axis_size query heads"
+        )
     if num_kv_heads % axis_size == 0:
         replicas = 1
     elif axis_size % num_kv_heads == 0:
         replicas = axis_size // num_kv_heads
     else:
-        raise ValueError(f"num_kv_heads ({num_kv_heads}) must be a multiple or a divisor of the "
-                         f"mesh axis size ({axis_size}): KV heads are split over the devices, "
-                         f"or each is replicated on axis_size / num_kv_heads devices")
+        raise ValueError(
+            f"num_kv_heads ({num_kv_heads}) must be a multiple or a divisor of the "
+            f"mesh axis size ({axis_size}): KV heads are split over the devices, "
+            f"or each is replicated on axis_size / num_kv_heads devices"
+        )
     cache_kv_heads = num_kv_heads * replicas
-    return KVHeadLayout(num_heads, num_kv_heads, axis_size, replicas, cache_kv_heads,
-                        num_heads // axis_size, cache_kv_heads // axis_size)
+    return KVHeadLayout(
+        num_heads,
+        num_kv_heads,
+        axis_size,
+        replicas,
+        cache_kv_heads,
+        num_heads // axis_size,
+        cache_kv_heads // axis_size,
+    )
 
 
 def _replicas(num_kv_heads: int, axis_size: int) -> int:
@@ -131,8 +156,10 @@ def _replicas(num_kv_heads: int, axis_size: int) -> int:
         return 1
     if axis_size % num_kv_heads == 0:
         return axis_size // num_kv_heads
-    raise ValueError(f"num_kv_heads ({num_kv_heads}) must be a multiple or a divisor of the "
-                     f"mesh axis size ({axis_size})")
+    raise ValueError(
+        f"num_kv_heads ({num_kv_heads}) must be a multiple or a divisor of the "
+        f"mesh axis size ({axis_size})"
+    )
 
 
 def replicate_kv_heads(x, axis_size: int):
@@ -162,8 +189,9 @@ def replicate_kv_heads(x, axis_size: int):
         def rep(a, axis):
             return None if a is None else jnp.repeat(a, r, axis=axis)
 
-        return KVCache(rep(cache.k, 1), rep(cache.v, 1), rep(cache.k_scale, 0),
-                       rep(cache.v_scale, 0))
+        return KVCache(
+            rep(cache.k, 1), rep(cache.v, 1), rep(cache.k_scale, 0), rep(cache.v_scale, 0)
+        )
     x = _checks.as_array("x", x, ndim=3)
     r = _replicas(x.shape[1], axis_size)
     return x if r == 1 else jnp.repeat(x, r, axis=1)
@@ -181,26 +209,31 @@ def unreplicate_kv_heads(x, num_kv_heads: int):
     num_kv_heads = _checks.static_number("num_kv_heads", num_kv_heads, integer=True)
     heads = x.num_kv_heads if isinstance(x, KVCache) else _checks.as_array("x", x, ndim=3).shape[1]
     if heads % num_kv_heads:
-        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide the replicated "
-                         f"heads ({heads})")
+        raise ValueError(
+            f"num_kv_heads ({num_kv_heads}) must divide the replicated heads ({heads})"
+        )
     r = heads // num_kv_heads
     if r == 1:
         return x
     if isinstance(x, KVCache):
+
         def keep(a, axis):
             return None if a is None else lax.slice_in_dim(a, 0, heads, r, axis=axis)
+
         return KVCache(keep(x.k, 1), keep(x.v, 1), keep(x.k_scale, 0), keep(x.v_scale, 0))
     return x[:, ::r]
 
 
 # ----------------------------------------------------------------------------- specs
 
+
 def _axis_size(mesh, axis) -> int:
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if axis not in mesh.axis_names:
-        raise ValueError(f"axis must be one of the mesh's axes {tuple(mesh.axis_names)}, "
-                         f"got {axis!r}")
+        raise ValueError(
+            f"axis must be one of the mesh's axes {tuple(mesh.axis_names)}, got {axis!r}"
+        )
     return mesh.shape[axis]
 
 
@@ -232,16 +265,19 @@ class AttentionSpecs:
 
     def shardings(self, mesh: Mesh):
         """The same tree of specs as ``NamedSharding`` s (for ``jax.device_put``)."""
-        return jax.tree.map(lambda s: NamedSharding(mesh, s), self,
-                            is_leaf=lambda s: isinstance(s, P))
+        return jax.tree.map(
+            lambda s: NamedSharding(mesh, s), self, is_leaf=lambda s: isinstance(s, P)
+        )
 
 
-jax.tree_util.register_dataclass(AttentionSpecs, data_fields=["q", "kv", "cache", "meta", "heads"],
-                                 meta_fields=["layout"])
+jax.tree_util.register_dataclass(
+    AttentionSpecs, data_fields=["q", "kv", "cache", "meta", "heads"], meta_fields=["layout"]
+)
 
 
-def attention_specs(mesh: Mesh, axis: str, num_heads: int, num_kv_heads: int, *,
-                    float8: bool = False) -> AttentionSpecs:
+def attention_specs(
+    mesh: Mesh, axis: str, num_heads: int, num_kv_heads: int, *, float8: bool = False
+) -> AttentionSpecs:
     """PartitionSpecs for attention with heads sharded over mesh axis ``axis``.
 
     ``num_kv_heads`` is the model's (unreplicated) count; the cache spec is for the layout of
@@ -249,8 +285,14 @@ def attention_specs(mesh: Mesh, axis: str, num_heads: int, num_kv_heads: int, *,
     scales' specs. ``ValueError`` naming the argument when the heads do not split.
     """
     layout = kv_head_layout(num_heads, num_kv_heads, _axis_size(mesh, axis))
-    return AttentionSpecs(q=P(None, axis), kv=P(None, axis), cache=_cache_spec(axis, float8),
-                          meta=P(), heads=P(axis), layout=layout)
+    return AttentionSpecs(
+        q=P(None, axis),
+        kv=P(None, axis),
+        cache=_cache_spec(axis, float8),
+        meta=P(),
+        heads=P(axis),
+        layout=layout,
+    )
 
 
 def shard_cache(cache: KVCache, mesh: Mesh, axis: str, num_heads: int) -> KVCache:
@@ -271,15 +313,23 @@ def shard_cache(cache: KVCache, mesh: Mesh, axis: str, num_heads: int) -> KVCach
 
 # ----------------------------------------------------------------------------- attention
 
+
 def _check_sharded_heads(what, heads, cache_heads, axis, n):
     if heads % n:
-        raise ValueError(f"{what} has {heads} heads, which must be a multiple of the {n} "
-                         f"devices of mesh axis {axis!r}")
+        raise ValueError(
+            f"{what} has {heads} heads, which must be a multiple of the {n} "
+            f"devices of mesh axis {axis!r}"
+        )
     if cache_heads % n:
-        hint = (f"; replicate them first: replicate_kv_heads(cache, {n}) or shard_cache(...)"
-                if n % cache_heads == 0 else "")
-        raise ValueError(f"cache has {cache_heads} KV heads, which must be a multiple of the "
-                         f"{n} devices of mesh axis {axis!r}{hint}")
+        hint = (
+            f"; replicate them first: replicate_kv_heads(cache, {n}) or shard_cache(...)"
+            if n % cache_heads == 0
+            else ""
+        )
+        raise ValueError(
+            f"cache has {cache_heads} KV heads, which must be a multiple of the "
+            f"{n} devices of mesh axis {axis!r}{hint}"
+        )
 
 
 def _vector_spec(x, axis):
@@ -294,18 +344,23 @@ def _sharded_attention(decode: bool, mesh, axis, opts):
         q = _checks.as_array("q", q, ndim=3)
         _check_sharded_heads("q", q.shape[1], cache.num_kv_heads, axis, n)
         for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
-            if x is not None:   # validated here: a wrong length would be split before the API
+            if x is not None:  # validated here: a wrong length would be split before the API
                 _checks.float_vector(name, x, q.shape[1], "one per query head")
 
         def local(q, cache, meta_args, alibi_slopes, sinks):
             fn = paged_decode if decode else paged_attention
             return fn(q, cache, *meta_args, alibi_slopes=alibi_slopes, sinks=sinks, **opts)
 
-        in_specs = (P(None, axis), _cache_spec(axis, cache.is_float8), P(),
-                    _vector_spec(alibi_slopes, axis), _vector_spec(sinks, axis))
-        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P(None, axis),
-                             check_vma=False)(
-            q, cache, meta_args, alibi_slopes, sinks)
+        in_specs = (
+            P(None, axis),
+            _cache_spec(axis, cache.is_float8),
+            P(),
+            _vector_spec(alibi_slopes, axis),
+            _vector_spec(sinks, axis),
+        )
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=in_specs, out_specs=P(None, axis), check_vma=False
+        )(q, cache, meta_args, alibi_slopes, sinks)
 
     return call
 
@@ -363,13 +418,16 @@ def local_layer(layer: PagedAttention, axis_size: int) -> PagedAttention:
     if not isinstance(layer, PagedAttention):
         raise ValueError(f"layer must be a PagedAttention, got {type(layer).__name__}")
     if layer.alibi_slopes is not None:
-        raise ValueError("layer has alibi_slopes, which differ per device; use shard_layer(mesh, "
-                         "axis, layer), which slices them per device")
+        raise ValueError(
+            "layer has alibi_slopes, which differ per device; use shard_layer(mesh, "
+            "axis, layer), which slices them per device"
+        )
     layout = kv_head_layout(layer.num_heads, layer.num_kv_heads, axis_size)
     # The local layer sees 1/n of the heads: keep the model's softmax scale (1/sqrt(D) is
     # unchanged, D is not split).
-    return dataclasses.replace(layer, num_heads=layout.local_heads,
-                               num_kv_heads=layout.local_kv_heads)
+    return dataclasses.replace(
+        layer, num_heads=layout.local_heads, num_kv_heads=layout.local_kv_heads
+    )
 
 
 def shard_layer(mesh: Mesh, axis: str, layer: PagedAttention):
@@ -396,20 +454,24 @@ def shard_layer(mesh: Mesh, axis: str, layer: PagedAttention):
         cache = validated_cache(cache)
         q = _checks.as_array("q", q, ndim=3)
         if q.shape[1:] != (layer.num_heads, layer.head_dim):
-            raise ValueError(f"q must have shape [T, {layer.num_heads}, {layer.head_dim}], "
-                             f"got {tuple(q.shape)}")
+            raise ValueError(
+                f"q must have shape [T, {layer.num_heads}, {layer.head_dim}], got {tuple(q.shape)}"
+            )
         if cache.num_kv_heads != layout.cache_kv_heads or cache.head_dim != layer.head_dim:
             raise ValueError(
                 f"cache has {cache.num_kv_heads} KV heads of dim {cache.head_dim}; the layer "
                 f"on {n} devices expects {layout.cache_kv_heads} of dim {layer.head_dim} "
-                f"(build it with shard_cache(cache, mesh, {axis!r}, {layer.num_heads}))")
+                f"(build it with shard_cache(cache, mesh, {axis!r}, {layer.num_heads}))"
+            )
         meta = validated(meta, num_tokens=q.shape[0], need_slots=True)
         k, v = (_checks.as_array(name, x, ndim=3) for name, x in (("k", k), ("v", v)))
         heads = {layer.num_kv_heads, layout.cache_kv_heads}
         if k.shape[1:] not in [(h, layer.head_dim) for h in heads]:
-            raise ValueError(f"k must have shape [T, Hkv, {layer.head_dim}] with Hkv in "
-                             f"{sorted(heads)} (the layer's KV heads, or replicated as the "
-                             f"cache is), got {tuple(k.shape)}")
+            raise ValueError(
+                f"k must have shape [T, Hkv, {layer.head_dim}] with Hkv in "
+                f"{sorted(heads)} (the layer's KV heads, or replicated as the "
+                f"cache is), got {tuple(k.shape)}"
+            )
         if v.shape != k.shape:
             raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
         if k.shape[1] == layer.num_kv_heads and layout.replicas > 1:
@@ -418,27 +480,49 @@ def shard_layer(mesh: Mesh, axis: str, layer: PagedAttention):
             _checks.float_vector("sinks", sinks, layer.num_heads, "one logit per query head")
 
         def run(q, k, v, cache, meta, sinks, slopes):
-            if slopes is None:   # the layer itself, on this device's heads
+            if slopes is None:  # the layer itself, on this device's heads
                 return local(q, k, v, cache, meta, sinks=sinks, interpret=interpret)
             # ALiBi: the slopes of this device's heads are data, so make the layer's two calls.
-            cache = write_kv(cache, k, v, meta.slot_mapping, backend=write_backend,
-                             interpret=interpret)
-            out = paged_attention(q, cache, meta, scale=layer.scale, softcap=layer.softcap,
-                                  sliding_window=layer.sliding_window, alibi_slopes=slopes,
-                                  sinks=sinks, backend=layer.backend, interpret=interpret)
+            cache = write_kv(
+                cache, k, v, meta.slot_mapping, backend=write_backend, interpret=interpret
+            )
+            out = paged_attention(
+                q,
+                cache,
+                meta,
+                scale=layer.scale,
+                softcap=layer.softcap,
+                sliding_window=layer.sliding_window,
+                alibi_slopes=slopes,
+                sinks=sinks,
+                backend=layer.backend,
+                interpret=interpret,
+            )
             return out, cache
 
         cache_spec = _cache_spec(axis, cache.is_float8)
-        in_specs = (P(None, axis), P(None, axis), P(None, axis), cache_spec, P(),
-                    _vector_spec(sinks, axis), _vector_spec(slopes, axis))
-        return jax.shard_map(run, mesh=mesh, in_specs=in_specs,
-                             out_specs=(P(None, axis), cache_spec), check_vma=False)(
-            q, k, v, cache, meta, sinks, slopes)
+        in_specs = (
+            P(None, axis),
+            P(None, axis),
+            P(None, axis),
+            cache_spec,
+            P(),
+            _vector_spec(sinks, axis),
+            _vector_spec(slopes, axis),
+        )
+        return jax.shard_map(
+            run,
+            mesh=mesh,
+            in_specs=in_specs,
+            out_specs=(P(None, axis), cache_spec),
+            check_vma=False,
+        )(q, k, v, cache, meta, sinks, slopes)
 
     return step
 
 
 # ----------------------------------------------------------------------------- MoE
+
 
 def moe_specs(axis: str):
     """``(in_specs, out_specs)`` of expert-parallel :func:`fused_moe`:
@@ -454,8 +538,14 @@ def local_expert_ids(ids, axis: str, num_local_experts: int):
     return ids - lax.axis_index(axis).astype(ids.dtype) * num_local_experts
 
 
-def shard_fused_moe(mesh: Mesh, axis: str, *, activation: str = "silu", backend: str = "auto",
-                    interpret: bool = False):
+def shard_fused_moe(
+    mesh: Mesh,
+    axis: str,
+    *,
+    activation: str = "silu",
+    backend: str = "auto",
+    interpret: bool = False,
+):
     """Expert-parallel :func:`fused_moe` over mesh axis ``axis``.
 
     Returns ``f(x, w_gate_up, w_down, weights, ids) -> y`` with the meaning of
@@ -482,23 +572,34 @@ def shard_fused_moe(mesh: Mesh, axis: str, *, activation: str = "silu", backend:
         w_down = _checks.as_array("w_down", w_down, ndim=3)
         num_experts = w_gate_up.shape[0]
         if num_experts % n:
-            raise ValueError(f"w_gate_up has {num_experts} experts, which must be a multiple of "
-                             f"the {n} devices of mesh axis {axis!r}")
+            raise ValueError(
+                f"w_gate_up has {num_experts} experts, which must be a multiple of "
+                f"the {n} devices of mesh axis {axis!r}"
+            )
         if w_down.shape[0] != num_experts:
-            raise ValueError(f"w_down must have {num_experts} experts (as w_gate_up), "
-                             f"got shape {tuple(w_down.shape)}")
+            raise ValueError(
+                f"w_down must have {num_experts} experts (as w_gate_up), "
+                f"got shape {tuple(w_down.shape)}"
+            )
         ids = _checks.int_array("ids", ids, ndim=2)
         local_experts = num_experts // n
 
         def run(x, w_gate_up, w_down, weights, ids):
-            y = fused_moe(x, w_gate_up, w_down, weights,
-                          local_expert_ids(ids, axis, local_experts), activation=activation,
-                          backend=backend, interpret=interpret)
+            y = fused_moe(
+                x,
+                w_gate_up,
+                w_down,
+                weights,
+                local_expert_ids(ids, axis, local_experts),
+                activation=activation,
+                backend=backend,
+                interpret=interpret,
+            )
             return lax.psum(y.astype(jnp.float32), axis).astype(y.dtype)
 
         in_specs, out_specs = moe_specs(axis)
-        return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)(
-            x, w_gate_up, w_down, weights, ids)
+        return jax.shard_map(
+            run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )(x, w_gate_up, w_down, weights, ids)
 
     return moe

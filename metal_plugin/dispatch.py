@@ -35,8 +35,10 @@ def unavailable_reason() -> str | None:
     if platform != "mps":
         return f"JAX runs on {platform!r}, not on an Apple GPU through jax-mps ('mps')"
     if not custom_call_available():
-        return ("the installed jax-mps has no mps.metal_kernel_jit custom call "
-                "(it arrives with jax-mps PR #212)")
+        return (
+            "the installed jax-mps has no mps.metal_kernel_jit custom call "
+            "(it arrives with jax-mps PR #212)"
+        )
     return None
 
 
@@ -48,6 +50,10 @@ def dispatch_available(*, warn: bool = True) -> bool:
         return True
     if warn and reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"jax_paged_attn: Metal kernels unavailable ({reason}); "
-                      "running the xla backend instead.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"jax_paged_attn: Metal kernels unavailable ({reason}); "
+            "running the xla backend instead.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return False

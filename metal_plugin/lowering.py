@@ -35,8 +35,10 @@ metal_kernel_p.multiple_results = True
 
 def _abstract_eval(*avals, spec: specs.KernelSpec):
     del avals
-    return [jax.core.ShapedArray(tuple(s), jnp.dtype(d))
-            for s, d in zip(spec.out_shapes, spec.out_dtypes)]
+    return [
+        jax.core.ShapedArray(tuple(s), jnp.dtype(d))
+        for s, d in zip(spec.out_shapes, spec.out_dtypes)
+    ]
 
 
 metal_kernel_p.def_abstract_eval(_abstract_eval)
@@ -48,14 +50,18 @@ def _unsupported_lowering(ctx, *args, spec):
     raise NotImplementedError(
         f"Metal kernel {spec.name!r} compiles only for JAX's 'mps' platform (jax-mps with the "
         f"{TARGET} custom call, PR #212); lowering for {tuple(platforms)}. Pass "
-        "interpret=True to run it on the CPU emulator, or use backend='xla'.")
+        "interpret=True to run it on the CPU emulator, or use backend='xla'."
+    )
 
 
 def _mps_lowering(ctx, *args, spec):
     result_types = [mlir.aval_to_ir_type(ctx.module_context, a) for a in ctx.avals_out]
     return mlir.custom_call(
-        TARGET, result_types=result_types, operands=list(args),
-        backend_config=json.dumps(spec.backend_config())).results
+        TARGET,
+        result_types=result_types,
+        operands=list(args),
+        backend_config=json.dumps(spec.backend_config()),
+    ).results
 
 
 mlir.register_lowering(metal_kernel_p, _unsupported_lowering)
@@ -73,6 +79,7 @@ def ensure_mps_lowering() -> bool:
 
 def _emulate(spec, *arrays):
     from metal_plugin import emulator  # builds lazily; importing it costs nothing
+
     return emulator.run(spec, *(np.asarray(a) for a in arrays))
 
 
@@ -101,9 +108,14 @@ def call(spec: specs.KernelSpec, *inputs, interpret: bool):
     if len(inputs) != len(spec.input_names):
         raise ValueError(f"{spec.name}: {len(inputs)} inputs for {spec.input_names}")
     if interpret:
-        shapes = [jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d))
-                  for s, d in zip(spec.out_shapes, spec.out_dtypes)]
-        return tuple(jax.pure_callback(functools.partial(_run_host, spec), shapes, *inputs,
-                                       vmap_method="sequential"))
+        shapes = [
+            jax.ShapeDtypeStruct(tuple(s), jnp.dtype(d))
+            for s, d in zip(spec.out_shapes, spec.out_dtypes)
+        ]
+        return tuple(
+            jax.pure_callback(
+                functools.partial(_run_host, spec), shapes, *inputs, vmap_method="sequential"
+            )
+        )
     ensure_mps_lowering()
     return tuple(metal_kernel_p.bind(*inputs, spec=spec))

@@ -25,12 +25,23 @@ def _name(dtype) -> str:
 def _unsupported(what: str, value, allowed) -> NotImplementedError:
     return NotImplementedError(
         f"metal backend: {what}={value!r} is not supported (supported: {allowed}); "
-        "use backend='xla' for this configuration")
+        "use backend='xla' for this configuration"
+    )
 
 
-def check_supported(*, head_dim=None, block_size=None, q_dtype=None, kv_dtype=None,
-                    num_tokens=None, top_k=None, num_experts=None, hidden=None, inter=None,
-                    dtype=None) -> None:
+def check_supported(
+    *,
+    head_dim=None,
+    block_size=None,
+    q_dtype=None,
+    kv_dtype=None,
+    num_tokens=None,
+    top_k=None,
+    num_experts=None,
+    hidden=None,
+    inter=None,
+    dtype=None,
+) -> None:
     """Raises NotImplementedError for configurations the Metal kernels do not cover.
 
     Attention: ``check_supported(head_dim=, block_size=, q_dtype=, kv_dtype=)``.
@@ -57,7 +68,8 @@ def check_moe_supported(*, num_tokens=None, top_k=1, dtype=None, **_) -> None:
     if pairs > specs.MOE_MAX_PAIRS:
         raise NotImplementedError(
             f"metal backend: fused_moe implements the decode GEMV only (num_tokens * top_k <= "
-            f"{specs.MOE_MAX_PAIRS}), got {num_tokens} * {top_k}; use backend='xla'")
+            f"{specs.MOE_MAX_PAIRS}), got {num_tokens} * {top_k}; use backend='xla'"
+        )
 
 
 def _raw(pages):
@@ -65,14 +77,31 @@ def _raw(pages):
     return jax.lax.bitcast_convert_type(pages, jnp.uint8) if pages.dtype == FP8 else pages
 
 
-def _attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_q, *, scale,
-               softcap, sliding_window, alibi_slopes, sinks, k_scale, v_scale, interpret,
-               decode, partition_size):
+def _attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    scale,
+    softcap,
+    sliding_window,
+    alibi_slopes,
+    sinks,
+    k_scale,
+    v_scale,
+    interpret,
+    decode,
+    partition_size,
+):
     rows, heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_pages.shape
     num_seqs, max_blocks = block_tables.shape
-    check_supported(head_dim=head_dim, block_size=block_size, q_dtype=q.dtype,
-                    kv_dtype=k_pages.dtype)
+    check_supported(
+        head_dim=head_dim, block_size=block_size, q_dtype=q.dtype, kv_dtype=k_pages.dtype
+    )
     if partition_size % 32:
         raise ValueError(f"partition_size={partition_size} must be a multiple of 32")
     f32 = jnp.float32
@@ -81,53 +110,134 @@ def _attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_q, *,
     ones = jnp.ones((kv_heads,), f32)
     ks = ones if k_scale is None else k_scale.astype(f32)
     vs = ones if v_scale is None else v_scale.astype(f32)
-    iparams = np.array([num_seqs, rows, heads, kv_heads, max_blocks, sliding_window or 0,
-                        sinks is not None], np.int32)
+    iparams = np.array(
+        [num_seqs, rows, heads, kv_heads, max_blocks, sliding_window or 0, sinks is not None],
+        np.int32,
+    )
     fparams = np.array([scale, softcap or 0.0], np.float32)
     num_parts = math.ceil(max_blocks * block_size / partition_size) if decode else 1
-    spec = specs.attention(q_dtype=_name(q.dtype), kv_dtype=_name(k_pages.dtype),
-                           head_dim=head_dim, block_size=block_size, num_rows=rows,
-                           num_heads=heads, num_parts=num_parts,
-                           partition=partition_size, decode=decode)
-    outs = lowering.call(spec, q, _raw(k_pages), _raw(v_pages), block_tables.astype(jnp.int32),
-                         context_lens.astype(jnp.int32), cu_seqlens_q.astype(jnp.int32),
-                         alibi, sink, ks, vs, iparams, fparams, interpret=interpret)
+    spec = specs.attention(
+        q_dtype=_name(q.dtype),
+        kv_dtype=_name(k_pages.dtype),
+        head_dim=head_dim,
+        block_size=block_size,
+        num_rows=rows,
+        num_heads=heads,
+        num_parts=num_parts,
+        partition=partition_size,
+        decode=decode,
+    )
+    outs = lowering.call(
+        spec,
+        q,
+        _raw(k_pages),
+        _raw(v_pages),
+        block_tables.astype(jnp.int32),
+        context_lens.astype(jnp.int32),
+        cu_seqlens_q.astype(jnp.int32),
+        alibi,
+        sink,
+        ks,
+        vs,
+        iparams,
+        fparams,
+        interpret=interpret,
+    )
     if num_parts == 1:
         return outs[0]
-    red = specs.attention_reduce(q_dtype=_name(q.dtype), head_dim=head_dim, num_rows=rows,
-                                 num_heads=heads, num_parts=num_parts)
-    return lowering.call(red, *outs, sink, np.array([heads, sinks is not None], np.int32),
-                         interpret=interpret)[0]
+    red = specs.attention_reduce(
+        q_dtype=_name(q.dtype),
+        head_dim=head_dim,
+        num_rows=rows,
+        num_heads=heads,
+        num_parts=num_parts,
+    )
+    return lowering.call(
+        red, *outs, sink, np.array([heads, sinks is not None], np.int32), interpret=interpret
+    )[0]
 
 
-def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_q, *, scale,
-                    softcap=None, sliding_window=None, alibi_slopes=None, sinks=None,
-                    k_scale=None, v_scale=None, interpret=False):
+def paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    scale,
+    softcap=None,
+    sliding_window=None,
+    alibi_slopes=None,
+    sinks=None,
+    k_scale=None,
+    v_scale=None,
+    interpret=False,
+):
     """Decode tokens, prefill chunks or any mix: ``q`` ``[T, H, D]`` -> ``[T, H, D]``.
 
     One threadgroup of 64 threads per (query row, head) walks the row's visible keys."""
-    return _attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_q,
-                      scale=scale, softcap=softcap, sliding_window=sliding_window,
-                      alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
-                      v_scale=v_scale, interpret=interpret, decode=False,
-                      partition_size=32)
+    return _attention(
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        cu_seqlens_q,
+        scale=scale,
+        softcap=softcap,
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        interpret=interpret,
+        decode=False,
+        partition_size=32,
+    )
 
 
-def paged_decode(q, k_pages, v_pages, block_tables, context_lens, *, scale, softcap=None,
-                 sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None,
-                 v_scale=None, interpret=False, partition_size=specs.DECODE_PARTITION):
+def paged_decode(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    context_lens,
+    *,
+    scale,
+    softcap=None,
+    sliding_window=None,
+    alibi_slopes=None,
+    sinks=None,
+    k_scale=None,
+    v_scale=None,
+    interpret=False,
+    partition_size=specs.DECODE_PARTITION,
+):
     """One query per sequence: ``q`` ``[S, H, D]``. Contexts longer than
     ``partition_size`` keys are split over threadgroups and combined by a reduce kernel."""
     cu = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
-    return _attention(q, k_pages, v_pages, block_tables, context_lens, cu, scale=scale,
-                      softcap=softcap, sliding_window=sliding_window,
-                      alibi_slopes=alibi_slopes, sinks=sinks, k_scale=k_scale,
-                      v_scale=v_scale, interpret=interpret, decode=True,
-                      partition_size=partition_size)
+    return _attention(
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        context_lens,
+        cu,
+        scale=scale,
+        softcap=softcap,
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        interpret=interpret,
+        decode=True,
+        partition_size=partition_size,
+    )
 
 
-def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None,
-             interpret=False):
+def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None, interpret=False):
     """Writes ``k, v`` ``[T, Hkv, D]`` at ``slot_mapping``; slots < 0 are skipped.
 
     The kernel converts the rows to the cache type (float8: ``saturate(x / scale)``); an
@@ -142,25 +252,36 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None
     if tokens == 0:
         return k_pages, v_pages
     ones = jnp.ones((kv_heads,), jnp.float32)
-    spec = specs.kv_write(src_dtype=_name(k.dtype), kv_dtype=_name(k_pages.dtype),
-                          head_dim=head_dim, num_tokens=tokens, num_kv_heads=kv_heads)
+    spec = specs.kv_write(
+        src_dtype=_name(k.dtype),
+        kv_dtype=_name(k_pages.dtype),
+        head_dim=head_dim,
+        num_tokens=tokens,
+        num_kv_heads=kv_heads,
+    )
     slot_mapping = slot_mapping.astype(jnp.int32)
     k_rows, v_rows = lowering.call(
-        spec, k, v.astype(k.dtype), slot_mapping,
+        spec,
+        k,
+        v.astype(k.dtype),
+        slot_mapping,
         ones if k_scale is None else k_scale.astype(jnp.float32),
-        ones if v_scale is None else v_scale.astype(jnp.float32), interpret=interpret)
+        ones if v_scale is None else v_scale.astype(jnp.float32),
+        interpret=interpret,
+    )
     if k_pages.dtype == FP8:
         k_rows = jax.lax.bitcast_convert_type(k_rows, FP8)
         v_rows = jax.lax.bitcast_convert_type(v_rows, FP8)
     # Padding goes to block NB, which mode="drop" discards (a negative index would wrap).
     block = jnp.where(slot_mapping < 0, num_blocks, slot_mapping // block_size)
     offset = jnp.where(slot_mapping < 0, 0, slot_mapping % block_size)
-    return (k_pages.at[block, :, offset].set(k_rows, mode="drop"),
-            v_pages.at[block, :, offset].set(v_rows, mode="drop"))
+    return (
+        k_pages.at[block, :, offset].set(k_rows, mode="drop"),
+        v_pages.at[block, :, offset].set(v_rows, mode="drop"),
+    )
 
 
-def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation="silu",
-              interpret=False):
+def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation="silu", interpret=False):
     """Decode-shaped fused MoE (two GEMV kernels); see specs.MOE_MAX_TOKENS."""
     tokens, hidden = x.shape
     num_experts, _, inter2 = w_gate_up.shape
@@ -169,19 +290,37 @@ def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation="silu"
     if _name(w_gate_up.dtype) not in specs.MOE_DTYPES:
         raise _unsupported("weight dtype", _name(w_gate_up.dtype), specs.MOE_DTYPES)
     if activation not in specs.MOE_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(specs.MOE_ACTIVATIONS)}, "
-                         f"got {activation!r}")
+        raise ValueError(
+            f"activation must be one of {tuple(specs.MOE_ACTIVATIONS)}, got {activation!r}"
+        )
     if tokens == 0:
         return jnp.zeros_like(x)
     inter = inter2 // 2
     iparams = np.array([tokens, top_k, num_experts], np.int32)
     ids = topk_ids.astype(jnp.int32)
-    gu = specs.moe_gate_up(x_dtype=_name(x.dtype), w_dtype=_name(w_gate_up.dtype),
-                           hidden=hidden, inter=inter, num_pairs=tokens * top_k,
-                           activation=activation)
+    gu = specs.moe_gate_up(
+        x_dtype=_name(x.dtype),
+        w_dtype=_name(w_gate_up.dtype),
+        hidden=hidden,
+        inter=inter,
+        num_pairs=tokens * top_k,
+        activation=activation,
+    )
     (h,) = lowering.call(gu, x, w_gate_up, ids, iparams, interpret=interpret)
-    dn = specs.moe_down(x_dtype=_name(x.dtype), w_dtype=_name(w_down.dtype), hidden=hidden,
-                        inter=inter, num_tokens=tokens)
-    (y,) = lowering.call(dn, h, w_down.astype(w_gate_up.dtype), ids,
-                         topk_weights.astype(jnp.float32), iparams, interpret=interpret)
+    dn = specs.moe_down(
+        x_dtype=_name(x.dtype),
+        w_dtype=_name(w_down.dtype),
+        hidden=hidden,
+        inter=inter,
+        num_tokens=tokens,
+    )
+    (y,) = lowering.call(
+        dn,
+        h,
+        w_down.astype(w_gate_up.dtype),
+        ids,
+        topk_weights.astype(jnp.float32),
+        iparams,
+        interpret=interpret,
+    )
     return y

@@ -23,18 +23,23 @@ Q_DTYPES = ("float32", "float16", "bfloat16")
 KV_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn")
 MOE_DTYPES = ("float32", "float16", "bfloat16")
 MOE_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
-MOE_MAX_PAIRS = 256          # token-expert pairs; the GEMV re-reads weights per pair: decode only
-MAX_BUFFERS = 31             # Metal buffer slots
+MOE_MAX_PAIRS = 256  # token-expert pairs; the GEMV re-reads weights per pair: decode only
+MAX_BUFFERS = 31  # Metal buffer slots
 
-PREFILL_SIMDGROUPS = 2       # 64 threads per (row, head)
-DECODE_SIMDGROUPS = 4        # 128 threads per (partition, head, sequence)
-DECODE_PARTITION = 512       # keys per decode partition (attention.rs's v2 split)
+PREFILL_SIMDGROUPS = 2  # 64 threads per (row, head)
+DECODE_SIMDGROUPS = 4  # 128 threads per (partition, head, sequence)
+DECODE_PARTITION = 512  # keys per decode partition (attention.rs's v2 split)
 MOE_THREADS = 64
 
 # MLX's names for the dtypes it writes into kernel signatures.
 MSL_TYPES = {
-    "float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t",
-    "int32": "int32_t", "uint32": "uint32_t", "uint8": "uint8_t", "int8": "int8_t",
+    "float32": "float",
+    "float16": "float16_t",
+    "bfloat16": "bfloat16_t",
+    "int32": "int32_t",
+    "uint32": "uint32_t",
+    "uint8": "uint8_t",
+    "int8": "int8_t",
     "bool": "bool",
 }
 TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float8_e4m3fn": "f8e4m3"}
@@ -43,6 +48,7 @@ TAGS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float8_e4m3fn":
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
     """One launch: the strings MLX compiles plus grid/threadgroup (in threads) and outputs."""
+
     name: str
     source: str
     header: str
@@ -58,14 +64,22 @@ class KernelSpec:
         if n > MAX_BUFFERS:
             raise ValueError(f"{self.name}: {n} buffers, Metal allows {MAX_BUFFERS}")
         if any(g % t for g, t in zip(self.grid, self.threadgroup)):
-            raise ValueError(f"{self.name}: grid {self.grid} is not a whole number of "
-                             f"threadgroups {self.threadgroup}")
+            raise ValueError(
+                f"{self.name}: grid {self.grid} is not a whole number of "
+                f"threadgroups {self.threadgroup}"
+            )
 
     def backend_config(self) -> dict:
         """The JSON object of the ``mps.metal_kernel_jit`` custom call (jax-mps PR #212)."""
-        return {"name": self.name, "source": self.source, "header": self.header,
-                "input_names": list(self.input_names), "output_names": list(self.output_names),
-                "grid": list(self.grid), "threadgroup": list(self.threadgroup)}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "header": self.header,
+            "input_names": list(self.input_names),
+            "output_names": list(self.output_names),
+            "grid": list(self.grid),
+            "threadgroup": list(self.threadgroup),
+        }
 
 
 @functools.cache
@@ -85,12 +99,34 @@ def storage_dtype(dtype: str) -> str:
     return "uint8" if dtype == "float8_e4m3fn" else dtype
 
 
-ATTN_INPUTS = ("q", "k_pages", "v_pages", "block_tables", "context_lens", "cu_seqlens_q",
-               "alibi_slopes", "sinks", "k_scale", "v_scale", "iparams", "fparams")
+ATTN_INPUTS = (
+    "q",
+    "k_pages",
+    "v_pages",
+    "block_tables",
+    "context_lens",
+    "cu_seqlens_q",
+    "alibi_slopes",
+    "sinks",
+    "k_scale",
+    "v_scale",
+    "iparams",
+    "fparams",
+)
 
 
-def attention(*, q_dtype: str, kv_dtype: str, head_dim: int, block_size: int, num_rows: int,
-              num_heads: int, num_parts: int, partition: int, decode: bool) -> KernelSpec:
+def attention(
+    *,
+    q_dtype: str,
+    kv_dtype: str,
+    head_dim: int,
+    block_size: int,
+    num_rows: int,
+    num_heads: int,
+    num_parts: int,
+    partition: int,
+    decode: bool,
+) -> KernelSpec:
     """Paged attention: one threadgroup per (partition, head, row).
 
     ``num_parts == 1`` writes the final output directly; otherwise the partial outputs,
@@ -102,69 +138,122 @@ def attention(*, q_dtype: str, kv_dtype: str, head_dim: int, block_size: int, nu
     # every key has a fixed size, so it does not vary with the block table's width.
     partition = 1 << 30 if direct else partition
     kind = "paged_decode" if decode else "paged_prefill"
-    name = (f"{kind}_{TAGS[q_dtype]}_kv{TAGS[kv_dtype]}_d{head_dim}_b{block_size}"
-            + ("" if direct else f"_p{partition}"))
+    name = f"{kind}_{TAGS[q_dtype]}_kv{TAGS[kv_dtype]}_d{head_dim}_b{block_size}" + (
+        "" if direct else f"_p{partition}"
+    )
     header = _header(
-        dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NSG=nsg, PART=partition,
-             DIRECT_OUT=direct, KV_FP8=kv_dtype == "float8_e4m3fn"),
-        dict(q_t=q_dtype, kv_t=storage_dtype(kv_dtype)))
+        dict(
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            NSG=nsg,
+            PART=partition,
+            DIRECT_OUT=direct,
+            KV_FP8=kv_dtype == "float8_e4m3fn",
+        ),
+        dict(q_t=q_dtype, kv_t=storage_dtype(kv_dtype)),
+    )
     if direct:
         outs, shapes, dts = ("out",), ((num_rows, num_heads, head_dim),), (q_dtype,)
     else:
         outs = ("part_out", "part_m", "part_l")
-        shapes = ((num_rows, num_heads, num_parts, head_dim), (num_rows, num_heads, num_parts),
-                  (num_rows, num_heads, num_parts))
+        shapes = (
+            (num_rows, num_heads, num_parts, head_dim),
+            (num_rows, num_heads, num_parts),
+            (num_rows, num_heads, num_parts),
+        )
         dts = ("float32",) * 3
-    return KernelSpec(name, _read("paged_attention.metal"), header, ATTN_INPUTS, outs,
-                      (32 * nsg * num_parts, num_heads, num_rows), (32 * nsg, 1, 1),
-                      shapes, dts)
+    return KernelSpec(
+        name,
+        _read("paged_attention.metal"),
+        header,
+        ATTN_INPUTS,
+        outs,
+        (32 * nsg * num_parts, num_heads, num_rows),
+        (32 * nsg, 1, 1),
+        shapes,
+        dts,
+    )
 
 
-def attention_reduce(*, q_dtype: str, head_dim: int, num_rows: int, num_heads: int,
-                     num_parts: int) -> KernelSpec:
+def attention_reduce(
+    *, q_dtype: str, head_dim: int, num_rows: int, num_heads: int, num_parts: int
+) -> KernelSpec:
     name = f"paged_decode_reduce_{TAGS[q_dtype]}_d{head_dim}_p{num_parts}"
     header = _header(dict(HEAD_DIM=head_dim, NUM_PARTS=num_parts), dict(q_t=q_dtype))
-    return KernelSpec(name, _read("paged_attention_reduce.metal"), header,
-                      ("part_out", "part_m", "part_l", "sinks", "iparams"), ("out",),
-                      (32, num_heads, num_rows), (32, 1, 1),
-                      ((num_rows, num_heads, head_dim),), (q_dtype,))
+    return KernelSpec(
+        name,
+        _read("paged_attention_reduce.metal"),
+        header,
+        ("part_out", "part_m", "part_l", "sinks", "iparams"),
+        ("out",),
+        (32, num_heads, num_rows),
+        (32, 1, 1),
+        ((num_rows, num_heads, head_dim),),
+        (q_dtype,),
+    )
 
 
-def kv_write(*, src_dtype: str, kv_dtype: str, head_dim: int, num_tokens: int,
-             num_kv_heads: int) -> KernelSpec:
+def kv_write(
+    *, src_dtype: str, kv_dtype: str, head_dim: int, num_tokens: int, num_kv_heads: int
+) -> KernelSpec:
     name = f"kv_write_{TAGS[src_dtype]}_to_{TAGS[kv_dtype]}_d{head_dim}"
-    header = _header(dict(HEAD_DIM=head_dim, KV_FP8=kv_dtype == "float8_e4m3fn"),
-                     dict(src_t=src_dtype, kv_t=storage_dtype(kv_dtype)))
+    header = _header(
+        dict(HEAD_DIM=head_dim, KV_FP8=kv_dtype == "float8_e4m3fn"),
+        dict(src_t=src_dtype, kv_t=storage_dtype(kv_dtype)),
+    )
     shape = (num_tokens, num_kv_heads, head_dim)
-    return KernelSpec(name, _read("kv_write.metal"), header,
-                      ("k", "v", "slot_mapping", "k_scale", "v_scale"), ("k_rows", "v_rows"),
-                      (32, num_kv_heads, num_tokens), (32, 1, 1), (shape, shape),
-                      (storage_dtype(kv_dtype),) * 2)
+    return KernelSpec(
+        name,
+        _read("kv_write.metal"),
+        header,
+        ("k", "v", "slot_mapping", "k_scale", "v_scale"),
+        ("k_rows", "v_rows"),
+        (32, num_kv_heads, num_tokens),
+        (32, 1, 1),
+        (shape, shape),
+        (storage_dtype(kv_dtype),) * 2,
+    )
 
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def moe_gate_up(*, x_dtype: str, w_dtype: str, hidden: int, inter: int, num_pairs: int,
-                activation: str) -> KernelSpec:
+def moe_gate_up(
+    *, x_dtype: str, w_dtype: str, hidden: int, inter: int, num_pairs: int, activation: str
+) -> KernelSpec:
     name = f"moe_gemv_gate_up_{activation}_{TAGS[x_dtype]}_w{TAGS[w_dtype]}_h{hidden}_i{inter}"
-    header = _header(dict(HD=hidden, INTER=inter, ACT=MOE_ACTIVATIONS[activation]),
-                     dict(x_t=x_dtype, w_t=w_dtype))
-    return KernelSpec(name, _read("moe_gate_up.metal"), header,
-                      ("x", "w_gate_up", "topk_ids", "iparams"), ("h",),
-                      (_round_up(inter, MOE_THREADS), num_pairs, 1), (MOE_THREADS, 1, 1),
-                      ((num_pairs, inter),), ("float32",))
+    header = _header(
+        dict(HD=hidden, INTER=inter, ACT=MOE_ACTIVATIONS[activation]),
+        dict(x_t=x_dtype, w_t=w_dtype),
+    )
+    return KernelSpec(
+        name,
+        _read("moe_gate_up.metal"),
+        header,
+        ("x", "w_gate_up", "topk_ids", "iparams"),
+        ("h",),
+        (_round_up(inter, MOE_THREADS), num_pairs, 1),
+        (MOE_THREADS, 1, 1),
+        ((num_pairs, inter),),
+        ("float32",),
+    )
 
 
-def moe_down(*, x_dtype: str, w_dtype: str, hidden: int, inter: int,
-             num_tokens: int) -> KernelSpec:
+def moe_down(*, x_dtype: str, w_dtype: str, hidden: int, inter: int, num_tokens: int) -> KernelSpec:
     name = f"moe_gemv_down_{TAGS[x_dtype]}_w{TAGS[w_dtype]}_h{hidden}_i{inter}"
     header = _header(dict(HD=hidden, INTER=inter), dict(x_t=x_dtype, w_t=w_dtype))
-    return KernelSpec(name, _read("moe_down.metal"), header,
-                      ("h", "w_down", "topk_ids", "topk_weights", "iparams"), ("out",),
-                      (_round_up(hidden, MOE_THREADS), num_tokens, 1), (MOE_THREADS, 1, 1),
-                      ((num_tokens, hidden),), (x_dtype,))
+    return KernelSpec(
+        name,
+        _read("moe_down.metal"),
+        header,
+        ("h", "w_down", "topk_ids", "topk_weights", "iparams"),
+        ("out",),
+        (_round_up(hidden, MOE_THREADS), num_tokens, 1),
+        (MOE_THREADS, 1, 1),
+        ((num_tokens, hidden),),
+        (x_dtype,),
+    )
 
 
 def dtype_name(dtype) -> str:

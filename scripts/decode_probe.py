@@ -15,6 +15,7 @@ compared with the first row of its shape with the same block table (relative L2)
 ``--page`` sets the KV block size (tokens per page; PERF.md's shapes use 16).
   python3 scripts/decode_probe.py [--only 4096,32768,8x65536] [--page 16] [--budget-s 300]
 """
+
 import argparse
 import os
 import sys
@@ -25,12 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import probe_common
-from pallas_kernels.paged_attention import mosaic
-from pallas_kernels.paged_attention import mosaic_decode
-from pallas_kernels.paged_attention import triton as pa
 from probe_common import CPU, paged_cache
+
+from pallas_kernels.paged_attention import mosaic, mosaic_decode
+from pallas_kernels.paged_attention import triton as pa
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300.0)
 ap.add_argument("--only", default="4096,32768")
@@ -41,117 +42,184 @@ ap.add_argument("--page", type=int, default=16, help="KV block size (tokens per 
 ap.add_argument("--rounds", type=int, default=2, help="A B ... rounds (the median is shown)")
 args = ap.parse_args()
 T0 = time.perf_counter()
-KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None,
-          v_scale=None)
+KW = dict(
+    softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None, v_scale=None
+)
 
 
 def median_time(f, *a):
-  return probe_common.probe_time(f, *a, iters=args.iters, device=args.timing == "device")
+    return probe_common.probe_time(f, *a, iters=args.iters, device=args.timing == "device")
 
 
 def ceilings(page_bytes=4096, heads=8):
-  line = []
-  y = jnp.ones((1 << (20 if CPU else 29),), jnp.bfloat16)   # 1 GiB, read only
-  t, _ = median_time(jax.jit(lambda y: jnp.sum(y, dtype=jnp.float32)), y)
-  line.append(f"xla sum (read only) {y.nbytes / t / 1e12:.3f}")
-  del y
-  try:
-    import torch
-  except ImportError:
-    torch = None
-  if torch is not None and torch.cuda.is_available():
-    def ttime(fn, nbytes):
-      for _ in range(3):
-        fn()
-      torch.cuda.synchronize(); ts = []
-      for _ in range(20):
-        t = time.perf_counter()
-        for _ in range(5):
-          fn()
-        torch.cuda.synchronize(); ts.append((time.perf_counter() - t) / 5)
-      return nbytes / np.median(ts) / 1e12
-    n = 1 << 29                                  # 1 GiB of bf16
-    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    line.append(f"torch copy {ttime(lambda: dst.copy_(src), 4 * n):.3f}")
-    for row in (page_bytes, page_bytes * heads):
-      rows = src.view(-1, row // 2)
-      idx = torch.randperm(rows.shape[0], device="cuda")
-      out = torch.empty_like(rows)
-      line.append(f"torch gather of {row // 1024} KB rows (permuted) "
-                  f"{ttime(lambda: torch.index_select(rows, 0, idx, out=out), 4 * n):.3f}")
-    del src, dst, out
-  print("ceilings, TB/s: " + "; ".join(line), flush=True)
+    line = []
+    y = jnp.ones((1 << (20 if CPU else 29),), jnp.bfloat16)  # 1 GiB, read only
+    t, _ = median_time(jax.jit(lambda y: jnp.sum(y, dtype=jnp.float32)), y)
+    line.append(f"xla sum (read only) {y.nbytes / t / 1e12:.3f}")
+    del y
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+
+        def ttime(fn, nbytes):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(20):
+                t = time.perf_counter()
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+                ts.append((time.perf_counter() - t) / 5)
+            return nbytes / np.median(ts) / 1e12
+
+        n = 1 << 29  # 1 GiB of bf16
+        src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+        dst = torch.empty_like(src)
+        line.append(f"torch copy {ttime(lambda: dst.copy_(src), 4 * n):.3f}")
+        for row in (page_bytes, page_bytes * heads):
+            rows = src.view(-1, row // 2)
+            idx = torch.randperm(rows.shape[0], device="cuda")
+            out = torch.empty_like(rows)
+            line.append(
+                f"torch gather of {row // 1024} KB rows (permuted) "
+                f"{ttime(lambda: torch.index_select(rows, 0, idx, out=out), 4 * n):.3f}"
+            )
+        del src, dst, out
+    print("ceilings, TB/s: " + "; ".join(line), flush=True)
 
 
 def triton_row(block_sizes=None):
-  def call(q, k, v, bt, L):
-    return pa.paged_decode(q, k, v, bt, L, scale=q.shape[-1] ** -.5, interpret=CPU,
-                           block_sizes=block_sizes, **KW)
-  return call
+    def call(q, k, v, bt, L):
+        return pa.paged_decode(
+            q, k, v, bt, L, scale=q.shape[-1] ** -0.5, interpret=CPU, block_sizes=block_sizes, **KW
+        )
+
+    return call
 
 
 def mosaic_row(bk=None, stages=None, stream=None, num_ctas=None):
-  bs = None if bk is None else mosaic.BlockSizes(bk, stages, 1)
+    bs = None if bk is None else mosaic.BlockSizes(bk, stages, 1)
 
-  def call(q, k, v, bt, L):
-    return mosaic_decode.paged_decode(q, k, v, bt, L, scale=q.shape[-1] ** -.5, interpret=CPU,
-                                      block_sizes=bs, stream=stream, num_ctas=num_ctas, **KW)
-  return call
+    def call(q, k, v, bt, L):
+        return mosaic_decode.paged_decode(
+            q,
+            k,
+            v,
+            bt,
+            L,
+            scale=q.shape[-1] ** -0.5,
+            interpret=CPU,
+            block_sizes=bs,
+            stream=stream,
+            num_ctas=num_ctas,
+            **KW,
+        )
+
+    return call
 
 
 def run_shape(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=None):
-  """rows: [(label, call, identity_table)]; each row runs --rounds times (A B ... A B)."""
-  BS = BS or args.page
-  name = name if BS == 16 else f"{name} (page {BS})"
-  q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
-  L = jnp.full((S,), ctx, jnp.int32)
-  caches = {ident: paged_cache(S, ctx, Hkv, D, BS, identity=ident)
-            for ident in {r[2] for r in rows}}
-  nbytes = 4 * S * ctx * Hkv * D
+    """rows: [(label, call, identity_table)]; each row runs --rounds times (A B ... A B)."""
+    BS = BS or args.page
+    name = name if BS == 16 else f"{name} (page {BS})"
+    q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
+    L = jnp.full((S,), ctx, jnp.int32)
+    caches = {
+        ident: paged_cache(S, ctx, Hkv, D, BS, identity=ident) for ident in {r[2] for r in rows}
+    }
+    nbytes = 4 * S * ctx * Hkv * D
 
-  def row(label, call, ident):
-    k, v, bt = caches[ident]
-    label = f"{label} ({'identity' if ident else 'permuted'})"
-    return label, ident, lambda: median_time(jax.jit(call), q, k, v, bt, L)
-  probe_common.ab_rounds(name, [row(*r) for r in rows],
-                         lambda t: f"{nbytes / t / 1e12:.3f} TB/s",
-                         deadline=T0 + args.budget_s, width=54, rounds=args.rounds)
+    def row(label, call, ident):
+        k, v, bt = caches[ident]
+        label = f"{label} ({'identity' if ident else 'permuted'})"
+        return label, ident, lambda: median_time(jax.jit(call), q, k, v, bt, L)
+
+    probe_common.ab_rounds(
+        name,
+        [row(*r) for r in rows],
+        lambda t: f"{nbytes / t / 1e12:.3f} TB/s",
+        deadline=T0 + args.budget_s,
+        width=54,
+        rounds=args.rounds,
+    )
 
 
 ceilings()
 only = set(args.only.split(","))
-if CPU:   # smoke run under the interpreters (times mean nothing)
-  run_shape("tiny", 2, 128, [("triton", triton_row(), False),
-                             ("triton", triton_row(), True),
-                             ("mosaic", mosaic_row(), False),
-                             ("mosaic 64x2, 3 CTAs", mosaic_row(64, 2, num_ctas=3), True),
-                             ("mosaic stream-K, 5 CTAs", mosaic_row(64, 2, True, 5), False)],
-            H=8, Hkv=2, D=64)
-  raise SystemExit
+if CPU:  # smoke run under the interpreters (times mean nothing)
+    run_shape(
+        "tiny",
+        2,
+        128,
+        [
+            ("triton", triton_row(), False),
+            ("triton", triton_row(), True),
+            ("mosaic", mosaic_row(), False),
+            ("mosaic 64x2, 3 CTAs", mosaic_row(64, 2, num_ctas=3), True),
+            ("mosaic stream-K, 5 CTAs", mosaic_row(64, 2, True, 5), False),
+        ],
+        H=8,
+        Hkv=2,
+        D=64,
+    )
+    raise SystemExit
 
 
 def with_identity(rows):
-  return rows + [(label, call, True) for label, call, _ in rows[:2]] if args.identity else rows
+    return rows + [(label, call, True) for label, call, _ in rows[:2]] if args.identity else rows
 
 
-if "4096" in only:   # 512 (seq, KV head) pairs of 64 tiles (64 keys)
-  run_shape("decode 64x4096", 64, 4096, with_identity([
-      ("triton", triton_row(), False),
-      ("mosaic (defaults: 64x3, whole pairs)", mosaic_row(), False),
-      ("mosaic 64x3, one pair per CTA (512)", mosaic_row(64, 3, False, 512), False),
-      ("mosaic 64x3, stream-K", mosaic_row(64, 3, True), False),
-  ]))
+if "4096" in only:  # 512 (seq, KV head) pairs of 64 tiles (64 keys)
+    run_shape(
+        "decode 64x4096",
+        64,
+        4096,
+        with_identity(
+            [
+                ("triton", triton_row(), False),
+                ("mosaic (defaults: 64x3, whole pairs)", mosaic_row(), False),
+                ("mosaic 64x3, one pair per CTA (512)", mosaic_row(64, 3, False, 512), False),
+                ("mosaic 64x3, stream-K", mosaic_row(64, 3, True), False),
+            ]
+        ),
+    )
 if "32768" in only:  # 64 (seq, KV head) pairs
-  run_shape("decode 8x32768", 8, 32768, with_identity([
-      ("triton", triton_row(), False),
-      ("mosaic (defaults: 64x3, stream-K, 128 CTAs)", mosaic_row(), False),
-      ("mosaic 128x2, stream-K, 128 CTAs", mosaic_row(128, 2, True), False),
-      ("mosaic 64x3, stream-K on all 132 SMs", mosaic_row(64, 3, True, mosaic.num_sms()), False),
-  ]))
-for shape in (x for x in only if "x" in x):   # SxCTX: the defaults against Triton
-  S, ctx = map(int, shape.split("x"))
-  run_shape(f"decode {shape}", S, ctx, with_identity([
-      ("triton", triton_row(), False),
-      ("mosaic (defaults)", mosaic_row(), False),
-      ("mosaic, stream-K on all SMs", mosaic_row(stream=True, num_ctas=mosaic.num_sms()), False)]))
+    run_shape(
+        "decode 8x32768",
+        8,
+        32768,
+        with_identity(
+            [
+                ("triton", triton_row(), False),
+                ("mosaic (defaults: 64x3, stream-K, 128 CTAs)", mosaic_row(), False),
+                ("mosaic 128x2, stream-K, 128 CTAs", mosaic_row(128, 2, True), False),
+                (
+                    "mosaic 64x3, stream-K on all 132 SMs",
+                    mosaic_row(64, 3, True, mosaic.num_sms()),
+                    False,
+                ),
+            ]
+        ),
+    )
+for shape in (x for x in only if "x" in x):  # SxCTX: the defaults against Triton
+    S, ctx = map(int, shape.split("x"))
+    run_shape(
+        f"decode {shape}",
+        S,
+        ctx,
+        with_identity(
+            [
+                ("triton", triton_row(), False),
+                ("mosaic (defaults)", mosaic_row(), False),
+                (
+                    "mosaic, stream-K on all SMs",
+                    mosaic_row(stream=True, num_ctas=mosaic.num_sms()),
+                    False,
+                ),
+            ]
+        ),
+    )

@@ -11,6 +11,7 @@ each in ``--rounds`` rounds (A B ... A B; default 2; the summary is the median).
 Timing: GPU busy time per call (``benchmarks.run.jax_device_time``; wall-clock on the CPU).
   python3 scripts/prefill_probe.py [--budget-s 300] [--lengths 8192,1024] [--base FILE]
 """
+
 import argparse
 import functools
 import os
@@ -22,10 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import probe_common
-from pallas_kernels.paged_attention import mosaic
 from probe_common import CPU
+
+from pallas_kernels.paged_attention import mosaic
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300.0)
@@ -36,93 +37,136 @@ ap.add_argument("--no-mixed", action="store_true", help="skip the mixed 4 x (2k 
 ap.add_argument("--persistent", action="store_true", help="also 132 persistent CTAs")
 ap.add_argument("--base", help="an earlier mosaic.py to time beside the current one")
 ap.add_argument("--kernels", action="store_true", help="profile: time per kernel per call")
-ap.add_argument("--pages", default="", help="also these KV block sizes (tokens per page), "
-                "e.g. 64,128 (the main rows use 16)")
-ap.add_argument("--fa3", action="store_true",
-                help="also JAX's attention_mgpu (FA3, contiguous float16 KV; prompts only)")
-ap.add_argument("--blocks", default="", help="also these block sizes, e.g. 128x3x2,64x4x2 "
-                "(block_kv x stages x warpgroups)")
+ap.add_argument(
+    "--pages",
+    default="",
+    help="also these KV block sizes (tokens per page), e.g. 64,128 (the main rows use 16)",
+)
+ap.add_argument(
+    "--fa3",
+    action="store_true",
+    help="also JAX's attention_mgpu (FA3, contiguous float16 KV; prompts only)",
+)
+ap.add_argument(
+    "--blocks",
+    default="",
+    help="also these block sizes, e.g. 128x3x2,64x4x2 (block_kv x stages x warpgroups)",
+)
 args = ap.parse_args()
 T0 = time.perf_counter()
 
 
 def load_base(path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("mosaic_base", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["mosaic_base"] = module   # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mosaic_base", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mosaic_base"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 BASE = load_base(args.base) if args.base else None
 
 
 def timed(f, *a):
-  return probe_common.probe_time(f, *a, iters=args.iters, device=not CPU)
+    return probe_common.probe_time(f, *a, iters=args.iters, device=not CPU)
 
 
 def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
-  total = cached + new
-  ks = jax.random.split(jax.random.key(0), 3)
-  k = jax.random.normal(ks[0], (batch, total, Hkv, D), jnp.bfloat16)
-  v = jax.random.normal(ks[1], (batch, total, Hkv, D), jnp.bfloat16)
-  q = jax.random.normal(ks[2], (batch * new, H, D), jnp.bfloat16)
-  lens = jnp.full((batch,), total, jnp.int32)
-  cu = jnp.arange(batch + 1, dtype=jnp.int32) * new
-  flops = 4 * batch * sum(cached + j + 1 for j in range(new)) * D * H
+    total = cached + new
+    ks = jax.random.split(jax.random.key(0), 3)
+    k = jax.random.normal(ks[0], (batch, total, Hkv, D), jnp.bfloat16)
+    v = jax.random.normal(ks[1], (batch, total, Hkv, D), jnp.bfloat16)
+    q = jax.random.normal(ks[2], (batch * new, H, D), jnp.bfloat16)
+    lens = jnp.full((batch,), total, jnp.int32)
+    cu = jnp.arange(batch + 1, dtype=jnp.int32) * new
+    flops = 4 * batch * sum(cached + j + 1 for j in range(new)) * D * H
 
-  def paged(bs):   # K/V pages in a permuted order, and the block table
-    nb = batch * total // bs
-    perm = np.random.default_rng(0).permutation(nb)
-    pages = lambda x: jnp.zeros((nb, Hkv, bs, D), x.dtype).at[perm].set(
-        x.reshape(nb, bs, Hkv, D).transpose(0, 2, 1, 3))
-    return pages(k), pages(v), jnp.asarray(perm.reshape(batch, total // bs), jnp.int32)
-  k_pages, v_pages, tables = paged(BS)
+    def paged(bs):  # K/V pages in a permuted order, and the block table
+        nb = batch * total // bs
+        perm = np.random.default_rng(0).permutation(nb)
+        pages = lambda x: (
+            jnp.zeros((nb, Hkv, bs, D), x.dtype)
+            .at[perm]
+            .set(x.reshape(nb, bs, Hkv, D).transpose(0, 2, 1, 3))
+        )
+        return pages(k), pages(v), jnp.asarray(perm.reshape(batch, total // bs), jnp.int32)
 
-  def mosaic_row(num_ctas=None, module=mosaic, block_sizes=None, tables=tables):
-    return jax.jit(lambda q, kp, vp: module.paged_attention(
-        q, kp, vp, tables, lens, cu, scale=D ** -.5, interpret=CPU, num_ctas=num_ctas,
-        block_sizes=block_sizes))
-  rows = [("mosaic (defaults: one item per CTA)", mosaic_row(), (q, k_pages, v_pages))]
-  for bs in map(int, filter(None, args.pages.split(","))):
-    kp, vp, bt = paged(bs)
-    rows.append((f"mosaic, page {bs}", mosaic_row(tables=bt), (q, kp, vp)))
-  if args.fa3 and cached == 0 and batch == 1 and not CPU:
-    from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
-    cfg = fa3.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
-    f16 = lambda x: x.astype(jnp.float16)
-    rows.append(("Pallas FA3 (attention_mgpu), contiguous f16",
-                 jax.jit(lambda q, k, v: fa3.attention(q[None], k, v, cfg)[0]),
-                 (f16(q * D ** -.5), f16(k), f16(v))))
-  for spec in filter(None, args.blocks.split(",")):
-    bs = mosaic.BlockSizes(*map(int, spec.split("x")))
-    rows.append((f"mosaic {spec}", mosaic_row(block_sizes=bs), (q, k_pages, v_pages)))
-  if BASE is not None:
-    rows.append((f"mosaic from {os.path.basename(args.base)}", mosaic_row(module=BASE),
-                 (q, k_pages, v_pages)))
-  if args.persistent:
-    rows.append(("mosaic, 132 persistent CTAs", mosaic_row(132), (q, k_pages, v_pages)))
-  if args.kernels and not CPU:
-    for label, f, a in rows:
-      print(f"{name} kernels of '{label}' (us per call, launches per call):", flush=True)
-      for us, n, kernel in probe_common.kernel_breakdown(f, *a)[:8]:
-        print(f"  {us:9.1f} {n:4.1f}  {kernel[:90]}", flush=True)
-  if cached == 0 and not CPU:
-    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q.reshape(batch, new, H, D), k, v, is_causal=True, implementation="cudnn"
-    ).reshape(batch * new, H, D))
-    rows.insert(0, ("cuDNN, contiguous KV", cudnn, (q, k, v)))
-  probe_common.ab_rounds(name, [(label, 0, functools.partial(timed, f, *a))
-                                for label, f, a in rows],
-                         lambda t: f"{flops / t / 1e12:6.1f} TFLOP/s",
-                         deadline=T0 + args.budget_s, width=36, rounds=args.rounds)
+    k_pages, v_pages, tables = paged(BS)
 
-if CPU:   # smoke run under the interpreter (times mean nothing)
-  run_shape("tiny", 1, 0, 128, H=4, Hkv=2, D=64)
-  run_shape("tiny mixed", 2, 32, 32, H=4, Hkv=2, D=64)
+    def mosaic_row(num_ctas=None, module=mosaic, block_sizes=None, tables=tables):
+        return jax.jit(
+            lambda q, kp, vp: module.paged_attention(
+                q,
+                kp,
+                vp,
+                tables,
+                lens,
+                cu,
+                scale=D**-0.5,
+                interpret=CPU,
+                num_ctas=num_ctas,
+                block_sizes=block_sizes,
+            )
+        )
+
+    rows = [("mosaic (defaults: one item per CTA)", mosaic_row(), (q, k_pages, v_pages))]
+    for bs in map(int, filter(None, args.pages.split(","))):
+        kp, vp, bt = paged(bs)
+        rows.append((f"mosaic, page {bs}", mosaic_row(tables=bt), (q, kp, vp)))
+    if args.fa3 and cached == 0 and batch == 1 and not CPU:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
+
+        cfg = fa3.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+        f16 = lambda x: x.astype(jnp.float16)
+        rows.append(
+            (
+                "Pallas FA3 (attention_mgpu), contiguous f16",
+                jax.jit(lambda q, k, v: fa3.attention(q[None], k, v, cfg)[0]),
+                (f16(q * D**-0.5), f16(k), f16(v)),
+            )
+        )
+    for spec in filter(None, args.blocks.split(",")):
+        bs = mosaic.BlockSizes(*map(int, spec.split("x")))
+        rows.append((f"mosaic {spec}", mosaic_row(block_sizes=bs), (q, k_pages, v_pages)))
+    if BASE is not None:
+        rows.append(
+            (
+                f"mosaic from {os.path.basename(args.base)}",
+                mosaic_row(module=BASE),
+                (q, k_pages, v_pages),
+            )
+        )
+    if args.persistent:
+        rows.append(("mosaic, 132 persistent CTAs", mosaic_row(132), (q, k_pages, v_pages)))
+    if args.kernels and not CPU:
+        for label, f, a in rows:
+            print(f"{name} kernels of '{label}' (us per call, launches per call):", flush=True)
+            for us, n, kernel in probe_common.kernel_breakdown(f, *a)[:8]:
+                print(f"  {us:9.1f} {n:4.1f}  {kernel[:90]}", flush=True)
+    if cached == 0 and not CPU:
+        cudnn = jax.jit(
+            lambda q, k, v: jax.nn.dot_product_attention(
+                q.reshape(batch, new, H, D), k, v, is_causal=True, implementation="cudnn"
+            ).reshape(batch * new, H, D)
+        )
+        rows.insert(0, ("cuDNN, contiguous KV", cudnn, (q, k, v)))
+    probe_common.ab_rounds(
+        name,
+        [(label, 0, functools.partial(timed, f, *a)) for label, f, a in rows],
+        lambda t: f"{flops / t / 1e12:6.1f} TFLOP/s",
+        deadline=T0 + args.budget_s,
+        width=36,
+        rounds=args.rounds,
+    )
+
+
+if CPU:  # smoke run under the interpreter (times mean nothing)
+    run_shape("tiny", 1, 0, 128, H=4, Hkv=2, D=64)
+    run_shape("tiny mixed", 2, 32, 32, H=4, Hkv=2, D=64)
 else:
-  for n in map(int, args.lengths.split(",")):
-    run_shape(f"prefill {n}", 1, 0, n)
-  if not args.no_mixed:
-    run_shape("mixed 4x(2k+2k)", 4, 2048, 2048)
+    for n in map(int, args.lengths.split(",")):
+        run_shape(f"prefill {n}", 1, 0, n)
+    if not args.no_mixed:
+        run_shape("mixed 4x(2k+2k)", 4, 2048, 2048)

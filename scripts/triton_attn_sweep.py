@@ -7,6 +7,7 @@ is compared with the first row of its shape (relative L2 error printed: a wrong 
 Copy ceilings (torch copy, XLA x * 1.5) are measured in the same process.
   python3 scripts/triton_attn_sweep.py [--budget-s 200] [--only decode,long,prefill]
 """
+
 import argparse
 import os
 import sys
@@ -17,183 +18,261 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import probe_common
+from probe_common import CPU, paged_cache, rel_err
+
 from pallas_kernels.paged_attention import triton as pa
 from pallas_kernels.paged_attention.tuning import BlockSizes as B
-from probe_common import CPU, paged_cache, rel_err
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=200.0)
 ap.add_argument("--only", default="decode,prefill,long,more")
 ap.add_argument("--iters", type=int, default=3 if CPU else 20)
 args = ap.parse_args()
 T0 = time.perf_counter()
-KW = dict(softcap=None, sliding_window=None, alibi_slopes=None, sinks=None, k_scale=None,
-          v_scale=None, interpret=CPU)
+KW = dict(
+    softcap=None,
+    sliding_window=None,
+    alibi_slopes=None,
+    sinks=None,
+    k_scale=None,
+    v_scale=None,
+    interpret=CPU,
+)
 DEFAULT = dict(pa.EXPERIMENT)
 
 
 def median_time(f, *a):
-  return probe_common.median_time(f, *a, iters=args.iters)
+    return probe_common.median_time(f, *a, iters=args.iters)
 
 
 def run_rows(name, rows, make, call, figure):
-  """rows: [(label, experiment dict, BlockSizes | None)]."""
-  inputs = make()
-  ref = None
-  for label, exp, b in rows:
-    if time.perf_counter() - T0 > args.budget_s:
-      print(f"{name} {label} {b}: skipped (budget)", flush=True); continue
-    pa.EXPERIMENT.clear(); pa.EXPERIMENT.update(DEFAULT | exp)
-    jax.clear_caches()
-    f = jax.jit(lambda *a, b=b: call(*a, b))
-    try:
-      t, out = median_time(f, *inputs)
-    except Exception as e:  # noqa: BLE001 - a failing config is reported, the sweep goes on
-      print(f"{name} {label} {b}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-      continue
-    ref = out if ref is None else ref
-    print(f"{name} {label} {b}: {t * 1e6:8.1f} us {figure(t)} err {rel_err(out, ref):.1e}",
-          flush=True)
-  pa.EXPERIMENT.clear(); pa.EXPERIMENT.update(DEFAULT)
+    """rows: [(label, experiment dict, BlockSizes | None)]."""
+    inputs = make()
+    ref = None
+    for label, exp, b in rows:
+        if time.perf_counter() - T0 > args.budget_s:
+            print(f"{name} {label} {b}: skipped (budget)", flush=True)
+            continue
+        pa.EXPERIMENT.clear()
+        pa.EXPERIMENT.update(DEFAULT | exp)
+        jax.clear_caches()
+        f = jax.jit(lambda *a, b=b: call(*a, b))
+        try:
+            t, out = median_time(f, *inputs)
+        except Exception as e:  # noqa: BLE001 - a failing config is reported, the sweep goes on
+            print(f"{name} {label} {b}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        ref = out if ref is None else ref
+        print(
+            f"{name} {label} {b}: {t * 1e6:8.1f} us {figure(t)} err {rel_err(out, ref):.1e}",
+            flush=True,
+        )
+    pa.EXPERIMENT.clear()
+    pa.EXPERIMENT.update(DEFAULT)
 
 
 def decode_rows(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
-  def make():
-    k, v, bt = paged_cache(S, ctx, Hkv, D, BS)
-    q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
-    return q, k, v, bt, jnp.full((S,), ctx, jnp.int32)
-  run_rows(name, rows, make,
-           lambda q, k, v, bt, L, b: pa.paged_decode(q, k, v, bt, L, scale=D ** -.5,
-                                                     block_sizes=b, **KW),
-           lambda t: f"{4 * S * ctx * Hkv * D / t / 1e12:.3f} TB/s")
+    def make():
+        k, v, bt = paged_cache(S, ctx, Hkv, D, BS)
+        q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
+        return q, k, v, bt, jnp.full((S,), ctx, jnp.int32)
+
+    run_rows(
+        name,
+        rows,
+        make,
+        lambda q, k, v, bt, L, b: pa.paged_decode(
+            q, k, v, bt, L, scale=D**-0.5, block_sizes=b, **KW
+        ),
+        lambda t: f"{4 * S * ctx * Hkv * D / t / 1e12:.3f} TB/s",
+    )
 
 
 def prefill_rows(name, S, n, ctx, rows, H=32, Hkv=8, D=128, BS=16):
-  def make():
-    k, v, bt = paged_cache(S, ctx, Hkv, D, BS)
-    q = jax.random.normal(jax.random.key(7), (S * n, H, D), jnp.bfloat16)
-    return (q, k, v, bt, jnp.full((S,), ctx, jnp.int32),
-            jnp.arange(S + 1, dtype=jnp.int32) * n)
-  pairs = S * sum(min(ctx, ctx - n + j + 1) for j in range(n))
-  run_rows(name, rows, make,
-           lambda q, k, v, bt, L, cu, b: pa.paged_attention(q, k, v, bt, L, cu, scale=D ** -.5,
-                                                            block_sizes=b, **KW),
-           lambda t: f"{4 * pairs * D * H / t / 1e12:.1f} TFLOP/s")
+    def make():
+        k, v, bt = paged_cache(S, ctx, Hkv, D, BS)
+        q = jax.random.normal(jax.random.key(7), (S * n, H, D), jnp.bfloat16)
+        return (q, k, v, bt, jnp.full((S,), ctx, jnp.int32), jnp.arange(S + 1, dtype=jnp.int32) * n)
+
+    pairs = S * sum(min(ctx, ctx - n + j + 1) for j in range(n))
+    run_rows(
+        name,
+        rows,
+        make,
+        lambda q, k, v, bt, L, cu, b: pa.paged_attention(
+            q, k, v, bt, L, cu, scale=D**-0.5, block_sizes=b, **KW
+        ),
+        lambda t: f"{4 * pairs * D * H / t / 1e12:.1f} TFLOP/s",
+    )
 
 
 def ceilings():
-  x = jnp.ones((1 << (20 if CPU else 28),), jnp.float32)
-  t, _ = median_time(jax.jit(lambda x: x * 1.5), x)
-  line = f"ceiling xla x*1.5: {2 * x.nbytes / t / 1e12:.3f} TB/s"
-  y = jnp.ones((1 << (20 if CPU else 29),), jnp.bfloat16)   # read-only: 1 GiB reduced
-  t, _ = median_time(jax.jit(lambda y: jnp.sum(y, dtype=jnp.float32)), y)
-  line += f"  xla sum (read only): {y.nbytes / t / 1e12:.3f} TB/s"
-  del y
-  try:
-    import torch
-    if torch.cuda.is_available():
-      src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
-      dst = torch.empty_like(src)
-      for _ in range(3):
-        dst.copy_(src)
-      torch.cuda.synchronize(); ts = []
-      for _ in range(20):
-        t = time.perf_counter()
-        for _ in range(5):
-          dst.copy_(src)
-        torch.cuda.synchronize(); ts.append((time.perf_counter() - t) / 5)
-      line += f"  torch copy: {2 * src.numel() * 4 / np.median(ts) / 1e12:.3f} TB/s"
-      del src, dst
-  except ImportError:
-    pass
-  print(line, flush=True)
+    x = jnp.ones((1 << (20 if CPU else 28),), jnp.float32)
+    t, _ = median_time(jax.jit(lambda x: x * 1.5), x)
+    line = f"ceiling xla x*1.5: {2 * x.nbytes / t / 1e12:.3f} TB/s"
+    y = jnp.ones((1 << (20 if CPU else 29),), jnp.bfloat16)  # read-only: 1 GiB reduced
+    t, _ = median_time(jax.jit(lambda y: jnp.sum(y, dtype=jnp.float32)), y)
+    line += f"  xla sum (read only): {y.nbytes / t / 1e12:.3f} TB/s"
+    del y
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
+            dst = torch.empty_like(src)
+            for _ in range(3):
+                dst.copy_(src)
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(20):
+                t = time.perf_counter()
+                for _ in range(5):
+                    dst.copy_(src)
+                torch.cuda.synchronize()
+                ts.append((time.perf_counter() - t) / 5)
+            line += f"  torch copy: {2 * src.numel() * 4 / np.median(ts) / 1e12:.3f} TB/s"
+            del src, dst
+    except ImportError:
+        pass
+    print(line, flush=True)
 
 
 # Switch sets (merged over pa.EXPERIMENT's defaults).
-OFF = dict(decode_prefetch=False, prefill_prefetch=False, decode_fold=False, prefill_fold=False,
-           heads_inner=False)                                             # the code before
+OFF = dict(
+    decode_prefetch=False,
+    prefill_prefetch=False,
+    decode_fold=False,
+    prefill_fold=False,
+    heads_inner=False,
+)  # the code before
 PF = dict(OFF, decode_prefetch=True)
 PFF = dict(PF, decode_fold=True)
 F = dict(OFF, prefill_fold=True)
-FH = dict(F, heads_inner=True)                                            # prefill default
+FH = dict(F, heads_inner=True)  # prefill default
 FP = dict(F, prefill_prefetch=True)
 FHP = dict(FH, prefill_prefetch=True)
 only = set(args.only.split(","))
 ceilings()
 
-if CPU:   # smoke run: tiny shapes under the interpreter (times mean nothing)
-  decode_rows("decode", 2, 64, [("off", OFF, B(block_k=16)), ("pf+fold", PFF, B(block_k=16))],
-              H=8, Hkv=2, D=64)
-  prefill_rows("prefill", 1, 64, 64, [("off", OFF, B(block_m=32, block_k=16)),
-                                      ("fold+hi+pf", FHP, B(block_m=32, block_k=16))],
-               H=8, Hkv=2, D=64)
-  raise SystemExit
+if CPU:  # smoke run: tiny shapes under the interpreter (times mean nothing)
+    decode_rows(
+        "decode",
+        2,
+        64,
+        [("off", OFF, B(block_k=16)), ("pf+fold", PFF, B(block_k=16))],
+        H=8,
+        Hkv=2,
+        D=64,
+    )
+    prefill_rows(
+        "prefill",
+        1,
+        64,
+        64,
+        [("off", OFF, B(block_m=32, block_k=16)), ("fold+hi+pf", FHP, B(block_m=32, block_k=16))],
+        H=8,
+        Hkv=2,
+        D=64,
+    )
+    raise SystemExit
 
 
 def d(bk, nw, ns, splits=None):
-  return B(block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
+    return B(block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
 
 
 def p(bm, bk, nw, ns):
-  return B(block_m=bm, block_k=bk, num_warps=nw, num_stages=ns)
+    return B(block_m=bm, block_k=bk, num_warps=nw, num_stages=ns)
 
 
 if "decode" in only:
-  decode_rows("decode 64x4096", 64, 4096, [
-      ("off", OFF, d(128, 8, 3)),          # before: table entry, 2 programs / SM (98 regs)
-      ("default", {}, None),
-      ("pf", PF, d(128, 8, 3)),
-      ("pf", PF, d(32, 4, 3)),             # 38 KB, 64 regs: all 512 programs resident
-      ("pf", PF, d(32, 4, 4)),
-      ("pf", PF, d(32, 2, 3)),
-      ("pf", PF, d(64, 4, 2)),             # 39 KB, 80 regs: all resident, 1 buffer each
-      ("pf", PF, d(64, 4, 3)),
-      ("pf", PF, d(64, 4, 4)),
-      ("off", OFF, d(64, 4, 3)),           # 122 regs: 4 programs / SM, 1 buffer
-      ("off", OFF, d(32, 4, 3)),
-      ("pf", PF, d(64, 8, 2)),
-      ("pf+fold", PFF, d(32, 4, 3)),
-      ("pf", PF, d(16, 4, 4)),
-      ("pf", PF, d(32, 4, 5)),
-      ("pf", PF, d(32, 4, 3, 2)),
-      ("off", OFF, d(128, 8, 3)),          # noise check: the first row again
-  ])
+    decode_rows(
+        "decode 64x4096",
+        64,
+        4096,
+        [
+            ("off", OFF, d(128, 8, 3)),  # before: table entry, 2 programs / SM (98 regs)
+            ("default", {}, None),
+            ("pf", PF, d(128, 8, 3)),
+            ("pf", PF, d(32, 4, 3)),  # 38 KB, 64 regs: all 512 programs resident
+            ("pf", PF, d(32, 4, 4)),
+            ("pf", PF, d(32, 2, 3)),
+            ("pf", PF, d(64, 4, 2)),  # 39 KB, 80 regs: all resident, 1 buffer each
+            ("pf", PF, d(64, 4, 3)),
+            ("pf", PF, d(64, 4, 4)),
+            ("off", OFF, d(64, 4, 3)),  # 122 regs: 4 programs / SM, 1 buffer
+            ("off", OFF, d(32, 4, 3)),
+            ("pf", PF, d(64, 8, 2)),
+            ("pf+fold", PFF, d(32, 4, 3)),
+            ("pf", PF, d(16, 4, 4)),
+            ("pf", PF, d(32, 4, 5)),
+            ("pf", PF, d(32, 4, 3, 2)),
+            ("off", OFF, d(128, 8, 3)),  # noise check: the first row again
+        ],
+    )
 if "prefill" in only:
-  prefill_rows("prefill 1x8192", 1, 8192, 8192, [
-      ("off", OFF, p(128, 128, 8, 3)),     # before
-      ("default", {}, None),
-      ("fold", F, p(128, 128, 8, 3)),
-      ("fold+hi", FH, p(128, 128, 8, 3)),
-      ("fold+pf", FP, p(128, 128, 8, 3)),
-      ("fold+hi+pf", FHP, p(128, 128, 8, 3)),
-      ("fold", F, p(128, 64, 4, 3)),
-      ("fold+hi", FH, p(128, 64, 4, 3)),
-      ("fold+hi", FH, p(128, 64, 4, 2)),
-      ("fold+hi", FH, p(128, 64, 4, 4)),
-      ("fold+hi", FH, p(128, 32, 4, 3)),
-      ("fold+hi", FH, p(128, 64, 8, 3)),
-      ("fold+hi", FH, p(128, 128, 8, 2)),
-      ("fold+hi", FH, p(64, 64, 4, 3)),
-      ("fold+hi", FH, p(64, 128, 4, 3)),
-      ("fold+hi", FH, p(64, 32, 4, 3)),
-      ("fold+hi+pf", FHP, p(128, 64, 4, 2)),
-      ("off", OFF, p(128, 128, 8, 3)),     # noise check
-  ])
+    prefill_rows(
+        "prefill 1x8192",
+        1,
+        8192,
+        8192,
+        [
+            ("off", OFF, p(128, 128, 8, 3)),  # before
+            ("default", {}, None),
+            ("fold", F, p(128, 128, 8, 3)),
+            ("fold+hi", FH, p(128, 128, 8, 3)),
+            ("fold+pf", FP, p(128, 128, 8, 3)),
+            ("fold+hi+pf", FHP, p(128, 128, 8, 3)),
+            ("fold", F, p(128, 64, 4, 3)),
+            ("fold+hi", FH, p(128, 64, 4, 3)),
+            ("fold+hi", FH, p(128, 64, 4, 2)),
+            ("fold+hi", FH, p(128, 64, 4, 4)),
+            ("fold+hi", FH, p(128, 32, 4, 3)),
+            ("fold+hi", FH, p(128, 64, 8, 3)),
+            ("fold+hi", FH, p(128, 128, 8, 2)),
+            ("fold+hi", FH, p(64, 64, 4, 3)),
+            ("fold+hi", FH, p(64, 128, 4, 3)),
+            ("fold+hi", FH, p(64, 32, 4, 3)),
+            ("fold+hi+pf", FHP, p(128, 64, 4, 2)),
+            ("off", OFF, p(128, 128, 8, 3)),  # noise check
+        ],
+    )
 if "long" in only:
-  decode_rows("decode 8x32768", 8, 32768, [
-      ("off", OFF, d(128, 8, 3)),
-      ("default", {}, None),
-      ("pf", PF, d(128, 8, 3)),
-      ("pf", PF, d(32, 4, 3)),
-      ("pf", PF, d(64, 4, 2)),
-      ("pf", PF, d(64, 4, 4)),
-  ])
+    decode_rows(
+        "decode 8x32768",
+        8,
+        32768,
+        [
+            ("off", OFF, d(128, 8, 3)),
+            ("default", {}, None),
+            ("pf", PF, d(128, 8, 3)),
+            ("pf", PF, d(32, 4, 3)),
+            ("pf", PF, d(64, 4, 2)),
+            ("pf", PF, d(64, 4, 4)),
+        ],
+    )
 if "more" in only:
-  prefill_rows("prefill 1x16384", 1, 16384, 16384, [
-      ("off", OFF, p(128, 128, 8, 3)), ("default", {}, None),
-      ("fold+hi", FH, p(128, 128, 8, 3))])
-  prefill_rows("mixed 4x(2048+2048)", 4, 2048, 4096, [
-      ("off", OFF, p(128, 128, 8, 3)), ("default", {}, None),
-      ("fold+hi", FH, p(128, 128, 8, 3))])
+    prefill_rows(
+        "prefill 1x16384",
+        1,
+        16384,
+        16384,
+        [
+            ("off", OFF, p(128, 128, 8, 3)),
+            ("default", {}, None),
+            ("fold+hi", FH, p(128, 128, 8, 3)),
+        ],
+    )
+    prefill_rows(
+        "mixed 4x(2048+2048)",
+        4,
+        2048,
+        4096,
+        [
+            ("off", OFF, p(128, 128, 8, 3)),
+            ("default", {}, None),
+            ("fold+hi", FH, p(128, 128, 8, 3)),
+        ],
+    )
 print(f"sweep done in {time.perf_counter() - T0:.0f} s", flush=True)

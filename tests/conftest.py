@@ -39,8 +39,11 @@ TOLERANCE = {
 
 
 def pytest_addoption(parser):
-    parser.addoption("--backends", default=os.environ.get("JPA_BACKENDS", "xla"),
-                     help="comma-separated backends the conformance suite runs")
+    parser.addoption(
+        "--backends",
+        default=os.environ.get("JPA_BACKENDS", "xla"),
+        help="comma-separated backends the conformance suite runs",
+    )
 
 
 def selected_backends(config) -> list[str]:
@@ -75,10 +78,14 @@ def supports(backend: str, *, head_dim, block_size, q_dtype, kv_dtype) -> bool:
     if backend == "xla":
         return True
     from jax_paged_attn import backends
+
     try:
         backends.module(backend, "attention").check_supported(
-            head_dim=head_dim, block_size=block_size, q_dtype=jnp.dtype(q_dtype),
-            kv_dtype=jnp.dtype(kv_dtype))
+            head_dim=head_dim,
+            block_size=block_size,
+            q_dtype=jnp.dtype(q_dtype),
+            kv_dtype=jnp.dtype(kv_dtype),
+        )
     except NotImplementedError:
         return False
     return True
@@ -93,12 +100,16 @@ def assert_close(out, ref, dtype, what=""):
     out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
     ref = np.asarray(ref, np.float64)
     assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert np.all(np.isfinite(out)), f"{what}: non-finite values at {np.argwhere(~np.isfinite(out))[:5].tolist()}"
+    assert np.all(np.isfinite(out)), (
+        f"{what}: non-finite values at {np.argwhere(~np.isfinite(out))[:5].tolist()}"
+    )
     tol = TOLERANCE[jnp.dtype(dtype)]
     err = np.abs(out - ref)
     bad = err > tol["atol"] + tol["rtol"] * np.abs(ref)
-    assert not bad.any(), (f"{what}: {bad.sum()} elements off, worst {err.max():.3g} at "
-                           f"{np.unravel_index(err.argmax(), err.shape)}")
+    assert not bad.any(), (
+        f"{what}: {bad.sum()} elements off, worst {err.max():.3g} at "
+        f"{np.unravel_index(err.argmax(), err.shape)}"
+    )
     norm = np.linalg.norm(ref)
     if norm > 0:
         rel = np.linalg.norm(out - ref) / norm
@@ -120,19 +131,28 @@ class Case:
     q: jax.Array
     cache: jpa.KVCache
     meta: jpa.AttentionMetadata
-    k_seqs: list          # float64 [L_i, Hkv, D]: what the cache holds, dequantised
+    k_seqs: list  # float64 [L_i, Hkv, D]: what the cache holds, dequantised
     v_seqs: list
     context_lens: np.ndarray
     cu_seqlens_q: np.ndarray
-    new_k: np.ndarray     # the step's new tokens [T, Hkv, D] (float32), for layer tests
+    new_k: np.ndarray  # the step's new tokens [T, Hkv, D] (float32), for layer tests
     new_v: np.ndarray
 
     def reference(self, **opts):
         from tests import oracle
-        opts = {k: (None if v is None else np.asarray(v, np.float64) if hasattr(v, "shape") else v)
-                for k, v in opts.items()}
-        return oracle.attention(self.q.astype(jnp.float32), self.k_seqs, self.v_seqs,
-                                self.context_lens, self.cu_seqlens_q, **opts)
+
+        opts = {
+            k: (None if v is None else np.asarray(v, np.float64) if hasattr(v, "shape") else v)
+            for k, v in opts.items()
+        }
+        return oracle.attention(
+            self.q.astype(jnp.float32),
+            self.k_seqs,
+            self.v_seqs,
+            self.context_lens,
+            self.cu_seqlens_q,
+            **opts,
+        )
 
 
 def nan_cache(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype, scale=None):
@@ -145,9 +165,20 @@ def nan_cache(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype, scale=No
     return dataclasses.replace(cache, k=nan, v=nan + 0)
 
 
-def build_case(rng, seqs, *, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
-               dtype=jnp.float32, kv_dtype=None, pad_rows=0, spare_blocks=3,
-               write_new_only=False) -> Case:
+def build_case(
+    rng,
+    seqs,
+    *,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    block_size=16,
+    dtype=jnp.float32,
+    kv_dtype=None,
+    pad_rows=0,
+    spare_blocks=3,
+    write_new_only=False,
+) -> Case:
     """A batch of sequences ``[(q_len, kv_len), ...]`` over a cache built through the API.
 
     Blocks are a random permutation of the cache; block-table entries past each context and
@@ -161,11 +192,11 @@ def build_case(rng, seqs, *, num_heads=4, num_kv_heads=2, head_dim=64, block_siz
     max_blocks = max(nblk + [1]) + 1
     num_blocks = sum(nblk) + spare_blocks
     perm = rng.permutation(num_blocks)
-    used, spare = perm[:sum(nblk)], perm[sum(nblk):]
+    used, spare = perm[: sum(nblk)], perm[sum(nblk) :]
     tables = rng.choice(spare, size=(num_seqs, max_blocks)).astype(np.int32)
     offset = 0
     for i, n in enumerate(nblk):
-        tables[i, :n] = used[offset:offset + n]
+        tables[i, :n] = used[offset : offset + n]
         offset += n
     scale = None
     if jnp.dtype(kv_dtype) == FP8:
@@ -189,28 +220,37 @@ def build_case(rng, seqs, *, num_heads=4, num_kv_heads=2, head_dim=64, block_siz
         v_seqs.append(stored_values(v, kv_dtype, scale))
         first_new = max(ctx - n, 0)
         keep = slice(0, first_new) if write_new_only else slice(0, ctx)
-        slots.append(seq_slots[keep]); ks.append(k[keep]); vs.append(v[keep])
+        slots.append(seq_slots[keep])
+        ks.append(k[keep])
+        vs.append(v[keep])
         rows = slice(cu[i] + (n - (ctx - first_new)), cu[i + 1])
         new_k[rows], new_v[rows] = k[first_new:], v[first_new:]
         step_slots[rows] = seq_slots[first_new:]
     if slots and sum(len(s) for s in slots):
-        cache = jpa.write_kv(cache, jnp.asarray(np.concatenate(ks)), jnp.asarray(np.concatenate(vs)),
-                             jnp.asarray(np.concatenate(slots)), backend="xla")
+        cache = jpa.write_kv(
+            cache,
+            jnp.asarray(np.concatenate(ks)),
+            jnp.asarray(np.concatenate(vs)),
+            jnp.asarray(np.concatenate(slots)),
+            backend="xla",
+        )
     q = rng.standard_normal((num_tokens, num_heads, head_dim)).astype(np.float32)
-    q[int(cu[-1]):] = np.nan
-    meta = jpa.AttentionMetadata(jnp.asarray(tables), jnp.asarray(context_lens), jnp.asarray(cu),
-                                 jnp.asarray(step_slots))
-    return Case(jnp.asarray(q, dtype), cache, meta, k_seqs, v_seqs, context_lens, cu,
-                new_k, new_v)
+    q[int(cu[-1]) :] = np.nan
+    meta = jpa.AttentionMetadata(
+        jnp.asarray(tables), jnp.asarray(context_lens), jnp.asarray(cu), jnp.asarray(step_slots)
+    )
+    return Case(jnp.asarray(q, dtype), cache, meta, k_seqs, v_seqs, context_lens, cu, new_k, new_v)
 
 
 # Fresh inputs on every run; JPA_SEED=<n> replays a run (the seed is in the report header).
-SEED = int(os.environ.get("JPA_SEED", np.random.SeedSequence().entropy % (2 ** 31)))
+SEED = int(os.environ.get("JPA_SEED", np.random.SeedSequence().entropy % (2**31)))
 
 
 def pytest_report_header(config):
-    return [f"jax {jax.__version__} on {jax.default_backend()}; backends: "
-            f"{','.join(selected_backends(config))}; JPA_SEED={SEED}"]
+    return [
+        f"jax {jax.__version__} on {jax.default_backend()}; backends: "
+        f"{','.join(selected_backends(config))}; JPA_SEED={SEED}"
+    ]
 
 
 @pytest.fixture

@@ -7,8 +7,19 @@ import math
 import numpy as np
 
 
-def attention(q, k_seqs, v_seqs, context_lens, cu_seqlens_q, *, scale=None, softcap=None,
-              sliding_window=None, alibi_slopes=None, sinks=None):
+def attention(
+    q,
+    k_seqs,
+    v_seqs,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    scale=None,
+    softcap=None,
+    sliding_window=None,
+    alibi_slopes=None,
+    sinks=None,
+):
     """q [T, H, D]; k_seqs[i], v_seqs[i]: [L_i, Hkv, D] (the values as stored, dequantised)."""
     q = np.asarray(q, np.float64)
     num_tokens, num_heads, head_dim = q.shape
@@ -49,8 +60,17 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def topk(logits, top_k, *, scoring="softmax", renormalize=False, correction_bias=None,
-         num_expert_group=None, topk_group=None, routed_scaling_factor=1.0):
+def topk(
+    logits,
+    top_k,
+    *,
+    scoring="softmax",
+    renormalize=False,
+    correction_bias=None,
+    num_expert_group=None,
+    topk_group=None,
+    routed_scaling_factor=1.0,
+):
     logits = np.asarray(logits, np.float64)
     scores = _softmax(logits) if scoring == "softmax" else 1.0 / (1.0 + np.exp(-logits))
     select = scores + (0 if correction_bias is None else np.asarray(correction_bias))
@@ -78,9 +98,10 @@ def _act(x, activation):
         return x / (1.0 + np.exp(-x))
     if activation == "gelu":
         from math import erf
+
         return 0.5 * x * (1.0 + np.vectorize(erf)(x / math.sqrt(2.0)))
     if activation == "gelu_tanh":
-        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
     raise ValueError(activation)
 
 

@@ -23,13 +23,20 @@ def test_decode_bytes():
     assert S.DECODE_LONG.kv_bytes == 2**30
 
 
-@pytest.mark.parametrize("shape", [S.TINY_MIXED, S.TINY_PREFILL, S.MIXED,
-                                   S.AttentionShape("x", ((0, 1), (5, 3), (17, 17)), 4, 2, 64)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        S.TINY_MIXED,
+        S.TINY_PREFILL,
+        S.MIXED,
+        S.AttentionShape("x", ((0, 1), (5, 3), (17, 17)), 4, 2, 64),
+    ],
+)
 def test_visible_pairs_brute_force(shape):
     total = 0
     for c, n in shape.seqs:
         for j in range(n):
-            p = c + j                # SPEC §3: row j of n sits at p = L - n + j, sees t <= p
+            p = c + j  # SPEC §3: row j of n sits at p = L - n + j, sees t <= p
             total += p + 1
     assert shape.visible_pairs == total
     assert shape.flops == 4 * total * shape.head_dim * shape.num_heads
@@ -68,10 +75,22 @@ def quick_run(tmp_path_factory):
     js, png = str(d / "bench.json"), str(d / "bench.png")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     env.pop("OUT", None)
-    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--backends", "xla,triton",
-           "--only", "decode,sweep,moe,kv_write",
-           "--shapes", "tiny_decode,tiny_prefill_32,tiny_prefill_64,tiny_moe_decode,tiny_kv_write",
-           "--json", js, "--plot", png]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--quick",
+        "--backends",
+        "xla,triton",
+        "--only",
+        "decode,sweep,moe,kv_write",
+        "--shapes",
+        "tiny_decode,tiny_prefill_32,tiny_prefill_64,tiny_moe_decode,tiny_kv_write",
+        "--json",
+        js,
+        "--plot",
+        png,
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(js) as f:
@@ -93,18 +112,22 @@ def test_quick_run_json(quick_run):
         if r["status"] in ("ok", "invalid"):
             assert r["time_s"] > 0 and r["value"] > 0 and r["iters"] >= 3, r
         else:
-            assert r["error"], r          # a failure always says why
+            assert r["error"], r  # a failure always says why
     by = {(r["group"], r["shape"], r["impl"]): r for r in rows}
     # our xla backend ran on every selected shape, and its numbers are related to the ceilings
-    for g, shape in (("decode", "tiny_decode"), ("sweep", "tiny_prefill_32"),
-                     ("sweep", "tiny_prefill_64"), ("moe", "tiny_moe_decode"),
-                     ("kv_write", "tiny_kv_write")):
+    for g, shape in (
+        ("decode", "tiny_decode"),
+        ("sweep", "tiny_prefill_32"),
+        ("sweep", "tiny_prefill_64"),
+        ("moe", "tiny_moe_decode"),
+        ("kv_write", "tiny_kv_write"),
+    ):
         r = by[(g, shape, "xla")]
         assert r["status"] == "ok", r
         assert r["frac_of_ceiling"] is not None and r["frac_of_ceiling"] > 0
     assert by[("decode", "tiny_decode", "xla")]["metric"] == "TB/s"
     assert by[("sweep", "tiny_prefill_64", "xla")]["metric"] == "TFLOP/s"
-    assert by[("moe", "tiny_moe_decode", "xla")]["metric"] == "TB/s"   # decode-shaped MoE
+    assert by[("moe", "tiny_moe_decode", "xla")]["metric"] == "TB/s"  # decode-shaped MoE
     # a backend with no kernels here is recorded with its error, not dropped
     t = by[("decode", "tiny_decode", "triton")]
     assert t["status"] == "not_implemented" and "NotImplementedError" in t["error"]
@@ -131,17 +154,19 @@ def test_quick_run_table_and_plot(quick_run):
 
 def test_plot_renders_from_json(quick_run, tmp_path):
     from benchmarks import plot
+
     doc, _, _ = quick_run
     js = tmp_path / "x.json"
     js.write_text(json.dumps(doc))
     out = plot.render(str(js), str(tmp_path / "x.png"))
     assert os.path.getsize(out) > 10_000
-    both = plot.render([str(js), str(js)], str(tmp_path / "y.png"))   # several runs, one figure
+    both = plot.render([str(js), str(js)], str(tmp_path / "y.png"))  # several runs, one figure
     assert os.path.getsize(both) > 10_000
 
 
 def test_compare_flags_wrong_and_nan():
     from benchmarks.run import compare
+
     r = np.random.default_rng(0).normal(size=(8, 4, 16)).astype(np.float32)
     assert compare(r, r, "bfloat16")["ok"]
     bad = r.copy()
@@ -154,6 +179,7 @@ def test_compare_flags_wrong_and_nan():
 # ---------------------------------------------------------------------------------------------
 # The torch peers' wiring (layouts, GQA, checks) with a tiny numpy stand-in for torch: torch
 # is not installed on the CPU machines, only on the GPU one.
+
 
 class _FakeTensor:
     def __init__(self, a):
@@ -188,7 +214,7 @@ def _fake_sdpa(q, k, v, is_causal=False, enable_gqa=False):
         k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
         v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
     s = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    if is_causal:   # torch's causal mask is top-left aligned
+    if is_causal:  # torch's causal mask is top-left aligned
         s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -197,16 +223,19 @@ def _fake_sdpa(q, k, v, is_causal=False, enable_gqa=False):
 
 def _fake_torch():
     import types
+
     torch = types.ModuleType("torch")
     torch.__version__ = "fake"
     torch.float32 = torch.bfloat16 = "dtype"
     torch.from_dlpack = lambda x: _FakeTensor(np.asarray(x, np.float32))
     torch.randn = lambda *shape, device=None, dtype=None: _FakeTensor(
-        np.random.default_rng(0).normal(size=shape))
+        np.random.default_rng(0).normal(size=shape)
+    )
     torch.empty_like = lambda t: _FakeTensor(np.empty_like(t.a))
     torch.matmul = lambda a, b: _FakeTensor(a.a @ b.a)
-    torch.cuda = types.SimpleNamespace(synchronize=lambda: None, empty_cache=lambda: None,
-                                       is_available=lambda: True)
+    torch.cuda = types.SimpleNamespace(
+        synchronize=lambda: None, empty_cache=lambda: None, is_available=lambda: True
+    )
     nn = types.ModuleType("torch.nn")
     functional = types.ModuleType("torch.nn.functional")
     functional.scaled_dot_product_attention = _fake_sdpa
@@ -216,11 +245,23 @@ def _fake_torch():
 
 def test_torch_peer_wiring(tmp_path, monkeypatch):
     from benchmarks import run as R
+
     torch, modules = _fake_torch()
     for name, mod in modules.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    args = R.parse_args(["--quick", "--backends", "xla", "--json", str(tmp_path / "t.json"),
-                         "--plot", "none", "--iters", "3"])
+    args = R.parse_args(
+        [
+            "--quick",
+            "--backends",
+            "xla",
+            "--json",
+            str(tmp_path / "t.json"),
+            "--plot",
+            "none",
+            "--iters",
+            "3",
+        ]
+    )
     ctx = R.Ctx(args)
     ctx.torch = torch
     R.bench_ceilings(ctx)

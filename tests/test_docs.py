@@ -13,7 +13,7 @@ def test_readme_python_blocks_run():
     assert blocks, "the README has no python example"
     for code in blocks:
         namespace = {}
-        exec(compile(code, str(README), "exec"), namespace)   # noqa: S102 - our own README
+        exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - our own README
     out = namespace["out"]
     assert out.shape == (46, 32, 128)
     assert bool(namespace["jnp"].all(namespace["jnp"].isfinite(out)))
@@ -28,8 +28,13 @@ def test_api_docstring_examples():
     import jax_paged_attn.moe
     import jax_paged_attn.sharding
 
-    for module in (jax_paged_attn.attention, jax_paged_attn.cache, jax_paged_attn.metadata,
-                   jax_paged_attn.moe, jax_paged_attn.sharding):
+    for module in (
+        jax_paged_attn.attention,
+        jax_paged_attn.cache,
+        jax_paged_attn.metadata,
+        jax_paged_attn.moe,
+        jax_paged_attn.sharding,
+    ):
         result = doctest.testmod(module)
         assert result.attempted > 0, module.__name__
         assert result.failed == 0, module.__name__

@@ -18,32 +18,69 @@ import pytest
 
 pytest.importorskip("metal_plugin")
 import metal_plugin  # noqa: E402
-from tests import oracle  # noqa: E402
 from metal_plugin import specs  # noqa: E402
+from tests import oracle  # noqa: E402
 
 FP8 = jnp.float8_e4m3fn
 TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
 
 
 # ----------------------------------------------------------------------------- oracle
-def attention_oracle(q, kp, vp, bt, ctx, cu, *, scale, softcap=None, window=None,
-                     alibi=None, sinks=None, k_scale=None, v_scale=None):
+def attention_oracle(
+    q,
+    kp,
+    vp,
+    bt,
+    ctx,
+    cu,
+    *,
+    scale,
+    softcap=None,
+    window=None,
+    alibi=None,
+    sinks=None,
+    k_scale=None,
+    v_scale=None,
+):
     """SPEC §3 in float64 (tests/oracle.py) on the keys the block tables address."""
+
     def per_seq(pages, scale_vec):
         pages = np.asarray(pages.astype(np.float32), np.float64)
         if scale_vec is not None:
             pages = pages * np.asarray(scale_vec, np.float64)[None, :, None, None]
         bs = pages.shape[2]
-        return [pages[bt[i, np.arange(L) // bs], :, np.arange(L) % bs]   # [L, Hkv, D]
-                for i, L in enumerate(np.asarray(ctx))]
+        return [
+            pages[bt[i, np.arange(L) // bs], :, np.arange(L) % bs]  # [L, Hkv, D]
+            for i, L in enumerate(np.asarray(ctx))
+        ]
 
-    return oracle.attention(q, per_seq(kp, k_scale), per_seq(vp, v_scale), np.asarray(ctx),
-                            np.asarray(cu), scale=scale, softcap=softcap,
-                            sliding_window=window, alibi_slopes=alibi, sinks=sinks)
+    return oracle.attention(
+        q,
+        per_seq(kp, k_scale),
+        per_seq(vp, v_scale),
+        np.asarray(ctx),
+        np.asarray(cu),
+        scale=scale,
+        softcap=softcap,
+        sliding_window=window,
+        alibi_slopes=alibi,
+        sinks=sinks,
+    )
 
 
-def build_case(rng, seqs, *, heads, kv_heads, head_dim, block_size, q_dtype="float32",
-               kv_dtype="float32", pad_rows=1, extra_blocks=2):
+def build_case(
+    rng,
+    seqs,
+    *,
+    heads,
+    kv_heads,
+    head_dim,
+    block_size,
+    q_dtype="float32",
+    kv_dtype="float32",
+    pad_rows=1,
+    extra_blocks=2,
+):
     """seqs: [(q_len, kv_len)]. Returns numpy inputs with NaN-poisoned, permuted pages."""
     max_blocks = max(1, max(-(-L // block_size) for _, L in seqs)) + 1
     need = sum(-(-L // block_size) for _, L in seqs)
@@ -83,34 +120,54 @@ def features(rng, heads, kind):
     if kind == "window_sinks":
         return dict(window=7, sinks=rng.standard_normal(heads).astype(np.float32))
     if kind == "all":
-        return dict(softcap=5.0, window=13, alibi=(-rng.random(heads) * 0.2).astype(np.float32),
-                    sinks=rng.standard_normal(heads).astype(np.float32))
+        return dict(
+            softcap=5.0,
+            window=13,
+            alibi=(-rng.random(heads) * 0.2).astype(np.float32),
+            sinks=rng.standard_normal(heads).astype(np.float32),
+        )
     raise ValueError(kind)
 
 
 def run_attention(c, feat, *, decode=False, partition_size=None):
     d = c["q"].shape[-1]
-    kw = dict(scale=d ** -0.5, softcap=feat.get("softcap"), sliding_window=feat.get("window"),
-              alibi_slopes=None if feat.get("alibi") is None else jnp.asarray(feat["alibi"]),
-              sinks=None if feat.get("sinks") is None else jnp.asarray(feat["sinks"]),
-              k_scale=None if c["k_scale"] is None else jnp.asarray(c["k_scale"]),
-              v_scale=None if c["v_scale"] is None else jnp.asarray(c["v_scale"]),
-              interpret=True)
+    kw = dict(
+        scale=d**-0.5,
+        softcap=feat.get("softcap"),
+        sliding_window=feat.get("window"),
+        alibi_slopes=None if feat.get("alibi") is None else jnp.asarray(feat["alibi"]),
+        sinks=None if feat.get("sinks") is None else jnp.asarray(feat["sinks"]),
+        k_scale=None if c["k_scale"] is None else jnp.asarray(c["k_scale"]),
+        v_scale=None if c["v_scale"] is None else jnp.asarray(c["v_scale"]),
+        interpret=True,
+    )
     if decode:
         if partition_size:
             kw["partition_size"] = partition_size
         fn = jax.jit(lambda q, k, v, bt, cl: metal_plugin.paged_decode(q, k, v, bt, cl, **kw))
         return np.asarray(fn(c["q"], c["kp"], c["vp"], c["bt"], c["ctx"]))
-    fn = jax.jit(lambda q, k, v, bt, cl, cu: metal_plugin.paged_attention(
-        q, k, v, bt, cl, cu, **kw))
+    fn = jax.jit(
+        lambda q, k, v, bt, cl, cu: metal_plugin.paged_attention(q, k, v, bt, cl, cu, **kw)
+    )
     return np.asarray(fn(c["q"], c["kp"], c["vp"], c["bt"], c["ctx"], c["cu"]))
 
 
 def oracle_for(c, feat):
-    return attention_oracle(c["q"], c["kp"], c["vp"], c["bt"], c["ctx"], c["cu"],
-                            scale=c["q"].shape[-1] ** -0.5, softcap=feat.get("softcap"),
-                            window=feat.get("window"), alibi=feat.get("alibi"),
-                            sinks=feat.get("sinks"), k_scale=c["k_scale"], v_scale=c["v_scale"])
+    return attention_oracle(
+        c["q"],
+        c["kp"],
+        c["vp"],
+        c["bt"],
+        c["ctx"],
+        c["cu"],
+        scale=c["q"].shape[-1] ** -0.5,
+        softcap=feat.get("softcap"),
+        window=feat.get("window"),
+        alibi=feat.get("alibi"),
+        sinks=feat.get("sinks"),
+        k_scale=c["k_scale"],
+        v_scale=c["v_scale"],
+    )
 
 
 def assert_close(out, ref, dtype):
@@ -134,20 +191,31 @@ def test_mixed_batch_features_f32(feat):
     ref = oracle_for(c, f)
     assert_close(out, ref, "float32")
     # Padding rows and rows with p < 0 (the (2, 1) sequence's first row) are exact zeros.
-    assert np.all(out[int(c["cu"][-1]):] == 0)
+    assert np.all(out[int(c["cu"][-1]) :] == 0)
     assert np.all(out[int(c["cu"][-2])] == 0)
 
 
-@pytest.mark.parametrize("q_dtype,kv_dtype,head_dim,block_size,heads,kv_heads", [
-    ("bfloat16", "bfloat16", 128, 8, 8, 1),
-    ("float16", "float16", 80, 32, 4, 4),
-    ("bfloat16", "float8_e4m3fn", 64, 16, 8, 2),
-    ("float32", "float8_e4m3fn", 256, 8, 2, 1),
-])
+@pytest.mark.parametrize(
+    "q_dtype,kv_dtype,head_dim,block_size,heads,kv_heads",
+    [
+        ("bfloat16", "bfloat16", 128, 8, 8, 1),
+        ("float16", "float16", 80, 32, 4, 4),
+        ("bfloat16", "float8_e4m3fn", 64, 16, 8, 2),
+        ("float32", "float8_e4m3fn", 256, 8, 2, 1),
+    ],
+)
 def test_prefill_dtypes(q_dtype, kv_dtype, head_dim, block_size, heads, kv_heads):
     rng = np.random.default_rng(2)
-    c = build_case(rng, [(6, 9), (1, 33), (3, 3)], heads=heads, kv_heads=kv_heads,
-                   head_dim=head_dim, block_size=block_size, q_dtype=q_dtype, kv_dtype=kv_dtype)
+    c = build_case(
+        rng,
+        [(6, 9), (1, 33), (3, 3)],
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        q_dtype=q_dtype,
+        kv_dtype=kv_dtype,
+    )
     f = features(rng, heads, "all")
     out = run_attention(c, f)
     assert out.dtype == jnp.dtype(q_dtype)
@@ -171,8 +239,17 @@ def test_decode_partitioned(feat, partition_size):
 def test_decode_fp8_partitioned_bf16():
     rng = np.random.default_rng(4)
     seqs = [(1, L) for L in (70, 5, 128)]
-    c = build_case(rng, seqs, heads=8, kv_heads=2, head_dim=128, block_size=32,
-                   q_dtype="bfloat16", kv_dtype="float8_e4m3fn", pad_rows=0)
+    c = build_case(
+        rng,
+        seqs,
+        heads=8,
+        kv_heads=2,
+        head_dim=128,
+        block_size=32,
+        q_dtype="bfloat16",
+        kv_dtype="float8_e4m3fn",
+        pad_rows=0,
+    )
     f = features(rng, 8, "window_sinks") | {"window": 50}
     out = run_attention(c, f, decode=True, partition_size=64)
     assert_close(out, oracle_for(c, f), "bfloat16")
@@ -183,34 +260,53 @@ def test_specialisation_names_are_unique_per_header():
     for decode in (False, True):
         for parts in (1, 3):
             for mb in (4, 9):
-                s = specs.attention(q_dtype="bfloat16", kv_dtype="float8_e4m3fn",
-                                    head_dim=128, block_size=16, num_rows=3, num_heads=8,
-                                    num_parts=parts, partition=64 * mb, decode=decode)
+                s = specs.attention(
+                    q_dtype="bfloat16",
+                    kv_dtype="float8_e4m3fn",
+                    head_dim=128,
+                    block_size=16,
+                    num_rows=3,
+                    num_heads=8,
+                    num_parts=parts,
+                    partition=64 * mb,
+                    decode=decode,
+                )
                 assert seen.setdefault(s.name, s.header) == s.header, s.name
     assert "paged_decode_bf16_kvf8e4m3_d128_b16" in seen
 
 
 def test_check_supported_names_what_is_supported():
     with pytest.raises(NotImplementedError, match=r"head_dim=72.*backend='xla'"):
-        metal_plugin.check_supported(head_dim=72, block_size=16, q_dtype=jnp.float32,
-                                     kv_dtype=jnp.float32)
+        metal_plugin.check_supported(
+            head_dim=72, block_size=16, q_dtype=jnp.float32, kv_dtype=jnp.float32
+        )
     with pytest.raises(NotImplementedError, match=r"block_size=12.*\(8, 16, 32"):
-        metal_plugin.check_supported(head_dim=64, block_size=12, q_dtype=jnp.float32,
-                                     kv_dtype=jnp.float32)
+        metal_plugin.check_supported(
+            head_dim=64, block_size=12, q_dtype=jnp.float32, kv_dtype=jnp.float32
+        )
     with pytest.raises(NotImplementedError, match="q_dtype='float64'"):
-        metal_plugin.check_supported(head_dim=64, block_size=16, q_dtype=np.float64,
-                                     kv_dtype=jnp.float32)
+        metal_plugin.check_supported(
+            head_dim=64, block_size=16, q_dtype=np.float64, kv_dtype=jnp.float32
+        )
     with pytest.raises(NotImplementedError, match=r"num_tokens \* top_k <= 256"):
-        metal_plugin.check_supported(num_tokens=4096, top_k=2, num_experts=8, hidden=64,
-                                     inter=32, dtype=jnp.bfloat16)
-    metal_plugin.check_supported(head_dim=256, block_size=256, q_dtype=jnp.bfloat16,
-                                 kv_dtype=FP8)
+        metal_plugin.check_supported(
+            num_tokens=4096, top_k=2, num_experts=8, hidden=64, inter=32, dtype=jnp.bfloat16
+        )
+    metal_plugin.check_supported(head_dim=256, block_size=256, q_dtype=jnp.bfloat16, kv_dtype=FP8)
 
 
 # ----------------------------------------------------------------------------- KV write
-@pytest.mark.parametrize("src,dst", [("float32", "float32"), ("float32", "bfloat16"),
-                                     ("bfloat16", "bfloat16"), ("float16", "float16"),
-                                     ("bfloat16", "float8_e4m3fn"), ("float32", "float8_e4m3fn")])
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ("float32", "float32"),
+        ("float32", "bfloat16"),
+        ("bfloat16", "bfloat16"),
+        ("float16", "float16"),
+        ("bfloat16", "float8_e4m3fn"),
+        ("float32", "float8_e4m3fn"),
+    ],
+)
 def test_write_kv_exact_and_untouched(src, dst):
     rng = np.random.default_rng(5)
     nb, hkv, bs, d, t = 5, 2, 8, 64, 9
@@ -224,9 +320,14 @@ def test_write_kv_exact_and_untouched(src, dst):
     scale = None
     if dst == "float8_e4m3fn":
         scale = (0.5 + rng.random(hkv)).astype(np.float32)
-    fn = jax.jit(lambda *a: metal_plugin.write_kv(
-        *a, k_scale=None if scale is None else jnp.asarray(scale),
-        v_scale=None if scale is None else jnp.asarray(scale), interpret=True))
+    fn = jax.jit(
+        lambda *a: metal_plugin.write_kv(
+            *a,
+            k_scale=None if scale is None else jnp.asarray(scale),
+            v_scale=None if scale is None else jnp.asarray(scale),
+            interpret=True,
+        )
+    )
     nk, nv = map(np.asarray, fn(k_pages, v_pages, k, v, slots))
 
     def stored(x):  # the API layer's definition (SPEC §1)
@@ -250,15 +351,29 @@ def test_e4m3_encoding_matches_ml_dtypes_on_every_grid_point():
     vals = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     finite = np.sort(vals[np.isfinite(vals)])
     mids = (finite[1:] + finite[:-1]) / 2
-    x = np.concatenate([finite, mids, np.nextafter(mids, np.inf, dtype=np.float32),
-                        np.nextafter(mids, -np.inf, dtype=np.float32), [np.nan]])
+    x = np.concatenate(
+        [
+            finite,
+            mids,
+            np.nextafter(mids, np.inf, dtype=np.float32),
+            np.nextafter(mids, -np.inf, dtype=np.float32),
+            [np.nan],
+        ]
+    )
     x = x.astype(np.float32)
     x = np.resize(x, (-(-x.size // 32) * 32,)).reshape(-1, 1, 32)
     pages = np.zeros((x.shape[0], 1, 1, 32), ml_dtypes.float8_e4m3fn)
     spec_in = jnp.asarray(x)
-    nk, _ = metal_plugin.write_kv(jnp.asarray(pages), jnp.asarray(pages), spec_in, spec_in,
-                                  jnp.arange(x.shape[0], dtype=jnp.int32),
-                                  k_scale=jnp.ones(1), v_scale=jnp.ones(1), interpret=True)
+    nk, _ = metal_plugin.write_kv(
+        jnp.asarray(pages),
+        jnp.asarray(pages),
+        spec_in,
+        spec_in,
+        jnp.arange(x.shape[0], dtype=jnp.int32),
+        k_scale=jnp.ones(1),
+        v_scale=jnp.ones(1),
+        interpret=True,
+    )
     got = np.asarray(nk).reshape(-1).view(np.uint8)
     want = x.reshape(-1).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
     nan = np.isnan(x.reshape(-1))
@@ -268,13 +383,19 @@ def test_e4m3_encoding_matches_ml_dtypes_on_every_grid_point():
 
 # ----------------------------------------------------------------------------- MoE
 def moe_oracle(x, wgu, wd, w, ids, activation):
-    return oracle.moe(np.asarray(x, np.float64), np.asarray(wgu.astype(np.float32)),
-                      np.asarray(wd.astype(np.float32)), np.asarray(w), np.asarray(ids),
-                      activation)
+    return oracle.moe(
+        np.asarray(x, np.float64),
+        np.asarray(wgu.astype(np.float32)),
+        np.asarray(wd.astype(np.float32)),
+        np.asarray(w),
+        np.asarray(ids),
+        activation,
+    )
 
 
-@pytest.mark.parametrize("activation,dtype", [("silu", "float32"), ("gelu", "float32"),
-                                              ("gelu_tanh", "bfloat16")])
+@pytest.mark.parametrize(
+    "activation,dtype", [("silu", "float32"), ("gelu", "float32"), ("gelu_tanh", "bfloat16")]
+)
 def test_fused_moe_gemv(activation, dtype):
     rng = np.random.default_rng(6)
     t, hd, inter, e, k = 5, 96, 40, 4, 2
@@ -283,7 +404,7 @@ def test_fused_moe_gemv(activation, dtype):
     wgu = (rng.standard_normal((e, hd, 2 * inter)) / math.sqrt(hd)).astype(dt)
     wd = (rng.standard_normal((e, inter, hd)) / math.sqrt(inter)).astype(dt)
     ids = rng.integers(0, e, (t, k)).astype(np.int32)
-    ids[1, 0], ids[3, 1] = e, -1   # experts owned by another device contribute zero
+    ids[1, 0], ids[3, 1] = e, -1  # experts owned by another device contribute zero
     w = rng.random((t, k)).astype(np.float32)
     fn = jax.jit(lambda *a: metal_plugin.fused_moe(*a, activation=activation, interpret=True))
     y = np.asarray(fn(x, wgu, wd, w, ids))
@@ -308,8 +429,18 @@ out[thread_position_in_grid.x * 4 + 3] = tg[63 - thread_index_in_threadgroup];
 
 def test_emulator_collectives_and_threadgroup_memory():
     from metal_plugin import emulator
-    spec = specs.KernelSpec("simd_probe", SIMD_SRC, "", ("inp",), ("out",), (128, 1, 1),
-                            (64, 1, 1), ((128, 4),), ("float32",))
+
+    spec = specs.KernelSpec(
+        "simd_probe",
+        SIMD_SRC,
+        "",
+        ("inp",),
+        ("out",),
+        (128, 1, 1),
+        (64, 1, 1),
+        ((128, 4),),
+        ("float32",),
+    )
     x = np.random.default_rng(7).standard_normal(128).astype(np.float32)
     (out,) = emulator.run(spec, x)
     g = x.reshape(4, 32)
@@ -323,8 +454,17 @@ def test_emulator_outputs_start_poisoned():
     """Outputs arrive uninitialised on Metal; the emulator fills them with NaN so a kernel
     that skips an element cannot pass by luck."""
     from metal_plugin import emulator
-    spec = specs.KernelSpec("half_writer", "if (thread_position_in_grid.x % 2 == 0) "
-                            "out[thread_position_in_grid.x] = 1.0f;", "", ("inp",), ("out",),
-                            (32, 1, 1), (32, 1, 1), ((32,),), ("float32",))
+
+    spec = specs.KernelSpec(
+        "half_writer",
+        "if (thread_position_in_grid.x % 2 == 0) out[thread_position_in_grid.x] = 1.0f;",
+        "",
+        ("inp",),
+        ("out",),
+        (32, 1, 1),
+        (32, 1, 1),
+        ((32,),),
+        ("float32",),
+    )
     (out,) = emulator.run(spec, np.zeros(4, np.float32))
     assert np.all(out[::2] == 1) and np.all(np.isnan(out[1::2]))

@@ -16,14 +16,17 @@ import subprocess
 import sys
 import textwrap
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 pytest.importorskip("metal_plugin")
 from metal_plugin import dispatch, emulator, specs  # noqa: E402
-from tests.test_metal_kernels import (assert_close, attention_oracle,  # noqa: E402
-                                      build_case, features)
+from tests.test_metal_kernels import (
+    assert_close,
+    attention_oracle,  # noqa: E402
+    build_case,
+    features,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,10 +76,18 @@ LOWER_SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory):
     path = tmp_path_factory.mktemp("lower") / "out.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-               JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", LOWER_SCRIPT, str(path)], env=env,
-                         capture_output=True, text=True, timeout=240)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+        JAX_PLATFORMS="cpu",
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", LOWER_SCRIPT, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(path.read_text())
 
@@ -86,7 +97,7 @@ def _mlir_string(text: str, start: int) -> tuple[str, int]:
     raw, i = bytearray(), start + 1
     while text[i] != '"':
         if text[i] == "\\":
-            nxt = text[i + 1:i + 3]
+            nxt = text[i + 1 : i + 3]
             if nxt[0] in '\\"':
                 raw += nxt[0].encode()
                 i += 2
@@ -99,8 +110,14 @@ def _mlir_string(text: str, start: int) -> tuple[str, int]:
     return raw.decode(), i + 1
 
 
-_TYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "i32": "int32",
-          "ui8": "uint8", "f8E4M3FN": "float8_e4m3fn"}
+_TYPES = {
+    "f32": "float32",
+    "bf16": "bfloat16",
+    "f16": "float16",
+    "i32": "int32",
+    "ui8": "uint8",
+    "f8E4M3FN": "float8_e4m3fn",
+}
 
 
 def _tensor(t: str):
@@ -112,16 +129,21 @@ def custom_calls(text: str) -> list[dict]:
     calls = []
     for m in re.finditer(r"stablehlo\.custom_call @([\w.]+)\(([^)]*)\)", text):
         line_end = text.index("\n", m.end())
-        line = text[m.start():line_end]
-        cfg_at = line.index('backend_config = "') + len('backend_config = ')
+        line = text[m.start() : line_end]
+        cfg_at = line.index('backend_config = "') + len("backend_config = ")
         cfg, _ = _mlir_string(line, cfg_at)
-        sig = line[line.rindex(": (") + 3:]
+        sig = line[line.rindex(": (") + 3 :]
         ins, outs = sig.split(") -> ")
         outs = outs.strip().strip("()")
-        calls.append(dict(target=m.group(1), operands=[o for o in m.group(2).split(",") if o],
-                          config=json.loads(cfg),
-                          in_types=[_tensor(t) for t in re.findall(r"tensor<[^>]*>", ins)],
-                          out_types=[_tensor(t) for t in re.findall(r"tensor<[^>]*>", outs)]))
+        calls.append(
+            dict(
+                target=m.group(1),
+                operands=[o for o in m.group(2).split(",") if o],
+                config=json.loads(cfg),
+                in_types=[_tensor(t) for t in re.findall(r"tensor<[^>]*>", ins)],
+                out_types=[_tensor(t) for t in re.findall(r"tensor<[^>]*>", outs)],
+            )
+        )
     return calls
 
 
@@ -133,8 +155,15 @@ def test_contract_fields(lowered):
         for c in calls:
             cfg = c["config"]
             assert c["target"] == "mps.metal_kernel_jit"
-            assert set(cfg) == {"name", "source", "header", "input_names", "output_names",
-                                "grid", "threadgroup"}
+            assert set(cfg) == {
+                "name",
+                "source",
+                "header",
+                "input_names",
+                "output_names",
+                "grid",
+                "threadgroup",
+            }
             assert len(cfg["input_names"]) == len(c["operands"]) == len(c["in_types"])
             assert len(cfg["output_names"]) == len(c["out_types"])
             assert len(c["operands"]) + len(c["out_types"]) <= 31
@@ -145,10 +174,17 @@ def test_contract_fields(lowered):
             assert all(t != "float8_e4m3fn" for _, t in c["in_types"] + c["out_types"])
             # One name, one specialisation: MLX caches compiled kernels by name.
             assert names.setdefault(cfg["name"], (cfg["source"], cfg["header"])) == (
-                cfg["source"], cfg["header"])
-    assert {"paged_prefill_bf16_kvf8e4m3_d128_b16", "paged_decode_bf16_kvf8e4m3_d128_b16_p32",
-            "paged_decode_reduce_bf16_d128_p3", "kv_write_bf16_to_f8e4m3_d128",
-            "moe_gemv_gate_up_gelu_f32_wf32_h64_i48", "moe_gemv_down_f32_wf32_h64_i48"} <= set(names)
+                cfg["source"],
+                cfg["header"],
+            )
+    assert {
+        "paged_prefill_bf16_kvf8e4m3_d128_b16",
+        "paged_decode_bf16_kvf8e4m3_d128_b16_p32",
+        "paged_decode_reduce_bf16_d128_p3",
+        "kv_write_bf16_to_f8e4m3_d128",
+        "moe_gemv_gate_up_gelu_f32_wf32_h64_i48",
+        "moe_gemv_down_f32_wf32_h64_i48",
+    } <= set(names)
     decode = [c["config"]["grid"] for c in custom_calls(lowered["decode"])]
     assert decode == [[32 * specs.DECODE_SIMDGROUPS * 3, 8, 4], [32, 8, 4]]
 
@@ -162,31 +198,67 @@ def test_emitted_prefill_source_runs_correctly(lowered):
     (call,) = custom_calls(lowered["prefill"])
     cfg = call["config"]
     rng = np.random.default_rng(11)
-    seqs = [(3, 40), (1, 1), (5, 5), (2, 17)]   # 11 rows + 1 padding row = 12
-    c = build_case(rng, seqs, heads=8, kv_heads=2, head_dim=128, block_size=16,
-                   q_dtype="bfloat16", kv_dtype="float8_e4m3fn", extra_blocks=20 - 7)
+    seqs = [(3, 40), (1, 1), (5, 5), (2, 17)]  # 11 rows + 1 padding row = 12
+    c = build_case(
+        rng,
+        seqs,
+        heads=8,
+        kv_heads=2,
+        head_dim=128,
+        block_size=16,
+        q_dtype="bfloat16",
+        kv_dtype="float8_e4m3fn",
+        extra_blocks=20 - 7,
+    )
     assert c["kp"].shape == (20, 2, 16, 128) and c["q"].shape[0] == 12
     c["bt"] = np.pad(c["bt"], ((0, 0), (0, 6 - c["bt"].shape[1])), constant_values=-7)
     f = features(rng, 8, "all") | {"softcap": 30.0, "window": 64}
     iparams = np.array([4, 12, 8, 2, 6, 64, 1], np.int32)
     fparams = np.array([0.088, 30.0], np.float32)
-    inputs = [c["q"], c["kp"], c["vp"], c["bt"], c["ctx"], c["cu"], f["alibi"], f["sinks"],
-              c["k_scale"], c["v_scale"], iparams, fparams]
+    inputs = [
+        c["q"],
+        c["kp"],
+        c["vp"],
+        c["bt"],
+        c["ctx"],
+        c["cu"],
+        f["alibi"],
+        f["sinks"],
+        c["k_scale"],
+        c["v_scale"],
+        iparams,
+        fparams,
+    ]
     for a, (shape, dt) in zip(inputs, call["in_types"]):
         a = np.asarray(a)
         assert a.shape == shape
         assert a.dtype.name == dt or (dt == "uint8" and a.dtype.itemsize == 1)
-    fields = dict(cfg, out_shapes=[s for s, _ in call["out_types"]],
-                  out_dtypes=[t for _, t in call["out_types"]])
+    fields = dict(
+        cfg,
+        out_shapes=[s for s, _ in call["out_types"]],
+        out_dtypes=[t for _, t in call["out_types"]],
+    )
     (out,) = emulator.run(fields, *inputs)
-    ref = attention_oracle(c["q"], c["kp"], c["vp"], c["bt"], c["ctx"], c["cu"], scale=0.088,
-                           softcap=30.0, window=64, alibi=f["alibi"], sinks=f["sinks"],
-                           k_scale=c["k_scale"], v_scale=c["v_scale"])
+    ref = attention_oracle(
+        c["q"],
+        c["kp"],
+        c["vp"],
+        c["bt"],
+        c["ctx"],
+        c["cu"],
+        scale=0.088,
+        softcap=30.0,
+        window=64,
+        alibi=f["alibi"],
+        sinks=f["sinks"],
+        k_scale=c["k_scale"],
+        v_scale=c["v_scale"],
+    )
     assert_close(out, ref, "bfloat16")
 
 
 def test_dispatch_off_this_platform(monkeypatch):
-    assert not dispatch.custom_call_available()   # no jax-mps here
+    assert not dispatch.custom_call_available()  # no jax-mps here
     monkeypatch.setattr(dispatch, "_warned", set())
     with pytest.warns(RuntimeWarning, match="running the xla backend instead"):
         assert dispatch.dispatch_available() is False
@@ -198,6 +270,7 @@ def test_dispatch_detects_the_plugin(monkeypatch):
     """With a plugin exposing metal_kernel_jit on the mps platform, dispatch is on unless
     the environment switch says 0."""
     import types
+
     fake = types.ModuleType("jax_plugins.mps.ops")
     fake.metal_kernel_jit = lambda *a, **k: None
     monkeypatch.setitem(sys.modules, "jax_plugins.mps.ops", fake)

@@ -17,15 +17,20 @@ import pytest
 
 pytest.importorskip("metal_plugin")
 from metal_plugin import emulator, specs  # noqa: E402
-from tests.test_metal_kernels import (assert_close, attention_oracle,  # noqa: E402
-                                      build_case, features)
+from tests.test_metal_kernels import (
+    assert_close,
+    attention_oracle,  # noqa: E402
+    build_case,
+    features,
+)
 
 
 def _has_runtime(sanitizer: str) -> bool:
     if shutil.which(emulator.CXX) is None:
         return False
-    lib = subprocess.run([emulator.CXX, f"-print-file-name=lib{sanitizer}.so"],
-                         capture_output=True, text=True).stdout.strip()
+    lib = subprocess.run(
+        [emulator.CXX, f"-print-file-name=lib{sanitizer}.so"], capture_output=True, text=True
+    ).stdout.strip()
     return lib.startswith("/")
 
 
@@ -34,16 +39,45 @@ def _decode_launch(rng):
     seqs = [(1, 45), (1, 0), (1, 20)]
     c = build_case(rng, seqs, heads=2, kv_heads=1, head_dim=32, block_size=8, pad_rows=0)
     f = features(rng, 2, "all")
-    spec = specs.attention(q_dtype="float32", kv_dtype="float32", head_dim=32, block_size=8,
-                           num_rows=3, num_heads=2, num_parts=1, partition=32, decode=True)
+    spec = specs.attention(
+        q_dtype="float32",
+        kv_dtype="float32",
+        head_dim=32,
+        block_size=8,
+        num_rows=3,
+        num_heads=2,
+        num_parts=1,
+        partition=32,
+        decode=True,
+    )
     mb = c["bt"].shape[1]
-    inputs = [c["q"], c["kp"], c["vp"], c["bt"], c["ctx"], np.arange(4, dtype=np.int32),
-              f["alibi"], f["sinks"], np.ones(1, np.float32), np.ones(1, np.float32),
-              np.array([3, 3, 2, 1, mb, f["window"], 1], np.int32),
-              np.array([32 ** -0.5, f["softcap"]], np.float32)]
-    ref = attention_oracle(c["q"], c["kp"], c["vp"], c["bt"], c["ctx"],
-                           np.arange(4), scale=32 ** -0.5, softcap=f["softcap"],
-                           window=f["window"], alibi=f["alibi"], sinks=f["sinks"])
+    inputs = [
+        c["q"],
+        c["kp"],
+        c["vp"],
+        c["bt"],
+        c["ctx"],
+        np.arange(4, dtype=np.int32),
+        f["alibi"],
+        f["sinks"],
+        np.ones(1, np.float32),
+        np.ones(1, np.float32),
+        np.array([3, 3, 2, 1, mb, f["window"], 1], np.int32),
+        np.array([32**-0.5, f["softcap"]], np.float32),
+    ]
+    ref = attention_oracle(
+        c["q"],
+        c["kp"],
+        c["vp"],
+        c["bt"],
+        c["ctx"],
+        np.arange(4),
+        scale=32**-0.5,
+        softcap=f["softcap"],
+        window=f["window"],
+        alibi=f["alibi"],
+        sinks=f["sinks"],
+    )
     return spec, inputs, ref
 
 
@@ -57,8 +91,11 @@ def test_thread_sanitizer_clean_and_catches_missing_barrier():
     # Without the barrier after q is staged, lanes read q_sh while others still write it.
     marker = "}\nthreadgroup_barrier(mem_flags::mem_threadgroup);\n\nconst float slope"
     assert marker in spec.source
-    broken = dataclasses.replace(spec, name=spec.name + "_nobarrier",
-                                 source=spec.source.replace(marker, "}\n\nconst float slope"))
+    broken = dataclasses.replace(
+        spec,
+        name=spec.name + "_nobarrier",
+        source=spec.source.replace(marker, "}\n\nconst float slope"),
+    )
     _, rc, err = emulator.run_sanitized(broken, *inputs, sanitizer="thread")
     assert rc != 0 and "data race" in err, err[-3000:]
 
@@ -73,7 +110,10 @@ def test_address_sanitizer_clean_and_catches_out_of_range_read():
     # last (row, head).
     marker = "float(q[(r * uint(H) + h) * HEAD_DIM + d])"
     assert marker in spec.source
-    broken = dataclasses.replace(spec, name=spec.name + "_oob", source=spec.source.replace(
-        marker, "float(q[(r * uint(H) + h + 1) * HEAD_DIM + d])"))
+    broken = dataclasses.replace(
+        spec,
+        name=spec.name + "_oob",
+        source=spec.source.replace(marker, "float(q[(r * uint(H) + h + 1) * HEAD_DIM + d])"),
+    )
     _, rc, err = emulator.run_sanitized(broken, *inputs, sanitizer="address")
     assert rc != 0 and "heap-buffer-overflow" in err, err[-3000:]

@@ -12,6 +12,7 @@ from metal_plugin import selftest  # noqa: E402
 def test_exits_with_a_clear_message_without_mlx(capsys):
     try:
         import mlx.core  # noqa: F401
+
         pytest.skip("MLX is installed here")
     except ImportError:
         pass
@@ -20,8 +21,11 @@ def test_exits_with_a_clear_message_without_mlx(capsys):
 
 
 def test_harness_against_xla_with_the_emulator_as_runner():
-    picked = ("prefill/mixed bfloat16 kv float8_e4m3fn", "decode (partitioned) float32 kv float32",
-              "fused_moe decode gelu bf16")
+    picked = (
+        "prefill/mixed bfloat16 kv float8_e4m3fn",
+        "decode (partitioned) float32 kv float32",
+        "fused_moe decode gelu bf16",
+    )
     results = selftest.run_cases(select=lambda name: name in picked)
     assert len(results) == len(picked)
     assert all(r.ok for r in results), selftest.report(results)

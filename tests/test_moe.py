@@ -14,10 +14,12 @@ from tests.conftest import TOLERANCE, assert_close, run_kw
 ROUTINGS = {
     "softmax": dict(),
     "softmax_renorm": dict(renormalize=True),
-    "sigmoid_bias": dict(scoring="sigmoid", correction_bias=True, renormalize=True,
-                         routed_scaling_factor=2.5),
-    "grouped": dict(scoring="sigmoid", correction_bias=True, num_expert_group=4, topk_group=2,
-                    renormalize=True),
+    "sigmoid_bias": dict(
+        scoring="sigmoid", correction_bias=True, renormalize=True, routed_scaling_factor=2.5
+    ),
+    "grouped": dict(
+        scoring="sigmoid", correction_bias=True, num_expert_group=4, topk_group=2, renormalize=True
+    ),
     "grouped_softmax": dict(num_expert_group=2, topk_group=1),
 }
 
@@ -29,9 +31,13 @@ def test_moe_topk(rng, routing):
     if opts.get("correction_bias"):
         opts["correction_bias"] = rng.standard_normal(num_experts).astype(np.float32) * 0.5
     logits = rng.standard_normal((num_tokens, num_experts)).astype(np.float32) * 2
-    weights, ids = jax.jit(lambda x: jpa.moe_topk(
-        x, top_k, **{k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v)
-                     for k, v in opts.items()}))(jnp.asarray(logits))
+    weights, ids = jax.jit(
+        lambda x: jpa.moe_topk(
+            x,
+            top_k,
+            **{k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()},
+        )
+    )(jnp.asarray(logits))
     want_w, want_ids = oracle.topk(logits, top_k, **opts)
     assert weights.dtype == jnp.float32 and ids.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(ids), want_ids)
@@ -45,33 +51,41 @@ def _moe_inputs(rng, num_tokens, num_experts, top_k, hidden, inter, dtype, forei
     logits = rng.standard_normal((num_tokens, num_experts))
     weights, ids = oracle.topk(logits, top_k, renormalize=True)
     ids = ids.astype(np.int32)
-    if foreign:   # experts owned by other devices: ids outside [0, E) contribute zero
+    if foreign:  # experts owned by other devices: ids outside [0, E) contribute zero
         ids[::5, 0] = num_experts + 3
         ids[1::7, -1] = -1
     cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
     x, wgu, wd = cast(x), cast(wgu), cast(wd)
-    want = oracle.moe(np.asarray(x, np.float64), np.asarray(wgu.astype(jnp.float32)),
-                      np.asarray(wd.astype(jnp.float32)), weights, ids)
+    want = oracle.moe(
+        np.asarray(x, np.float64),
+        np.asarray(wgu.astype(jnp.float32)),
+        np.asarray(wd.astype(jnp.float32)),
+        weights,
+        ids,
+    )
     return x, wgu, wd, jnp.asarray(weights, jnp.float32), jnp.asarray(ids), want
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 4, 1), (13, 8, 2), (70, 8, 3),
-                                                          (33, 16, 6)])
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k", [(1, 4, 1), (13, 8, 2), (70, 8, 3), (33, 16, 6)]
+)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_fused_moe(backend, rng, num_tokens, num_experts, top_k, dtype):
     x, wgu, wd, w, ids, want = _moe_inputs(rng, num_tokens, num_experts, top_k, 64, 96, dtype)
     out = jpa.fused_moe(x, wgu, wd, w, ids, **run_kw(backend))
     assert out.shape == x.shape and out.dtype == x.dtype
     # the intermediate passes through x.dtype between the GEMMs, as in every fused kernel
-    assert_close(out, want, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16,
-                 what=f"moe {backend}")
+    assert_close(
+        out, want, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16, what=f"moe {backend}"
+    )
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 def test_fused_moe_activations(backend, rng, activation):
     x, wgu, wd, w, ids, _ = _moe_inputs(rng, 19, 4, 2, 32, 48, jnp.float32)
-    want = oracle.moe(np.asarray(x), np.asarray(wgu), np.asarray(wd), np.asarray(w),
-                      np.asarray(ids), activation)
+    want = oracle.moe(
+        np.asarray(x), np.asarray(wgu), np.asarray(wd), np.asarray(w), np.asarray(ids), activation
+    )
     out = jpa.fused_moe(x, wgu, wd, w, ids, activation=activation, **run_kw(backend))
     assert_close(out, want, jnp.float32, what=activation)
 
@@ -91,7 +105,9 @@ def test_all_experts_foreign_gives_zero(backend, rng):
 
 def test_xla_path_is_grouped_not_dense():
     # The xla backend must not run every expert on every token: two grouped matmuls.
-    x = jnp.ones((16, 32)); wgu = jnp.ones((8, 32, 64)); wd = jnp.ones((8, 32, 32))
+    x = jnp.ones((16, 32))
+    wgu = jnp.ones((8, 32, 64))
+    wd = jnp.ones((8, 32, 32))
     w, ids = jpa.moe_topk(jnp.ones((16, 8)), 2)
     jaxpr = str(jax.make_jaxpr(lambda *a: jpa.fused_moe(*a, backend="xla"))(x, wgu, wd, w, ids))
     assert jaxpr.count("= ragged_dot_general[") == 2

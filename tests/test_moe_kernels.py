@@ -24,132 +24,143 @@ ACTS = common.ACTIVATIONS
 
 
 def _act(g, activation):
-  if activation == "silu":
-    return g / (1.0 + np.exp(-g))
-  if activation == "gelu":
-    return 0.5 * g * (1.0 + np.vectorize(math.erf)(g / math.sqrt(2.0)))
-  return 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3)))
+    if activation == "silu":
+        return g / (1.0 + np.exp(-g))
+    if activation == "gelu":
+        return 0.5 * g * (1.0 + np.vectorize(math.erf)(g / math.sqrt(2.0)))
+    return 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3)))
 
 
 def oracle(x, wgu, wd, tw, ids, activation, h_dtype=None):
-  """float64 y; with ``h_dtype`` the intermediate is rounded to it (same-dtype reference)."""
-  x, wgu, wd = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, wgu, wd))
-  inter = wd.shape[1]
-  y = np.zeros_like(x)
-  for t in range(x.shape[0]):
-    for j in range(ids.shape[1]):
-      e = int(ids[t, j])
-      if not 0 <= e < wgu.shape[0]:
-        continue
-      g = x[t] @ wgu[e]
-      h = _act(g[:inter], activation) * g[inter:]
-      if h_dtype is not None:
-        h = np.asarray(jnp.asarray(h, h_dtype).astype(jnp.float32), np.float64)
-      y[t] += float(tw[t, j]) * (h @ wd[e])
-  return y
+    """float64 y; with ``h_dtype`` the intermediate is rounded to it (same-dtype reference)."""
+    x, wgu, wd = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, wgu, wd))
+    inter = wd.shape[1]
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if not 0 <= e < wgu.shape[0]:
+                continue
+            g = x[t] @ wgu[e]
+            h = _act(g[:inter], activation) * g[inter:]
+            if h_dtype is not None:
+                h = np.asarray(jnp.asarray(h, h_dtype).astype(jnp.float32), np.float64)
+            y[t] += float(tw[t, j]) * (h @ wd[e])
+    return y
 
 
 def make_case(seed, T, Hd, I, E, k, dtype, p_invalid=0.15):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal((T, Hd)), dtype)
-  wgu = jnp.asarray(rng.standard_normal((E, Hd, 2 * I)) / math.sqrt(Hd), dtype)
-  wd = jnp.asarray(rng.standard_normal((E, I, Hd)) / math.sqrt(I), dtype)
-  # k distinct experts per token, then some slots moved outside [0, E) (other devices).
-  ids = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)
-  off = rng.random((T, k)) < p_invalid
-  ids[off] = rng.choice([-1, E, E + 3], size=off.sum())
-  tw = rng.random((T, k)).astype(np.float32) + 0.1
-  return x, wgu, wd, jnp.asarray(tw), jnp.asarray(ids)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((T, Hd)), dtype)
+    wgu = jnp.asarray(rng.standard_normal((E, Hd, 2 * I)) / math.sqrt(Hd), dtype)
+    wd = jnp.asarray(rng.standard_normal((E, I, Hd)) / math.sqrt(I), dtype)
+    # k distinct experts per token, then some slots moved outside [0, E) (other devices).
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(T)]).astype(np.int32)
+    off = rng.random((T, k)) < p_invalid
+    ids[off] = rng.choice([-1, E, E + 3], size=off.sum())
+    tw = rng.random((T, k)).astype(np.float32) + 0.1
+    return x, wgu, wd, jnp.asarray(tw), jnp.asarray(ids)
 
 
 def check(y, x, wgu, wd, tw, ids, activation):
-  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
-  ref = oracle(x, wgu, wd, np.asarray(tw), np.asarray(ids), activation)
-  assert y.shape == ref.shape and np.all(np.isfinite(y))
-  err = np.abs(y - ref).max()
-  if x.dtype == jnp.float32:
-    bound = 1e-4 * max(1.0, np.abs(ref).max())
-  else:
-    # FA3's rule: at most twice the error of the same-dtype reference (h and y rounded to
-    # x.dtype, f32 accumulation), plus a small epsilon.
-    same = oracle(x, wgu, wd, np.asarray(tw), np.asarray(ids), activation, h_dtype=x.dtype)
-    same = np.asarray(jnp.asarray(same, x.dtype).astype(jnp.float32), np.float64)
-    bound = 2 * np.abs(same - ref).max() + 1e-3 * np.abs(ref).max()
-  assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    ref = oracle(x, wgu, wd, np.asarray(tw), np.asarray(ids), activation)
+    assert y.shape == ref.shape and np.all(np.isfinite(y))
+    err = np.abs(y - ref).max()
+    if x.dtype == jnp.float32:
+        bound = 1e-4 * max(1.0, np.abs(ref).max())
+    else:
+        # FA3's rule: at most twice the error of the same-dtype reference (h and y rounded to
+        # x.dtype, f32 accumulation), plus a small epsilon.
+        same = oracle(x, wgu, wd, np.asarray(tw), np.asarray(ids), activation, h_dtype=x.dtype)
+        same = np.asarray(jnp.asarray(same, x.dtype).astype(jnp.float32), np.float64)
+        bound = 2 * np.abs(same - ref).max() + 1e-3 * np.abs(ref).max()
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
 
 
 # --- alignment ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("T,k,E,block_m", [(13, 2, 5, 4), (1, 1, 8, 16), (40, 3, 4, 16),
-                                           (7, 2, 64, 8)])
+
+@pytest.mark.parametrize(
+    "T,k,E,block_m", [(13, 2, 5, 4), (1, 1, 8, 16), (40, 3, 4, 16), (7, 2, 64, 8)]
+)
 def test_align_layout(T, k, E, block_m):
-  rng = np.random.default_rng(T * 100 + E)
-  ids = rng.integers(-2, E + 2, size=(T, k)).astype(np.int32)
-  a = jax.jit(moe_align.align_tokens, static_argnums=(1, 2))(jnp.asarray(ids), E, block_m)
-  slots, tiles = np.asarray(a.sorted_slots), np.asarray(a.tile_experts)
-  pos, num_rows = np.asarray(a.positions), int(a.num_rows)
-  N, P = T * k, moe_align.padded_rows(T * k, E, block_m)
-  flat = ids.reshape(-1)
-  valid = (flat >= 0) & (flat < E)
-  counts = np.bincount(flat[valid], minlength=E)
-  assert slots.shape == (P,) and tiles.shape == (P // block_m,) and P % block_m == 0
-  assert P >= N + 0 and P <= -(-(N + E * (block_m - 1)) // block_m) * block_m
-  assert num_rows == sum(-(-c // block_m) * block_m for c in counts)
-  # Every valid slot exactly once, in a tile of its own expert; padding rows hold N.
-  assert sorted(slots[slots < N].tolist()) == np.flatnonzero(valid).tolist()
-  assert np.all(slots[num_rows:] == N)
-  for row, s in enumerate(slots):
-    if s < N:
-      assert tiles[row // block_m] == flat[s]
-      assert pos[s] == row
-  assert np.all(pos[~valid] == P)
-  assert np.all(tiles[num_rows // block_m:] == -1)
-  assert np.all(tiles[: num_rows // block_m] >= 0)
-  # Tiles are grouped by expert in increasing order; slots in token order within one.
-  used = tiles[: num_rows // block_m]
-  assert np.all(np.diff(used) >= 0)
-  for e in range(E):
-    mine = slots[np.repeat(tiles, block_m) == e]
-    mine = mine[mine < N]
-    assert np.all(np.diff(mine) > 0) and len(mine) == counts[e]
+    rng = np.random.default_rng(T * 100 + E)
+    ids = rng.integers(-2, E + 2, size=(T, k)).astype(np.int32)
+    a = jax.jit(moe_align.align_tokens, static_argnums=(1, 2))(jnp.asarray(ids), E, block_m)
+    slots, tiles = np.asarray(a.sorted_slots), np.asarray(a.tile_experts)
+    pos, num_rows = np.asarray(a.positions), int(a.num_rows)
+    N, P = T * k, moe_align.padded_rows(T * k, E, block_m)
+    flat = ids.reshape(-1)
+    valid = (flat >= 0) & (flat < E)
+    counts = np.bincount(flat[valid], minlength=E)
+    assert slots.shape == (P,) and tiles.shape == (P // block_m,) and P % block_m == 0
+    assert P >= N + 0 and P <= -(-(N + E * (block_m - 1)) // block_m) * block_m
+    assert num_rows == sum(-(-c // block_m) * block_m for c in counts)
+    # Every valid slot exactly once, in a tile of its own expert; padding rows hold N.
+    assert sorted(slots[slots < N].tolist()) == np.flatnonzero(valid).tolist()
+    assert np.all(slots[num_rows:] == N)
+    for row, s in enumerate(slots):
+        if s < N:
+            assert tiles[row // block_m] == flat[s]
+            assert pos[s] == row
+    assert np.all(pos[~valid] == P)
+    assert np.all(tiles[num_rows // block_m :] == -1)
+    assert np.all(tiles[: num_rows // block_m] >= 0)
+    # Tiles are grouped by expert in increasing order; slots in token order within one.
+    used = tiles[: num_rows // block_m]
+    assert np.all(np.diff(used) >= 0)
+    for e in range(E):
+        mine = slots[np.repeat(tiles, block_m) == e]
+        mine = mine[mine < N]
+        assert np.all(np.diff(mine) > 0) and len(mine) == counts[e]
 
 
-@pytest.mark.parametrize("T,k,E,block_m", [(13, 2, 5, 4), (1, 1, 8, 16), (40, 3, 4, 16),
-                                           (7, 2, 64, 8), (64, 2, 8, 32), (300, 6, 64, 16)])
+@pytest.mark.parametrize(
+    "T,k,E,block_m",
+    [(13, 2, 5, 4), (1, 1, 8, 16), (40, 3, 4, 16), (7, 2, 64, 8), (64, 2, 8, 32), (300, 6, 64, 16)],
+)
 def test_align_has_no_while_loop(T, k, E, block_m):
-  """The alignment compiles to no loop: a binary search would be a launch per step on a GPU."""
-  ids = np.random.default_rng(T + E).integers(-2, E + 2, size=(T, k)).astype(np.int32)
-  fn = jax.jit(moe_align.align_tokens, static_argnums=(1, 2))
-  assert "while" not in fn.lower(jnp.asarray(ids), E, block_m).as_text()
+    """The alignment compiles to no loop: a binary search would be a launch per step on a GPU."""
+    ids = np.random.default_rng(T + E).integers(-2, E + 2, size=(T, k)).astype(np.int32)
+    fn = jax.jit(moe_align.align_tokens, static_argnums=(1, 2))
+    assert "while" not in fn.lower(jnp.asarray(ids), E, block_m).as_text()
 
 
 def test_align_all_invalid():
-  a = moe_align.align_tokens(jnp.full((5, 2), 9, jnp.int32), 4, 16)
-  assert int(a.num_rows) == 0
-  assert np.all(np.asarray(a.tile_experts) == -1)
-  assert np.all(np.asarray(a.sorted_slots) == 10)
+    a = moe_align.align_tokens(jnp.full((5, 2), 9, jnp.int32), 4, 16)
+    assert int(a.num_rows) == 0
+    assert np.all(np.asarray(a.tile_experts) == -1)
+    assert np.all(np.asarray(a.sorted_slots) == 10)
 
 
 # --- triton kernels ----------------------------------------------------------------
 
-SMALL = tuning.MoeBlocks(16, tuning.GemmBlocks(16, 32, group_m=2),
-                         tuning.GemmBlocks(32, 16, group_m=2))
+SMALL = tuning.MoeBlocks(
+    16, tuning.GemmBlocks(16, 32, group_m=2), tuning.GemmBlocks(32, 16, group_m=2)
+)
 
 # Split-K down GEMM (3 splits of a ragged K = 40: the last split is partly past the end;
 # K = 48 in 2 splits of 32 overshoots an exactly tiled K) and evict-first weight loads.
-SPLIT3 = tuning.MoeBlocks(16, tuning.GemmBlocks(16, 32, group_m=2, evict_first=True),
-                          tuning.GemmBlocks(32, 16, group_m=2, split_k=3, evict_first=True))
-SPLIT2 = tuning.MoeBlocks(16, tuning.GemmBlocks(32, 16, group_m=1 << 20),
-                          tuning.GemmBlocks(16, 16, group_m=1 << 20, split_k=2))
+SPLIT3 = tuning.MoeBlocks(
+    16,
+    tuning.GemmBlocks(16, 32, group_m=2, evict_first=True),
+    tuning.GemmBlocks(32, 16, group_m=2, split_k=3, evict_first=True),
+)
+SPLIT2 = tuning.MoeBlocks(
+    16,
+    tuning.GemmBlocks(32, 16, group_m=1 << 20),
+    tuning.GemmBlocks(16, 16, group_m=1 << 20, split_k=2),
+)
 
 CASES = [  # (seed, T, Hd, I, E, k, dtype, activation, blocks)
-    (0, 13, 48, 40, 5, 2, jnp.float32, "silu", SMALL),       # ragged K and N edges
+    (0, 13, 48, 40, 5, 2, jnp.float32, "silu", SMALL),  # ragged K and N edges
     (1, 13, 48, 40, 5, 2, jnp.float32, "gelu", SMALL),
     (2, 13, 48, 40, 5, 2, jnp.float32, "gelu_tanh", SMALL),
     (3, 21, 64, 32, 8, 3, jnp.bfloat16, "silu", SMALL),
     (4, 9, 32, 48, 4, 1, jnp.bfloat16, "gelu", SMALL),
     (5, 17, 64, 64, 6, 2, jnp.float16, "gelu_tanh", SMALL),
-    (6, 19, 64, 48, 8, 2, jnp.float32, "silu", None),        # tuning-table blocks
+    (6, 19, 64, 48, 8, 2, jnp.float32, "silu", None),  # tuning-table blocks
     (15, 13, 48, 40, 5, 2, jnp.float32, "silu", SPLIT3),
     (16, 11, 32, 48, 4, 2, jnp.bfloat16, "gelu", SPLIT2),
 ]
@@ -157,91 +168,96 @@ CASES = [  # (seed, T, Hd, I, E, k, dtype, activation, blocks)
 
 @pytest.mark.parametrize("seed,T,Hd,I,E,k,dtype,activation,blocks", CASES)
 def test_triton_fused_moe(seed, T, Hd, I, E, k, dtype, activation, blocks):
-  x, wgu, wd, tw, ids = make_case(seed, T, Hd, I, E, k, dtype)
-  y = moe_triton.fused_moe(x, wgu, wd, tw, ids, activation=activation,
-                           interpret=INTERPRET, blocks=blocks)
-  assert y.dtype == x.dtype and y.shape == x.shape
-  check(y, x, wgu, wd, tw, ids, activation)
+    x, wgu, wd, tw, ids = make_case(seed, T, Hd, I, E, k, dtype)
+    y = moe_triton.fused_moe(
+        x, wgu, wd, tw, ids, activation=activation, interpret=INTERPRET, blocks=blocks
+    )
+    assert y.dtype == x.dtype and y.shape == x.shape
+    check(y, x, wgu, wd, tw, ids, activation)
 
 
 def test_triton_skewed_and_invalid_routing():
-  """All slots on one expert (many tiles of it) and tokens with no valid expert at all."""
-  x, wgu, wd, tw, _ = make_case(7, 20, 32, 32, 4, 2, jnp.float32)
-  ids = np.full((20, 2), 2, np.int32)
-  ids[:, 1] = 3
-  ids[5:9] = [-1, 4]   # these tokens get exactly zero
-  y = moe_triton.fused_moe(x, wgu, wd, tw, jnp.asarray(ids), activation="silu",
-                           interpret=INTERPRET, blocks=SMALL)
-  assert np.all(np.asarray(y)[5:9] == 0)
-  check(y, x, wgu, wd, tw, ids, "silu")
+    """All slots on one expert (many tiles of it) and tokens with no valid expert at all."""
+    x, wgu, wd, tw, _ = make_case(7, 20, 32, 32, 4, 2, jnp.float32)
+    ids = np.full((20, 2), 2, np.int32)
+    ids[:, 1] = 3
+    ids[5:9] = [-1, 4]  # these tokens get exactly zero
+    y = moe_triton.fused_moe(
+        x, wgu, wd, tw, jnp.asarray(ids), activation="silu", interpret=INTERPRET, blocks=SMALL
+    )
+    assert np.all(np.asarray(y)[5:9] == 0)
+    check(y, x, wgu, wd, tw, ids, "silu")
 
 
 def test_triton_no_tokens():
-  x, wgu, wd, tw, ids = make_case(8, 1, 32, 32, 4, 2, jnp.float32)
-  y = moe_triton.fused_moe(x[:0], wgu, wd, tw[:0], ids[:0], activation="silu",
-                           interpret=INTERPRET)
-  assert y.shape == (0, 32)
+    x, wgu, wd, tw, ids = make_case(8, 1, 32, 32, 4, 2, jnp.float32)
+    y = moe_triton.fused_moe(
+        x[:0], wgu, wd, tw[:0], ids[:0], activation="silu", interpret=INTERPRET
+    )
+    assert y.shape == (0, 32)
 
 
 def test_triton_unsupported():
-  with pytest.raises(NotImplementedError, match="xla"):
-    moe_triton.check_supported(dtype=jnp.int8)
-  with pytest.raises(NotImplementedError, match="xla"):
-    moe_triton.check_supported(dtype=jnp.bfloat16, w_dtype=jnp.float32)
-  with pytest.raises(NotImplementedError, match="activation"):
-    moe_triton.check_supported(dtype=jnp.float32, activation="relu")
-  with pytest.raises(ValueError, match="block_n"):
-    tuning.GemmBlocks(24, 32)
-  with pytest.raises(ValueError, match="launch"):
-    tuning.GemmBlocks(32, 32, split_k=0)
+    with pytest.raises(NotImplementedError, match="xla"):
+        moe_triton.check_supported(dtype=jnp.int8)
+    with pytest.raises(NotImplementedError, match="xla"):
+        moe_triton.check_supported(dtype=jnp.bfloat16, w_dtype=jnp.float32)
+    with pytest.raises(NotImplementedError, match="activation"):
+        moe_triton.check_supported(dtype=jnp.float32, activation="relu")
+    with pytest.raises(ValueError, match="block_n"):
+        tuning.GemmBlocks(24, 32)
+    with pytest.raises(ValueError, match="launch"):
+        tuning.GemmBlocks(32, 32, split_k=0)
 
 
 def test_erf_approximation():
-  g = np.linspace(-6, 6, 4001).astype(np.float32)
-  approx = np.asarray(common.erf_f32(jnp.asarray(g)), np.float64)
-  exact = np.vectorize(math.erf)(g.astype(np.float64))
-  assert np.abs(approx - exact).max() < 1e-6
+    g = np.linspace(-6, 6, 4001).astype(np.float32)
+    approx = np.asarray(common.erf_f32(jnp.asarray(g)), np.float64)
+    exact = np.vectorize(math.erf)(g.astype(np.float64))
+    assert np.abs(approx - exact).max() < 1e-6
 
 
 # --- mosaic kernels ----------------------------------------------------------------
 
 from pallas_kernels.moe import mosaic as moe_mosaic  # noqa: E402
 
-MOSAIC_SMALL = moe_mosaic.MosaicBlocks(block_m=64, gate_up_n=32, down_n=32, block_k=32,
-                                       max_concurrent_steps=2, grid_tile_width=2)
+MOSAIC_SMALL = moe_mosaic.MosaicBlocks(
+    block_m=64, gate_up_n=32, down_n=32, block_k=32, max_concurrent_steps=2, grid_tile_width=2
+)
 MOSAIC_CASES = [  # (seed, T, Hd, I, E, k, dtype, activation)
     (10, 13, 64, 64, 4, 2, jnp.bfloat16, "silu"),
     (11, 9, 64, 96, 6, 3, jnp.float16, "gelu"),
-    (12, 70, 32, 64, 5, 1, jnp.bfloat16, "gelu_tanh"),   # several tiles of one expert
+    (12, 70, 32, 64, 5, 1, jnp.bfloat16, "gelu_tanh"),  # several tiles of one expert
 ]
 
 
 @pytest.mark.parametrize("seed,T,Hd,I,E,k,dtype,activation", MOSAIC_CASES)
 def test_mosaic_fused_moe(seed, T, Hd, I, E, k, dtype, activation):
-  x, wgu, wd, tw, ids = make_case(seed, T, Hd, I, E, k, dtype)
-  y = moe_mosaic.fused_moe(x, wgu, wd, tw, ids, activation=activation,
-                           interpret=INTERPRET, blocks=MOSAIC_SMALL)
-  assert y.dtype == x.dtype and y.shape == x.shape
-  check(y, x, wgu, wd, tw, ids, activation)
+    x, wgu, wd, tw, ids = make_case(seed, T, Hd, I, E, k, dtype)
+    y = moe_mosaic.fused_moe(
+        x, wgu, wd, tw, ids, activation=activation, interpret=INTERPRET, blocks=MOSAIC_SMALL
+    )
+    assert y.dtype == x.dtype and y.shape == x.shape
+    check(y, x, wgu, wd, tw, ids, activation)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="tuned Hopper blocks are only run compiled")
 def test_mosaic_default_blocks():
-  x, wgu, wd, tw, ids = make_case(13, 200, 256, 128, 8, 2, jnp.bfloat16)
-  y = moe_mosaic.fused_moe(x, wgu, wd, tw, ids, activation="silu")
-  check(y, x, wgu, wd, tw, ids, "silu")
+    x, wgu, wd, tw, ids = make_case(13, 200, 256, 128, 8, 2, jnp.bfloat16)
+    y = moe_mosaic.fused_moe(x, wgu, wd, tw, ids, activation="silu")
+    check(y, x, wgu, wd, tw, ids, "silu")
 
 
 def test_mosaic_unsupported():
-  with pytest.raises(NotImplementedError, match="xla"):
-    moe_mosaic.check_supported(dtype=jnp.int8)
-  with pytest.raises(NotImplementedError, match="hidden"):
-    moe_mosaic.check_supported(dtype=jnp.bfloat16, hidden=40, inter=64)
+    with pytest.raises(NotImplementedError, match="xla"):
+        moe_mosaic.check_supported(dtype=jnp.int8)
+    with pytest.raises(NotImplementedError, match="hidden"):
+        moe_mosaic.check_supported(dtype=jnp.bfloat16, hidden=40, inter=64)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="tuned blocks are only run compiled")
 @pytest.mark.parametrize("T,E,k", [(5, 8, 2), (300, 8, 2), (700, 16, 3)])
 def test_triton_default_blocks(T, E, k):
-  x, wgu, wd, tw, ids = make_case(14 + T, T, 256, 384, E, k, jnp.bfloat16)
-  y = moe_triton.fused_moe(x, wgu, wd, tw, ids, activation="silu")
-  check(y, x, wgu, wd, tw, ids, "silu")
+    x, wgu, wd, tw, ids = make_case(14 + T, T, 256, 384, E, k, jnp.bfloat16)
+    y = moe_triton.fused_moe(x, wgu, wd, tw, ids, activation="silu")
+    check(y, x, wgu, wd, tw, ids, "silu")

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jax_paged_attn as jpa
 from jax_paged_attn import sharding as sh
@@ -42,10 +43,17 @@ def _skip_interpreted_mosaic(backend):
 
 def _require(backend, case):
     _skip_interpreted_mosaic(backend)
-    if not supports(backend, head_dim=case.cache.head_dim, block_size=case.cache.block_size,
-                    q_dtype=case.q.dtype, kv_dtype=case.cache.dtype):
-        pytest.skip(f"{backend} does not run this configuration (tests/test_attention.py "
-                    "checks its NotImplementedError)")
+    if not supports(
+        backend,
+        head_dim=case.cache.head_dim,
+        block_size=case.cache.block_size,
+        q_dtype=case.q.dtype,
+        kv_dtype=case.cache.dtype,
+    ):
+        pytest.skip(
+            f"{backend} does not run this configuration (tests/test_attention.py "
+            "checks its NotImplementedError)"
+        )
 
 
 def _single_and_oracle(case, backend, **opts):
@@ -58,21 +66,29 @@ def _check_sharded(out, single, ref, what=""):
     assert out.shape == single.shape and out.dtype == single.dtype
     dtype = out.dtype
     assert_close(out, ref, dtype, what=f"{what} vs oracle")
-    assert_close(out, np.asarray(single.astype(jnp.float32), np.float64), dtype,
-                 what=f"{what} vs single device")
-    empty = np.all(ref == 0, axis=(1, 2))   # padding rows and inactive sequences: exact zeros
+    assert_close(
+        out,
+        np.asarray(single.astype(jnp.float32), np.float64),
+        dtype,
+        what=f"{what} vs single device",
+    )
+    empty = np.all(ref == 0, axis=(1, 2))  # padding rows and inactive sequences: exact zeros
     assert np.all(np.asarray(out.astype(jnp.float32))[empty] == 0)
 
 
 # ----------------------------------------------------------------------------- layout helpers
 
-@pytest.mark.parametrize("heads,kv_heads,n,want", [
-    (32, 8, 2, dict(replicas=1, cache_kv_heads=8, local_heads=16, local_kv_heads=4)),
-    (16, 8, 8, dict(replicas=1, cache_kv_heads=8, local_heads=2, local_kv_heads=1)),
-    (8, 2, 8, dict(replicas=4, cache_kv_heads=8, local_heads=1, local_kv_heads=1)),
-    (16, 4, 8, dict(replicas=2, cache_kv_heads=8, local_heads=2, local_kv_heads=1)),
-    (8, 1, 2, dict(replicas=2, cache_kv_heads=2, local_heads=4, local_kv_heads=1)),
-])
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,n,want",
+    [
+        (32, 8, 2, dict(replicas=1, cache_kv_heads=8, local_heads=16, local_kv_heads=4)),
+        (16, 8, 8, dict(replicas=1, cache_kv_heads=8, local_heads=2, local_kv_heads=1)),
+        (8, 2, 8, dict(replicas=4, cache_kv_heads=8, local_heads=1, local_kv_heads=1)),
+        (16, 4, 8, dict(replicas=2, cache_kv_heads=8, local_heads=2, local_kv_heads=1)),
+        (8, 1, 2, dict(replicas=2, cache_kv_heads=2, local_heads=4, local_kv_heads=1)),
+    ],
+)
 def test_kv_head_layout(heads, kv_heads, n, want):
     layout = sh.kv_head_layout(heads, kv_heads, n)
     assert {k: getattr(layout, k) for k in want} == want
@@ -90,16 +106,19 @@ def test_replicated_cache_means_the_same(rng, dtype):
     rep = sh.replicate_kv_heads(case.cache, 8)
     assert rep.k.shape[1] == 8 and rep.is_float8 == (dtype == FP8)
     for j in range(8):
-        np.testing.assert_array_equal(np.asarray(rep.k[:, j].astype(jnp.float32)),
-                                      np.asarray(case.cache.k[:, j // 4].astype(jnp.float32)))
+        np.testing.assert_array_equal(
+            np.asarray(rep.k[:, j].astype(jnp.float32)),
+            np.asarray(case.cache.k[:, j // 4].astype(jnp.float32)),
+        )
     if dtype == FP8:
         np.testing.assert_array_equal(rep.k_scale, np.repeat(case.cache.k_scale, 4))
     out = jpa.paged_attention(case.q, rep, case.meta, backend="xla")
     assert_close(out, case.reference(), jnp.float32, what="replicated cache")
     back = sh.unreplicate_kv_heads(rep, 2)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(case.cache)):
-        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
-                                      np.asarray(b.astype(jnp.float32)))
+        np.testing.assert_array_equal(
+            np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+        )
     # Enough KV heads: nothing to replicate.
     assert sh.replicate_kv_heads(case.cache, 2) is case.cache
     assert sh.replicate_kv_heads(jnp.zeros((3, 2, 64)), 4).shape == (3, 4, 64)
@@ -116,7 +135,7 @@ def test_each_device_holds_the_kv_head_it_needs(rng, heads, kv_heads, n):
     for shard in cache.k.addressable_shards:
         d = list(mesh.devices.flat).index(shard.device)
         want = pages[:, list(layout.device_kv_heads(d))]
-        np.testing.assert_array_equal(np.asarray(shard.data), want)   # NaN == NaN here
+        np.testing.assert_array_equal(np.asarray(shard.data), want)  # NaN == NaN here
 
 
 def test_attention_specs(rng):
@@ -132,16 +151,21 @@ def test_attention_specs(rng):
 
 # ----------------------------------------------------------------------------- attention
 
-@pytest.mark.parametrize("heads,kv_heads,n", [
-    (8, 4, 2),     # Hkv >= devices: 2 KV heads each
-    (16, 8, 8),    # Hkv == devices, GQA 2
-    (8, 2, 8),     # Hkv < devices: each KV head on 4 devices
-    (4, 1, 2),     # MQA on 2 devices: the one KV head on both
-])
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,n",
+    [
+        (8, 4, 2),  # Hkv >= devices: 2 KV heads each
+        (16, 8, 8),  # Hkv == devices, GQA 2
+        (8, 2, 8),  # Hkv < devices: each KV head on 4 devices
+        (4, 1, 2),  # MQA on 2 devices: the one KV head on both
+    ],
+)
 def test_paged_attention_sharded(backend, rng, heads, kv_heads, n):
     mesh = mesh_of(n)
-    case = build_case(rng, MIXED, num_heads=heads, num_kv_heads=kv_heads, pad_rows=3,
-                      dtype=suite_dtype(backend))
+    case = build_case(
+        rng, MIXED, num_heads=heads, num_kv_heads=kv_heads, pad_rows=3, dtype=suite_dtype(backend)
+    )
     single, ref = _single_and_oracle(case, backend)
     attend = jax.jit(sh.shard_paged_attention(mesh, AXIS, **run_kw(backend)))
     out = attend(case.q, sh.shard_cache(case.cache, mesh, AXIS, heads), case.meta)
@@ -151,8 +175,10 @@ def test_paged_attention_sharded(backend, rng, heads, kv_heads, n):
 
 OPTIONS = {
     "softcap_window": dict(softcap=20.0, sliding_window=9),
-    "alibi_sinks": dict(alibi_slopes=np.geomspace(0.5, 0.004, 8).astype(np.float32),
-                        sinks=np.linspace(-2, 3, 8).astype(np.float32)),
+    "alibi_sinks": dict(
+        alibi_slopes=np.geomspace(0.5, 0.004, 8).astype(np.float32),
+        sinks=np.linspace(-2, 3, 8).astype(np.float32),
+    ),
 }
 
 
@@ -160,12 +186,14 @@ OPTIONS = {
 def test_paged_attention_sharded_options(backend, rng, option):
     # Per-head vectors are split with the heads: device d gets slopes/sinks of its heads.
     mesh = mesh_of(8)
-    opts = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v)
-            for k, v in OPTIONS[option].items()}
+    opts = {
+        k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in OPTIONS[option].items()
+    }
     static = {k: v for k, v in opts.items() if k in ("softcap", "sliding_window")}
     vectors = {k: v for k, v in opts.items() if k not in static}
-    case = build_case(rng, MIXED, num_heads=8, num_kv_heads=2, pad_rows=1,
-                      dtype=suite_dtype(backend))
+    case = build_case(
+        rng, MIXED, num_heads=8, num_kv_heads=2, pad_rows=1, dtype=suite_dtype(backend)
+    )
     single, ref = _single_and_oracle(case, backend, **opts)
     attend = jax.jit(sh.shard_paged_attention(mesh, AXIS, **static, **run_kw(backend)))
     out = attend(case.q, sh.shard_cache(case.cache, mesh, AXIS, 8), case.meta, **vectors)
@@ -174,15 +202,22 @@ def test_paged_attention_sharded_options(backend, rng, option):
 
 def test_paged_decode_sharded(backend, rng):
     mesh = mesh_of(8)
-    case = build_case(rng, [(1, 1), (1, 16), (1, 17), (1, 0), (1, 70)], num_heads=8,
-                      num_kv_heads=2, dtype=suite_dtype(backend))
+    case = build_case(
+        rng,
+        [(1, 1), (1, 16), (1, 17), (1, 0), (1, 70)],
+        num_heads=8,
+        num_kv_heads=2,
+        dtype=suite_dtype(backend),
+    )
     _require(backend, case)
     meta = case.meta
-    single = jpa.paged_decode(case.q, case.cache, meta.block_tables, meta.context_lens,
-                              **run_kw(backend))
+    single = jpa.paged_decode(
+        case.q, case.cache, meta.block_tables, meta.context_lens, **run_kw(backend)
+    )
     decode = jax.jit(sh.shard_paged_decode(mesh, AXIS, **run_kw(backend)))
-    out = decode(case.q, sh.shard_cache(case.cache, mesh, AXIS, 8), meta.block_tables,
-                 meta.context_lens)
+    out = decode(
+        case.q, sh.shard_cache(case.cache, mesh, AXIS, 8), meta.block_tables, meta.context_lens
+    )
     _check_sharded(out, single, case.reference(), what="decode")
 
 
@@ -190,34 +225,50 @@ def test_paged_decode_sharded(backend, rng):
 def test_paged_attention_sharded_dtypes(backend, rng, dtype, kv_dtype):
     # float8: the per-KV-head scales are replicated and sharded with the pages.
     mesh = mesh_of(8)
-    case = build_case(rng, [(1, 40), (12, 30), (5, 5)], num_heads=8, num_kv_heads=2,
-                      head_dim=128, dtype=dtype, kv_dtype=kv_dtype, pad_rows=1)
+    case = build_case(
+        rng,
+        [(1, 40), (12, 30), (5, 5)],
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=128,
+        dtype=dtype,
+        kv_dtype=kv_dtype,
+        pad_rows=1,
+    )
     single, ref = _single_and_oracle(case, backend)
     cache = sh.shard_cache(case.cache, mesh, AXIS, 8)
     assert cache.k.dtype == jnp.dtype(kv_dtype)
-    out = jax.jit(sh.shard_paged_attention(mesh, AXIS, **run_kw(backend)))(case.q, cache,
-                                                                           case.meta)
+    out = jax.jit(sh.shard_paged_attention(mesh, AXIS, **run_kw(backend)))(case.q, cache, case.meta)
     _check_sharded(out, single, ref, what=f"{jnp.dtype(kv_dtype).name}")
 
 
 # ----------------------------------------------------------------------------- the layer
 
+
 @pytest.mark.parametrize("heads,kv_heads,n", [(8, 4, 2), (8, 2, 8)])
 def test_layer_sharded_writes_then_attends(backend, rng, heads, kv_heads, n):
     mesh = mesh_of(n)
     seqs = [(1, 30), (12, 12), (5, 21), (0, 0), (1, 17)]
-    case = build_case(rng, seqs, num_heads=heads, num_kv_heads=kv_heads, write_new_only=True,
-                      pad_rows=2, dtype=suite_dtype(backend))
+    case = build_case(
+        rng,
+        seqs,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        write_new_only=True,
+        pad_rows=2,
+        dtype=suite_dtype(backend),
+    )
     _require(backend, case)
-    layer = jpa.PagedAttention(num_heads=heads, head_dim=64, num_kv_heads=kv_heads,
-                               softcap=25.0, backend=backend)
+    layer = jpa.PagedAttention(
+        num_heads=heads, head_dim=64, num_kv_heads=kv_heads, softcap=25.0, backend=backend
+    )
     interpret = run_kw(backend)["interpret"]
     k, v = jnp.asarray(case.new_k), jnp.asarray(case.new_v)
     single_out, single_cache = jax.jit(layer, static_argnames="interpret")(
-        case.q, k, v, case.cache, case.meta, interpret=interpret)
+        case.q, k, v, case.cache, case.meta, interpret=interpret
+    )
 
-    step = jax.jit(sh.shard_layer(mesh, AXIS, layer), donate_argnums=3,
-                   static_argnames="interpret")
+    step = jax.jit(sh.shard_layer(mesh, AXIS, layer), donate_argnums=3, static_argnames="interpret")
     cache = sh.shard_cache(case.cache, mesh, AXIS, heads)
     out, cache = step(case.q, k, v, cache, case.meta, interpret=interpret)
     assert cache.k.sharding.spec == P(None, AXIS)
@@ -228,33 +279,58 @@ def test_layer_sharded_writes_then_attends(backend, rng, heads, kv_heads, n):
     for j in range(r):
         for got, want in ((cache.k, single_cache.k), (cache.v, single_cache.v)):
             # as float32: NumPy's NaN-equal comparison does not see NaN in bfloat16 arrays
-            np.testing.assert_array_equal(np.asarray(got[:, j::r], np.float32),
-                                          np.asarray(want, np.float32))
+            np.testing.assert_array_equal(
+                np.asarray(got[:, j::r], np.float32), np.asarray(want, np.float32)
+            )
 
     # A second decode step on the returned (sharded, donated) cache.
-    case2 = build_case(np.random.default_rng(1), [(1, 5)], num_heads=heads,
-                       num_kv_heads=kv_heads, write_new_only=True, dtype=suite_dtype(backend))
-    out2, _ = step(case2.q, jnp.asarray(case2.new_k), jnp.asarray(case2.new_v),
-                   sh.shard_cache(case2.cache, mesh, AXIS, heads), case2.meta,
-                   interpret=interpret)
+    case2 = build_case(
+        np.random.default_rng(1),
+        [(1, 5)],
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        write_new_only=True,
+        dtype=suite_dtype(backend),
+    )
+    out2, _ = step(
+        case2.q,
+        jnp.asarray(case2.new_k),
+        jnp.asarray(case2.new_v),
+        sh.shard_cache(case2.cache, mesh, AXIS, heads),
+        case2.meta,
+        interpret=interpret,
+    )
     assert_close(out2, case2.reference(softcap=25.0), case2.q.dtype, what="second step")
 
 
 def test_layer_sharded_alibi(backend, rng):
     mesh = mesh_of(8)
     slopes = tuple(float(s) for s in np.geomspace(0.5, 0.004, 8))
-    layer = jpa.PagedAttention(num_heads=8, head_dim=64, num_kv_heads=2, alibi_slopes=slopes,
-                               sliding_window=13, backend=backend)
-    case = build_case(rng, MIXED, num_heads=8, num_kv_heads=2, write_new_only=True,
-                      dtype=suite_dtype(backend))
+    layer = jpa.PagedAttention(
+        num_heads=8,
+        head_dim=64,
+        num_kv_heads=2,
+        alibi_slopes=slopes,
+        sliding_window=13,
+        backend=backend,
+    )
+    case = build_case(
+        rng, MIXED, num_heads=8, num_kv_heads=2, write_new_only=True, dtype=suite_dtype(backend)
+    )
     _require(backend, case)
     interpret = run_kw(backend)["interpret"]
     k, v = jnp.asarray(case.new_k), jnp.asarray(case.new_v)
     sinks = jnp.linspace(-1.0, 2.0, 8)
     single_out, _ = layer(case.q, k, v, case.cache, case.meta, sinks=sinks, interpret=interpret)
     out, cache = jax.jit(sh.shard_layer(mesh, AXIS, layer), static_argnames="interpret")(
-        case.q, sh.replicate_kv_heads(k, 8), sh.replicate_kv_heads(v, 8),   # pre-replicated
-        sh.shard_cache(case.cache, mesh, AXIS, 8), case.meta, sinks=sinks, interpret=interpret)
+        case.q,
+        sh.replicate_kv_heads(k, 8),
+        sh.replicate_kv_heads(v, 8),  # pre-replicated
+        sh.shard_cache(case.cache, mesh, AXIS, 8),
+        case.meta,
+        sinks=sinks,
+        interpret=interpret,
+    )
     ref = case.reference(alibi_slopes=np.array(slopes), sliding_window=13, sinks=np.asarray(sinks))
     _check_sharded(out, single_out, ref, what="alibi layer")
 
@@ -267,19 +343,25 @@ def test_local_layer_inside_own_shard_map(rng):
     assert (local.num_heads, local.num_kv_heads) == (4, 2)
     case = build_case(rng, MIXED, num_heads=8, num_kv_heads=4, write_new_only=True)
     specs = sh.attention_specs(mesh, AXIS, 8, 4)
-    f = jax.jit(jax.shard_map(local, mesh=mesh,
-                              in_specs=(specs.q, specs.kv, specs.kv, specs.cache, specs.meta),
-                              out_specs=(specs.q, specs.cache)))
+    f = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(specs.q, specs.kv, specs.kv, specs.cache, specs.meta),
+            out_specs=(specs.q, specs.cache),
+        )
+    )
     out, _ = f(case.q, jnp.asarray(case.new_k), jnp.asarray(case.new_v), case.cache, case.meta)
     assert_close(out, case.reference(), jnp.float32, what="local layer")
 
 
 # ----------------------------------------------------------------------------- MoE
 
+
 @pytest.mark.parametrize("n", [2, 4, 8])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_fused_moe_expert_parallel(backend, rng, n, dtype):
-    if dtype != jnp.float32:      # float32 MoE runs the Triton kernels on every backend
+    if dtype != jnp.float32:  # float32 MoE runs the Triton kernels on every backend
         _skip_interpreted_mosaic(backend)
     mesh = mesh_of(n, "ep")
     # ids outside [0, E) (another group's experts) must still contribute zero globally.
@@ -292,8 +374,9 @@ def test_fused_moe_expert_parallel(backend, rng, n, dtype):
     y = moe(x, wgu_s, wd_s, weights, ids)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert_close(y, want, dtype, what=f"EP{n} vs oracle")
-    assert_close(y, np.asarray(single.astype(jnp.float32), np.float64), dtype,
-                 what=f"EP{n} vs single device")
+    assert_close(
+        y, np.asarray(single.astype(jnp.float32), np.float64), dtype, what=f"EP{n} vs single device"
+    )
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
@@ -302,16 +385,18 @@ def test_fused_moe_expert_parallel_activation(backend, rng, activation):
     x, wgu, wd, weights, ids, _ = _moe_inputs(rng, 9, 16, 3, 64, 64, jnp.float32)
     single = jpa.fused_moe(x, wgu, wd, weights, ids, activation=activation, **run_kw(backend))
     y = jax.jit(sh.shard_fused_moe(mesh, "ep", activation=activation, **run_kw(backend)))(
-        x, wgu, wd, weights, ids)
+        x, wgu, wd, weights, ids
+    )
     assert_close(y, np.asarray(single, np.float64), jnp.float32, what=activation)
 
 
 def test_local_expert_ids():
     mesh = mesh_of(4, "ep")
     ids = jnp.array([[0, 5], [7, 2], [-1, 8]], jnp.int32)
-    f = jax.shard_map(lambda i: sh.local_expert_ids(i, "ep", 2)[None], mesh=mesh,
-                      in_specs=P(), out_specs=P("ep"))
-    local = np.asarray(f(ids))                       # [4 devices, 3, 2]
+    f = jax.shard_map(
+        lambda i: sh.local_expert_ids(i, "ep", 2)[None], mesh=mesh, in_specs=P(), out_specs=P("ep")
+    )
+    local = np.asarray(f(ids))  # [4 devices, 3, 2]
     np.testing.assert_array_equal(local, np.asarray(ids)[None] - 2 * np.arange(4)[:, None, None])
     owned = (local >= 0) & (local < 2)
     # Each valid id is owned by exactly one device; -1 and 8 by none.
@@ -320,35 +405,51 @@ def test_local_expert_ids():
 
 # ----------------------------------------------------------------------------- validation
 
+
 def _attend_call(heads, kv_heads, n, cache_heads=None):
     def call():
         cache = jpa.KVCache.init(4, 16, cache_heads or kv_heads, 64, jnp.float32)
-        meta = jpa.AttentionMetadata.decode(jnp.zeros((2, 2), jnp.int32),
-                                            jnp.array([3, 5], jnp.int32))
+        meta = jpa.AttentionMetadata.decode(
+            jnp.zeros((2, 2), jnp.int32), jnp.array([3, 5], jnp.int32)
+        )
         return sh.shard_paged_attention(mesh_of(n), AXIS, backend="xla")(
-            jnp.zeros((2, heads, 64)), cache, meta)
+            jnp.zeros((2, heads, 64)), cache, meta
+        )
+
     return call
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: sh.kv_head_layout(6, 2, 4), "num_heads"),
-    (lambda: sh.kv_head_layout(12, 3, 2), "num_kv_heads"),
-    (lambda: sh.kv_head_layout(8, 3, 2), "num_heads .8. must be a multiple of num_kv_heads"),
-    (lambda: sh.kv_head_layout(8, 2, 0), "axis_size"),
-    (lambda: sh.attention_specs(mesh_of(8), "model", 8, 2), "axis"),
-    (lambda: sh.attention_specs("mesh", AXIS, 8, 2), "mesh"),
-    (_attend_call(6, 2, 8, cache_heads=8), "q has 6 heads"),
-    (_attend_call(8, 2, 8), r"cache has 2 KV heads.*replicate_kv_heads"),
-    (lambda: sh.replicate_kv_heads(jnp.zeros((3, 3, 8)), 2), "num_kv_heads"),
-    (lambda: sh.unreplicate_kv_heads(jnp.zeros((3, 8, 8)), 3), "num_kv_heads"),
-    (lambda: sh.local_layer(jpa.PagedAttention(8, 64, 2, alibi_slopes=(0.1,) * 8), 2),
-     "alibi_slopes"),
-    (lambda: sh.local_layer("layer", 2), "layer"),
-    (lambda: sh.shard_fused_moe(mesh_of(4, "ep"), "ep")(
-        jnp.zeros((2, 8)), jnp.zeros((6, 8, 16)), jnp.zeros((6, 8, 8)), jnp.zeros((2, 1)),
-        jnp.zeros((2, 1), jnp.int32)), "w_gate_up has 6 experts"),
-    (lambda: sh.shard_fused_moe(mesh_of(2, "ep"), "ep", activation="relu"), "activation"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: sh.kv_head_layout(6, 2, 4), "num_heads"),
+        (lambda: sh.kv_head_layout(12, 3, 2), "num_kv_heads"),
+        (lambda: sh.kv_head_layout(8, 3, 2), "num_heads .8. must be a multiple of num_kv_heads"),
+        (lambda: sh.kv_head_layout(8, 2, 0), "axis_size"),
+        (lambda: sh.attention_specs(mesh_of(8), "model", 8, 2), "axis"),
+        (lambda: sh.attention_specs("mesh", AXIS, 8, 2), "mesh"),
+        (_attend_call(6, 2, 8, cache_heads=8), "q has 6 heads"),
+        (_attend_call(8, 2, 8), r"cache has 2 KV heads.*replicate_kv_heads"),
+        (lambda: sh.replicate_kv_heads(jnp.zeros((3, 3, 8)), 2), "num_kv_heads"),
+        (lambda: sh.unreplicate_kv_heads(jnp.zeros((3, 8, 8)), 3), "num_kv_heads"),
+        (
+            lambda: sh.local_layer(jpa.PagedAttention(8, 64, 2, alibi_slopes=(0.1,) * 8), 2),
+            "alibi_slopes",
+        ),
+        (lambda: sh.local_layer("layer", 2), "layer"),
+        (
+            lambda: sh.shard_fused_moe(mesh_of(4, "ep"), "ep")(
+                jnp.zeros((2, 8)),
+                jnp.zeros((6, 8, 16)),
+                jnp.zeros((6, 8, 8)),
+                jnp.zeros((2, 1)),
+                jnp.zeros((2, 1), jnp.int32),
+            ),
+            "w_gate_up has 6 experts",
+        ),
+        (lambda: sh.shard_fused_moe(mesh_of(2, "ep"), "ep", activation="relu"), "activation"),
+    ],
+)
 def test_invalid_arguments_name_them(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -359,12 +460,17 @@ def test_layer_rejects_unreplicated_cache(rng):
     layer = jpa.PagedAttention(num_heads=8, head_dim=64, num_kv_heads=2, backend="xla")
     case = build_case(rng, [(1, 3)], num_heads=8, num_kv_heads=2, write_new_only=True)
     with pytest.raises(ValueError, match=r"cache has 2 KV heads.*shard_cache"):
-        sh.shard_layer(mesh, AXIS, layer)(case.q, jnp.asarray(case.new_k),
-                                          jnp.asarray(case.new_v), case.cache, case.meta)
+        sh.shard_layer(mesh, AXIS, layer)(
+            case.q, jnp.asarray(case.new_k), jnp.asarray(case.new_v), case.cache, case.meta
+        )
     with pytest.raises(ValueError, match="q must have shape"):
-        sh.shard_layer(mesh, AXIS, layer)(case.q[:, :4], jnp.asarray(case.new_k),
-                                          jnp.asarray(case.new_v),
-                                          sh.replicate_kv_heads(case.cache, 8), case.meta)
+        sh.shard_layer(mesh, AXIS, layer)(
+            case.q[:, :4],
+            jnp.asarray(case.new_k),
+            jnp.asarray(case.new_v),
+            sh.replicate_kv_heads(case.cache, 8),
+            case.meta,
+        )
 
 
 def test_local_layer_keeps_options():
@@ -395,10 +501,26 @@ def test_sharded_decode_recipe_runs(devices):
     import os
     import subprocess
     import sys
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-m", "examples.sharded_decode", "--devices", devices,
-                           "--steps", "2", "--backend", "xla"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "examples.sharded_decode",
+            "--devices",
+            devices,
+            "--steps",
+            "2",
+            "--backend",
+            "xla",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "agree with the single device" in done.stdout

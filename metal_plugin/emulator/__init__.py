@@ -31,11 +31,16 @@ HERE = pathlib.Path(__file__).parent
 CXX = os.environ.get("JAX_PAGED_ATTN_CXX", "g++")
 BASE_FLAGS = ("-std=c++20", "-pthread", "-w", f"-I{HERE}")
 ATTRIBUTES = (  # (name, type), as MLX declares them when a body mentions them
-    ("thread_position_in_grid", "uint3"), ("threadgroup_position_in_grid", "uint3"),
-    ("thread_position_in_threadgroup", "uint3"), ("threads_per_threadgroup", "uint3"),
-    ("threadgroups_per_grid", "uint3"), ("grid_size", "uint3"),
-    ("thread_index_in_threadgroup", "uint"), ("thread_index_in_simdgroup", "uint"),
-    ("simdgroup_index_in_threadgroup", "uint"), ("simdgroups_per_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threads_per_threadgroup", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("grid_size", "uint3"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
     ("threads_per_simdgroup", "uint"),
 )
 
@@ -60,8 +65,16 @@ def cache_dir() -> pathlib.Path:
     return d
 
 
-def translation_unit(name: str, source: str, header: str, input_names, input_dtypes,
-                     input_shapes, output_names, output_dtypes) -> str:
+def translation_unit(
+    name: str,
+    source: str,
+    header: str,
+    input_names,
+    input_dtypes,
+    input_shapes,
+    output_names,
+    output_dtypes,
+) -> str:
     """The C++ file: runtime, header, the kernel with an MLX-style signature, a launcher."""
     params, casts = [], []
     for i, (n, dt, shape) in enumerate(zip(input_names, input_dtypes, input_shapes)):
@@ -87,7 +100,8 @@ def translation_unit(name: str, source: str, header: str, input_names, input_dty
         f"static void thunk(void** b, const emu::Attrs& a) {{\n"
         f"  kernel_{name}({', '.join(casts)});\n}}\n"
         'extern "C" int emu_launch(void** b, const unsigned* grid, const unsigned* tg) {\n'
-        "  return emu::launch(thunk, b, grid, tg);\n}\n")
+        "  return emu::launch(thunk, b, grid, tg);\n}\n"
+    )
 
 
 def _runtime_text() -> str:
@@ -100,8 +114,9 @@ def _compile(tu: str, flags: tuple[str, ...], suffix: str, extra_sources=()) -> 
     if out.exists():
         return out
     if shutil.which(CXX) is None:
-        raise RuntimeError(f"the Metal emulator needs a C++20 compiler; {CXX!r} not found "
-                           "(set JAX_PAGED_ATTN_CXX)")
+        raise RuntimeError(
+            f"the Metal emulator needs a C++20 compiler; {CXX!r} not found (set JAX_PAGED_ATTN_CXX)"
+        )
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src = pathlib.Path(tmp) / "kernel.cc"
         src.write_text(tu)
@@ -117,18 +132,33 @@ def _compile(tu: str, flags: tuple[str, ...], suffix: str, extra_sources=()) -> 
 def _fields(spec_or_fields, inputs):
     f = spec_or_fields
     if isinstance(f, specs.KernelSpec):
-        f = dict(name=f.name, source=f.source, header=f.header, input_names=f.input_names,
-                 output_names=f.output_names, grid=f.grid, threadgroup=f.threadgroup,
-                 out_shapes=f.out_shapes, out_dtypes=f.out_dtypes)
+        f = dict(
+            name=f.name,
+            source=f.source,
+            header=f.header,
+            input_names=f.input_names,
+            output_names=f.output_names,
+            grid=f.grid,
+            threadgroup=f.threadgroup,
+            out_shapes=f.out_shapes,
+            out_dtypes=f.out_dtypes,
+        )
     if len(inputs) != len(f["input_names"]):
         raise ValueError(f"{f['name']}: {len(inputs)} inputs for {len(f['input_names'])} names")
     return f
 
 
 def _tu_for(f, inputs) -> str:
-    return translation_unit(f["name"], f["source"], f["header"], f["input_names"],
-                            [a.dtype.name for a in inputs], [a.shape for a in inputs],
-                            f["output_names"], [jnp.dtype(d).name for d in f["out_dtypes"]])
+    return translation_unit(
+        f["name"],
+        f["source"],
+        f["header"],
+        f["input_names"],
+        [a.dtype.name for a in inputs],
+        [a.shape for a in inputs],
+        f["output_names"],
+        [jnp.dtype(d).name for d in f["out_dtypes"]],
+    )
 
 
 def _prepare(inputs):
@@ -154,18 +184,24 @@ def run(spec, *inputs) -> tuple[np.ndarray, ...]:
             _libs[key] = (ctypes.CDLL(str(path)), threading.Lock())
         lib, lock = _libs[key]
     # Poison: all bytes 0xff is NaN for every float type and -1 for integers.
-    outs = [np.full((int(np.prod(s)) * jnp.dtype(d).itemsize,), 0xFF, np.uint8)
-            .view(jnp.dtype(d)).reshape(tuple(s))
-            for s, d in zip(f["out_shapes"], f["out_dtypes"])]
+    outs = [
+        np.full((int(np.prod(s)) * jnp.dtype(d).itemsize,), 0xFF, np.uint8)
+        .view(jnp.dtype(d))
+        .reshape(tuple(s))
+        for s, d in zip(f["out_shapes"], f["out_dtypes"])
+    ]
     ptrs = (ctypes.c_void_p * (len(inputs) + len(outs)))(
-        *[a.ctypes.data for a in inputs], *[o.ctypes.data for o in outs])
+        *[a.ctypes.data for a in inputs], *[o.ctypes.data for o in outs]
+    )
     grid = (ctypes.c_uint * 3)(*f["grid"])
     tg = (ctypes.c_uint * 3)(*f["threadgroup"])
     with lock:  # threadgroup memory is per library: one launch at a time
         rc = lib.emu_launch(ptrs, grid, tg)
     if rc != 0:
-        raise ValueError(f"{f['name']}: bad launch shape grid={f['grid']} "
-                         f"threadgroup={f['threadgroup']} (code {rc})")
+        raise ValueError(
+            f"{f['name']}: bad launch shape grid={f['grid']} "
+            f"threadgroup={f['threadgroup']} (code {rc})"
+        )
     return tuple(outs)
 
 

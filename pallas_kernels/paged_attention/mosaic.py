@@ -42,6 +42,7 @@ Interpreter (``interpret=True``): Pallas's Mosaic GPU interpreter lacks wgmma wi
 lhs and ``pl.run_state`` of accumulators, so there (only) P goes through shared memory and the
 PV product lands in a fresh accumulator that is added in registers (``_pv``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,27 +59,28 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-BLOCK_Q = 64                     # rows per compute warpgroup = the wgmma M
-_MASK = -1e30                    # initial running max (log2 units), see the docstring
+BLOCK_Q = 64  # rows per compute warpgroup = the wgmma M
+_MASK = -1e30  # initial running max (log2 units), see the docstring
 _LOG2E = math.log2(math.e)
-_SMEM_BYTES = 232448             # H100 dynamic shared memory per CTA (227 KiB)
+_SMEM_BYTES = 232448  # H100 dynamic shared memory per CTA (227 KiB)
 _H100_SMS = 132
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """KV tile, pipeline depth and compute warpgroups per CTA (prefill: query heads per CTA)."""
-  block_kv: int = 128
-  num_stages: int = 2
-  num_wgs: int = 2
+    """KV tile, pipeline depth and compute warpgroups per CTA (prefill: query heads per CTA)."""
 
-  def __post_init__(self):
-    if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
-      raise ValueError(f"{self.block_kv=} must be 64, 128, 192 or 256")
-    if self.num_stages < 2:
-      raise ValueError(f"{self.num_stages=} must be at least 2")
-    if self.num_wgs not in (1, 2):
-      raise ValueError(f"{self.num_wgs=} must be 1 or 2")
+    block_kv: int = 128
+    num_stages: int = 2
+    num_wgs: int = 2
+
+    def __post_init__(self):
+        if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
+            raise ValueError(f"{self.block_kv=} must be 64, 128, 192 or 256")
+        if self.num_stages < 2:
+            raise ValueError(f"{self.num_stages=} must be at least 2")
+        if self.num_wgs not in (1, 2):
+            raise ValueError(f"{self.num_wgs=} must be 1 or 2")
 
 
 # head_dim -> (prefill, decode); shared memory of each is checked by _smem_bytes.
@@ -90,97 +92,101 @@ _TABLE = {
 
 
 def block_sizes_for(head_dim: int, num_groups: int, decode: bool) -> BlockSizes:
-  bs = _TABLE[head_dim][int(decode)]
-  if not decode and num_groups % bs.num_wgs:   # odd GQA ratio: one query head per CTA
-    bs = dataclasses.replace(bs, num_wgs=1)
-  return bs
+    bs = _TABLE[head_dim][int(decode)]
+    if not decode and num_groups % bs.num_wgs:  # odd GQA ratio: one query head per CTA
+        bs = dataclasses.replace(bs, num_wgs=1)
+    return bs
 
 
 def partial_dtype(head_dim: int, q_dtype):
-  """Decode partial outputs: f32, except at head_dim 256 where f32 staging does not fit."""
-  return jnp.dtype(jnp.float32) if head_dim <= 128 else jnp.dtype(q_dtype)
+    """Decode partial outputs: f32, except at head_dim 256 where f32 staging does not fit."""
+    return jnp.dtype(jnp.float32) if head_dim <= 128 else jnp.dtype(q_dtype)
 
 
 def _smem_bytes(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
-  itemsize = jnp.dtype(q_dtype).itemsize
-  q = bs.num_wgs * BLOCK_Q * head_dim * itemsize
-  kv = 2 * bs.num_stages * bs.block_kv * head_dim * itemsize
-  o_item = partial_dtype(head_dim, q_dtype).itemsize if decode else itemsize
-  o = bs.num_wgs * BLOCK_Q * head_dim * o_item
-  ml = 3 * BLOCK_Q * 4 if decode else 0   # m, l, ALiBi slopes
-  return q + kv + o + ml + 1024   # + barriers
+    itemsize = jnp.dtype(q_dtype).itemsize
+    q = bs.num_wgs * BLOCK_Q * head_dim * itemsize
+    kv = 2 * bs.num_stages * bs.block_kv * head_dim * itemsize
+    o_item = partial_dtype(head_dim, q_dtype).itemsize if decode else itemsize
+    o = bs.num_wgs * BLOCK_Q * head_dim * o_item
+    ml = 3 * BLOCK_Q * 4 if decode else 0  # m, l, ALiBi slopes
+    return q + kv + o + ml + 1024  # + barriers
 
 
 def num_sms() -> int:
-  """SMs of the default GPU (132 on an H100 SXM; also when there is no GPU: interpreter)."""
-  dev = jax.devices()[0]
-  return int(getattr(dev, "core_count", 0) or _H100_SMS) if dev.platform == "gpu" else _H100_SMS
+    """SMs of the default GPU (132 on an H100 SXM; also when there is no GPU: interpreter)."""
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or _H100_SMS) if dev.platform == "gpu" else _H100_SMS
 
 
 def ctas_per_sm(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
-  """CTAs that fit on one SM by shared memory (228 KiB per SM, 1 KiB reserved per CTA)."""
-  return max(1, (_SMEM_BYTES + 1024) // (_smem_bytes(bs, head_dim, q_dtype, decode) + 1024))
+    """CTAs that fit on one SM by shared memory (228 KiB per SM, 1 KiB reserved per CTA)."""
+    return max(1, (_SMEM_BYTES + 1024) // (_smem_bytes(bs, head_dim, q_dtype, decode) + 1024))
 
 
 def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
-  hint = 'use backend="triton" or backend="xla" for this configuration'
-  if head_dim not in SUPPORTED_HEAD_DIMS:
-    raise NotImplementedError(
-        f"mosaic paged attention: {head_dim=} must be one of {SUPPORTED_HEAD_DIMS}; {hint}")
-  if block_size not in SUPPORTED_BLOCK_SIZES:
-    raise NotImplementedError(
-        f"mosaic paged attention: {block_size=} must be one of {SUPPORTED_BLOCK_SIZES}; {hint}")
-  if jnp.dtype(q_dtype) not in SUPPORTED_DTYPES:
-    raise NotImplementedError(
-        f"mosaic paged attention: {q_dtype=} must be bfloat16 or float16; {hint}")
-  if jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
-    raise NotImplementedError(
-        f"mosaic paged attention: the KV cache dtype ({jnp.dtype(kv_dtype)}) must equal "
-        f"q.dtype ({jnp.dtype(q_dtype)}) (float8 caches are not covered); {hint}")
+    hint = 'use backend="triton" or backend="xla" for this configuration'
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(
+            f"mosaic paged attention: {head_dim=} must be one of {SUPPORTED_HEAD_DIMS}; {hint}"
+        )
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise NotImplementedError(
+            f"mosaic paged attention: {block_size=} must be one of {SUPPORTED_BLOCK_SIZES}; {hint}"
+        )
+    if jnp.dtype(q_dtype) not in SUPPORTED_DTYPES:
+        raise NotImplementedError(
+            f"mosaic paged attention: {q_dtype=} must be bfloat16 or float16; {hint}"
+        )
+    if jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
+        raise NotImplementedError(
+            f"mosaic paged attention: the KV cache dtype ({jnp.dtype(kv_dtype)}) must equal "
+            f"q.dtype ({jnp.dtype(q_dtype)}) (float8 caches are not covered); {hint}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  decode: bool
-  num_groups: int        # G = H // Hkv
-  num_kv_heads: int      # Hkv
-  head_dim: int
-  block_size: int
-  max_blocks: int        # MB
-  num_pages: int         # NB
-  bs: BlockSizes
-  scale: float
-  softcap: float | None
-  window: int | None
-  has_alibi: bool
-  has_sinks: bool
-  num_splits: int        # decode: partial slots per (seq, KV head) (stream-K), else 1
-  interpret: bool
-  fused: bool = False    # decode, whole pairs: normalised q.dtype output, no merge, no m/l
-  num_ctas: int = 1      # persistent CTAs (the grid)
-  stream_tiles: int = 0  # decode: 0, or stream-K over (seq, KV head) x stream_tiles KV tiles
-  q_rows: int = BLOCK_Q  # decode: rows of the flat q [S * H (padded), D]
+    decode: bool
+    num_groups: int  # G = H // Hkv
+    num_kv_heads: int  # Hkv
+    head_dim: int
+    block_size: int
+    max_blocks: int  # MB
+    num_pages: int  # NB
+    bs: BlockSizes
+    scale: float
+    softcap: float | None
+    window: int | None
+    has_alibi: bool
+    has_sinks: bool
+    num_splits: int  # decode: partial slots per (seq, KV head) (stream-K), else 1
+    interpret: bool
+    fused: bool = False  # decode, whole pairs: normalised q.dtype output, no merge, no m/l
+    num_ctas: int = 1  # persistent CTAs (the grid)
+    stream_tiles: int = 0  # decode: 0, or stream-K over (seq, KV head) x stream_tiles KV tiles
+    q_rows: int = BLOCK_Q  # decode: rows of the flat q [S * H (padded), D]
 
 
 def _cdiv(a, b):
-  return lax.div(a + (b - 1), b)   # a >= 0 everywhere it is used
+    return lax.div(a + (b - 1), b)  # a >= 0 everywhere it is used
 
 
 def kv_steps(p_first, p_last, kv_len, window, block_kv):
-  """KV tile range of rows at positions [p_first, p_last] (jnp scalars or arrays).
+    """KV tile range of rows at positions [p_first, p_last] (jnp scalars or arrays).
 
-  Returns (begin, end, full_lo, full_hi, kv_end): tiles [begin, end) hold visible keys, tiles
-  in [full_lo, full_hi) need no mask, keys >= kv_end are never visible.
-  """
-  kv_end = jnp.clip(p_last + 1, 0, kv_len)
-  first_key = jnp.zeros_like(kv_end) if window is None else jnp.maximum(p_first - window + 1, 0)
-  first_key = jnp.minimum(first_key, kv_end)
-  begin = lax.div(first_key, block_kv)
-  end = jnp.maximum(_cdiv(kv_end, block_kv), begin)
-  full_lo = begin if window is None else _cdiv(jnp.maximum(p_last - window + 1, 0), block_kv)
-  full_lo = jnp.clip(full_lo, begin, end)
-  full_hi = jnp.clip(lax.div(jnp.maximum(p_first + 1, 0), block_kv), full_lo, end)
-  return begin, end, full_lo, full_hi, kv_end
+    Returns (begin, end, full_lo, full_hi, kv_end): tiles [begin, end) hold visible keys, tiles
+    in [full_lo, full_hi) need no mask, keys >= kv_end are never visible.
+    """
+    kv_end = jnp.clip(p_last + 1, 0, kv_len)
+    first_key = jnp.zeros_like(kv_end) if window is None else jnp.maximum(p_first - window + 1, 0)
+    first_key = jnp.minimum(first_key, kv_end)
+    begin = lax.div(first_key, block_kv)
+    end = jnp.maximum(_cdiv(kv_end, block_kv), begin)
+    full_lo = begin if window is None else _cdiv(jnp.maximum(p_last - window + 1, 0), block_kv)
+    full_lo = jnp.clip(full_lo, begin, end)
+    full_hi = jnp.clip(lax.div(jnp.maximum(p_first + 1, 0), block_kv), full_lo, end)
+    return begin, end, full_lo, full_hi, kv_end
 
 
 # Columns of the per-tile table built by _plan_tiles.
@@ -188,569 +194,670 @@ _SEQ, _LEN, _ROW0, _LO, _HI, _POS0, _BEGIN, _END, _FULL_LO, _FULL_HI, _KV_END = 
 
 
 def _plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv):
-  """i32[NT, 11]: the 64-row query tiles of every sequence (heaviest first).
+    """i32[NT, 11]: the 64-row query tiles of every sequence (heaviest first).
 
-  Tile rows are q rows [row0, row0 + 64) with valid rows [row0 + lo, row0 + hi); row r sits
-  at position pos0 + r. row0 is a multiple of 8 (a TMA into the (8, 64)-tiled q buffer must
-  start on a tile row) and at most num_rows - 64 (num_rows is a multiple of 8 and >= 64), so
-  loads never leave q. Tiles of a segment start at its first row rounded down to 8.
-  """
-  num_seqs = context_lens.shape[0]
-  num_tiles = -(-(num_rows + 70 * (num_seqs + 1)) // BLOCK_Q)   # >= sum cdiv(n_s + 7, 64)
-  cu = jnp.clip(cu_seqlens_q.astype(jnp.int32), 0, num_rows)
-  cu = jnp.concatenate([cu, jnp.array([num_rows], jnp.int32)])          # + padding segment
-  cu = jnp.maximum(cu, lax.cummax(cu))                                  # non-decreasing
-  lens = jnp.concatenate([context_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
-  n = cu[1:] - cu[:-1]
-  first = cu[:-1] - cu[:-1] % 8
-  tiles = jnp.where(n > 0, (cu[1:] - first + BLOCK_Q - 1) // BLOCK_Q, 0)
-  tile_end = jnp.cumsum(tiles)
-  b = jnp.arange(num_tiles, dtype=jnp.int32)
-  # compare_all is one fused reduction; the default binary search is a while loop, kernel
-  # launches per step on a GPU (15-18 us per call on an H100, NOTES.md Session 4).
-  seg = jnp.searchsorted(tile_end, b, side="right", method="compare_all")
-  seg = jnp.minimum(seg, num_seqs).astype(jnp.int32)
-  real = b < tile_end[-1]
-  r_tile = first[seg] + (b - (tile_end[seg] - tiles[seg])) * BLOCK_Q
-  row0 = jnp.clip(r_tile, 0, num_rows - BLOCK_Q)
-  lo = jnp.where(real, jnp.maximum(r_tile, cu[seg]) - row0, 0)
-  hi = jnp.where(real, jnp.minimum(r_tile + BLOCK_Q, cu[seg + 1]) - row0, 0)
-  kv_len = jnp.where(real, lens[seg], 0)
-  pos0 = kv_len - n[seg] + (row0 - cu[seg])
-  steps = kv_steps(pos0 + lo, pos0 + hi - 1, kv_len, window, block_kv)
-  seq = jnp.minimum(seg, num_seqs - 1)       # the padding segment reads no page (L = 0)
-  info = jnp.stack([seq, kv_len, row0, lo, hi, pos0, *steps], axis=1).astype(jnp.int32)
-  return info[::-1]   # causal: the longest KV loops start first
+    Tile rows are q rows [row0, row0 + 64) with valid rows [row0 + lo, row0 + hi); row r sits
+    at position pos0 + r. row0 is a multiple of 8 (a TMA into the (8, 64)-tiled q buffer must
+    start on a tile row) and at most num_rows - 64 (num_rows is a multiple of 8 and >= 64), so
+    loads never leave q. Tiles of a segment start at its first row rounded down to 8.
+    """
+    num_seqs = context_lens.shape[0]
+    num_tiles = -(-(num_rows + 70 * (num_seqs + 1)) // BLOCK_Q)  # >= sum cdiv(n_s + 7, 64)
+    cu = jnp.clip(cu_seqlens_q.astype(jnp.int32), 0, num_rows)
+    cu = jnp.concatenate([cu, jnp.array([num_rows], jnp.int32)])  # + padding segment
+    cu = jnp.maximum(cu, lax.cummax(cu))  # non-decreasing
+    lens = jnp.concatenate([context_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
+    n = cu[1:] - cu[:-1]
+    first = cu[:-1] - cu[:-1] % 8
+    tiles = jnp.where(n > 0, (cu[1:] - first + BLOCK_Q - 1) // BLOCK_Q, 0)
+    tile_end = jnp.cumsum(tiles)
+    b = jnp.arange(num_tiles, dtype=jnp.int32)
+    # compare_all is one fused reduction; the default binary search is a while loop, kernel
+    # launches per step on a GPU (15-18 us per call on an H100, NOTES.md Session 4).
+    seg = jnp.searchsorted(tile_end, b, side="right", method="compare_all")
+    seg = jnp.minimum(seg, num_seqs).astype(jnp.int32)
+    real = b < tile_end[-1]
+    r_tile = first[seg] + (b - (tile_end[seg] - tiles[seg])) * BLOCK_Q
+    row0 = jnp.clip(r_tile, 0, num_rows - BLOCK_Q)
+    lo = jnp.where(real, jnp.maximum(r_tile, cu[seg]) - row0, 0)
+    hi = jnp.where(real, jnp.minimum(r_tile + BLOCK_Q, cu[seg + 1]) - row0, 0)
+    kv_len = jnp.where(real, lens[seg], 0)
+    pos0 = kv_len - n[seg] + (row0 - cu[seg])
+    steps = kv_steps(pos0 + lo, pos0 + hi - 1, kv_len, window, block_kv)
+    seq = jnp.minimum(seg, num_seqs - 1)  # the padding segment reads no page (L = 0)
+    info = jnp.stack([seq, kv_len, row0, lo, hi, pos0, *steps], axis=1).astype(jnp.int32)
+    return info[::-1]  # causal: the longest KV loops start first
 
 
 def _pv(acc, p16, v_ref, p_smem, after_issue, interpret):
-  """acc + p16 @ v_ref on wgmma; ``after_issue`` runs while the wgmma is in flight."""
-  if interpret:
-    p_smem[...] = p16
-    plgpu.commit_smem()
+    """acc + p16 @ v_ref on wgmma; ``after_issue`` runs while the wgmma is in flight."""
+    if interpret:
+        p_smem[...] = p16
+        plgpu.commit_smem()
 
-    def scoped(acc_ref):
-      plgpu.wgmma(acc_ref, p_smem, v_ref)
-      after_issue()
-      return acc_ref[...]
-    return acc + pl.run_scoped(scoped, plgpu.ACC(acc.shape, jnp.float32))
+        def scoped(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem, v_ref)
+            after_issue()
+            return acc_ref[...]
 
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, p16, v_ref)
-    after_issue()
-  return pl.run_state(body)(plgpu.ACC.init(acc))
+        return acc + pl.run_scoped(scoped, plgpu.ACC(acc.shape, jnp.float32))
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_ref)
+        after_issue()
+
+    return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Item:
-  """One unit of a CTA's work: a 64-row q tile against one KV head's tiles [begin, end)."""
-  seq: jax.Array
-  kv_head: jax.Array
-  kv_len: jax.Array
-  begin: jax.Array
-  end: jax.Array
-  full_lo: jax.Array
-  full_hi: jax.Array
-  kv_end: jax.Array
-  row0: jax.Array        # first q row of the tile (a multiple of 8; load_q tells Mosaic)
-  pos0: jax.Array        # position of tile row 0 (decode: of every row)
-  # prefill: rows [lo, hi) are the tile's, head0 its first query head
-  lo: jax.Array | None = None
-  hi: jax.Array | None = None
-  head0: jax.Array | None = None
-  # decode: rows [r_off, r_off + G) are the group's, q_start = its first flat q row
-  split: jax.Array | None = None
-  r_off: jax.Array | None = None
-  q_start: jax.Array | None = None
+    """One unit of a CTA's work: a 64-row q tile against one KV head's tiles [begin, end)."""
+
+    seq: jax.Array
+    kv_head: jax.Array
+    kv_len: jax.Array
+    begin: jax.Array
+    end: jax.Array
+    full_lo: jax.Array
+    full_hi: jax.Array
+    kv_end: jax.Array
+    row0: jax.Array  # first q row of the tile (a multiple of 8; load_q tells Mosaic)
+    pos0: jax.Array  # position of tile row 0 (decode: of every row)
+    # prefill: rows [lo, hi) are the tile's, head0 its first query head
+    lo: jax.Array | None = None
+    hi: jax.Array | None = None
+    head0: jax.Array | None = None
+    # decode: rows [r_off, r_off + G) are the group's, q_start = its first flat q row
+    split: jax.Array | None = None
+    r_off: jax.Array | None = None
+    q_start: jax.Array | None = None
 
 
 def _prefill_item(st: _Static, info_ref, k) -> _Item:
-  """Item k = tile * (H / num_wgs) + hp: the tiles come heaviest first (``_plan_tiles``)."""
-  heads_per_cta = st.num_groups * st.num_kv_heads // st.bs.num_wgs
-  tile, hp = lax.div(k, heads_per_cta), lax.rem(k, heads_per_cta)
-  per_kv = st.num_groups // st.bs.num_wgs
-  kv_head = lax.div(hp, per_kv)
-  row = lambda c: info_ref[tile, c]
-  return _Item(
-      seq=row(_SEQ), kv_head=kv_head, kv_len=row(_LEN), begin=row(_BEGIN), end=row(_END),
-      full_lo=row(_FULL_LO), full_hi=row(_FULL_HI), kv_end=row(_KV_END),
-      row0=row(_ROW0), pos0=row(_POS0), lo=row(_LO), hi=row(_HI),
-      head0=kv_head * st.num_groups + lax.rem(hp, per_kv) * st.bs.num_wgs)
+    """Item k = tile * (H / num_wgs) + hp: the tiles come heaviest first (``_plan_tiles``)."""
+    heads_per_cta = st.num_groups * st.num_kv_heads // st.bs.num_wgs
+    tile, hp = lax.div(k, heads_per_cta), lax.rem(k, heads_per_cta)
+    per_kv = st.num_groups // st.bs.num_wgs
+    kv_head = lax.div(hp, per_kv)
+    row = lambda c: info_ref[tile, c]
+    return _Item(
+        seq=row(_SEQ),
+        kv_head=kv_head,
+        kv_len=row(_LEN),
+        begin=row(_BEGIN),
+        end=row(_END),
+        full_lo=row(_FULL_LO),
+        full_hi=row(_FULL_HI),
+        kv_end=row(_KV_END),
+        row0=row(_ROW0),
+        pos0=row(_POS0),
+        lo=row(_LO),
+        hi=row(_HI),
+        head0=kv_head * st.num_groups + lax.rem(hp, per_kv) * st.bs.num_wgs,
+    )
 
 
 def decode_rows(seq, kv_head, num_kv_heads, num_groups, q_rows):
-  """Flat q rows of a decode group: (row0, r_off, q_start). The G query heads of (seq, kv_head)
-  are flat rows [q_start, q_start + G) of q [S * H, D]; the kernel loads the 64 rows from row0
-  (a multiple of 8, for the tiled q buffer; at most q_rows - 64), so they sit at r_off."""
-  q_start = (seq * num_kv_heads + kv_head) * num_groups
-  row0 = jnp.minimum(q_start - lax.rem(q_start, 8), q_rows - BLOCK_Q)
-  return row0, q_start - row0, q_start
+    """Flat q rows of a decode group: (row0, r_off, q_start). The G query heads of (seq, kv_head)
+    are flat rows [q_start, q_start + G) of q [S * H, D]; the kernel loads the 64 rows from row0
+    (a multiple of 8, for the tiled q buffer; at most q_rows - 64), so they sit at r_off."""
+    q_start = (seq * num_kv_heads + kv_head) * num_groups
+    row0 = jnp.minimum(q_start - lax.rem(q_start, 8), q_rows - BLOCK_Q)
+    return row0, q_start - row0, q_start
 
 
 def _decode_item(st: _Static, lens_ref, pair, split=0, share=None) -> _Item:
-  """Tiles [begin + share[0], begin + share[1]) of pair = seq * Hkv + kv_head (all: share None),
-  whose partial goes to slot ``split``."""
-  kv_head, seq = lax.rem(pair, st.num_kv_heads), lax.div(pair, st.num_kv_heads)
-  kv_len = lens_ref[seq]
-  p_row = kv_len - 1                       # every row (a query head) sits at L - 1
-  begin, end, full_lo, full_hi, kv_end = kv_steps(p_row, p_row, kv_len, st.window,
-                                                  st.bs.block_kv)
-  if share is not None:
-    begin, end = jnp.minimum(begin + share[0], end), jnp.minimum(begin + share[1], end)
-  row0, r_off, q_start = decode_rows(seq, kv_head, st.num_kv_heads, st.num_groups, st.q_rows)
-  return _Item(seq=seq, kv_head=kv_head, kv_len=kv_len, begin=begin, end=end, full_lo=full_lo,
-               full_hi=full_hi, kv_end=kv_end, row0=row0, pos0=p_row,
-               split=split, r_off=r_off, q_start=q_start)
+    """Tiles [begin + share[0], begin + share[1]) of pair = seq * Hkv + kv_head (all: share None),
+    whose partial goes to slot ``split``."""
+    kv_head, seq = lax.rem(pair, st.num_kv_heads), lax.div(pair, st.num_kv_heads)
+    kv_len = lens_ref[seq]
+    p_row = kv_len - 1  # every row (a query head) sits at L - 1
+    begin, end, full_lo, full_hi, kv_end = kv_steps(p_row, p_row, kv_len, st.window, st.bs.block_kv)
+    if share is not None:
+        begin, end = jnp.minimum(begin + share[0], end), jnp.minimum(begin + share[1], end)
+    row0, r_off, q_start = decode_rows(seq, kv_head, st.num_kv_heads, st.num_groups, st.q_rows)
+    return _Item(
+        seq=seq,
+        kv_head=kv_head,
+        kv_len=kv_len,
+        begin=begin,
+        end=end,
+        full_lo=full_lo,
+        full_hi=full_hi,
+        kv_end=kv_end,
+        row0=row0,
+        pos0=p_row,
+        split=split,
+        r_off=r_off,
+        q_start=q_start,
+    )
 
 
 def stream_ctas(pair, tiles, num_pairs, num_ctas, div=lambda a, b: a // b):
-  """Stream-K decode: CTA c takes the flat tiles [c T / C, (c + 1) T / C) of T = num_pairs x
-  tiles (pair-major). Returns the first and last CTA that take tiles of ``pair`` (ints or
-  jnp scalars; ``div`` is floor division, lax.div in the kernel); all values >= 0."""
-  total = num_pairs * tiles
-  containing = lambda x: div((x + 1) * num_ctas + total - 1, total) - 1   # CTA of flat tile x
-  return containing(pair * tiles), containing(pair * tiles + tiles - 1)
+    """Stream-K decode: CTA c takes the flat tiles [c T / C, (c + 1) T / C) of T = num_pairs x
+    tiles (pair-major). Returns the first and last CTA that take tiles of ``pair`` (ints or
+    jnp scalars; ``div`` is floor division, lax.div in the kernel); all values >= 0."""
+    total = num_pairs * tiles
+    containing = lambda x: div((x + 1) * num_ctas + total - 1, total) - 1  # CTA of flat tile x
+    return containing(pair * tiles), containing(pair * tiles + tiles - 1)
 
 
 def num_items(st: _Static, info_rows: int) -> int:
-  """Items of a call: prefill (H / num_wgs) x tiles; decode (whole items) S x Hkv."""
-  if st.decode:
-    return info_rows * st.num_kv_heads
-  return info_rows * st.num_groups * st.num_kv_heads // st.bs.num_wgs
+    """Items of a call: prefill (H / num_wgs) x tiles; decode (whole items) S x Hkv."""
+    if st.decode:
+        return info_rows * st.num_kv_heads
+    return info_rows * st.num_groups * st.num_kv_heads // st.bs.num_wgs
 
 
 def snake_items(num_items: int, num_ctas: int):
-  """The items of each persistent CTA, as an int array [rounds, num_ctas] (-1: none).
+    """The items of each persistent CTA, as an int array [rounds, num_ctas] (-1: none).
 
-  Round j gives CTA c item j C + c (j even) or j C + C - 1 - c (j odd): with items ordered
-  heaviest first (prefill's causal tiles), the CTAs' totals stay within about one item.
-  The kernel computes the same order (``_for_each_item``); the decode planner uses this one.
-  """
-  rounds = -(-num_items // num_ctas)
-  k = np.arange(rounds * num_ctas).reshape(rounds, num_ctas)
-  k[1::2] = k[1::2, ::-1]
-  return np.where(k < num_items, k, -1)
+    Round j gives CTA c item j C + c (j even) or j C + C - 1 - c (j odd): with items ordered
+    heaviest first (prefill's causal tiles), the CTAs' totals stay within about one item.
+    The kernel computes the same order (``_for_each_item``); the decode planner uses this one.
+    """
+    rounds = -(-num_items // num_ctas)
+    k = np.arange(rounds * num_ctas).reshape(rounds, num_ctas)
+    k[1::2] = k[1::2, ::-1]
+    return np.where(k < num_items, k, -1)
 
 
 def _for_each_item(st: _Static, info_ref, body, with_next=False):
-  """Runs ``body(item, g) -> g`` over this CTA's items (``with_next``: ``body(j, item,
-  next_item, has_next, g)``, ``next_item()`` building the next item where it is called), g
-  counting the KV tiles streamed so far (the ring slot of a tile is g % stages). CTAs are
-  persistent: the K/V stream of one item follows the last one's without a pipeline refill.
-  Items: ``snake_items`` order, or (stream-K decode) the pairs that overlap the CTA's share of
-  the flat tiles. Returns the CTA's tile count."""
-  cta = lax.axis_index("cta")
-  if st.stream_tiles:
-    t, num_pairs = st.stream_tiles, info_ref.shape[0] * st.num_kv_heads
-    lo = lax.div(cta * (num_pairs * t), st.num_ctas)
-    hi = lax.div((cta + 1) * (num_pairs * t), st.num_ctas)
-    p0 = lax.div(lo, t)
-    count = lax.div(hi - 1, t) - p0 + 1
+    """Runs ``body(item, g) -> g`` over this CTA's items (``with_next``: ``body(j, item,
+    next_item, has_next, g)``, ``next_item()`` building the next item where it is called), g
+    counting the KV tiles streamed so far (the ring slot of a tile is g % stages). CTAs are
+    persistent: the K/V stream of one item follows the last one's without a pipeline refill.
+    Items: ``snake_items`` order, or (stream-K decode) the pairs that overlap the CTA's share of
+    the flat tiles. Returns the CTA's tile count."""
+    cta = lax.axis_index("cta")
+    if st.stream_tiles:
+        t, num_pairs = st.stream_tiles, info_ref.shape[0] * st.num_kv_heads
+        lo = lax.div(cta * (num_pairs * t), st.num_ctas)
+        hi = lax.div((cta + 1) * (num_pairs * t), st.num_ctas)
+        p0 = lax.div(lo, t)
+        count = lax.div(hi - 1, t) - p0 + 1
 
-    def item(j):
-      pair = p0 + j
-      first, _ = stream_ctas(pair, t, num_pairs, st.num_ctas, lax.div)
-      share = (jnp.maximum(lo - pair * t, 0), jnp.minimum(hi - pair * t, t))
-      return _decode_item(st, info_ref, pair, cta - first, share)
-  else:
-    items = num_items(st, info_ref.shape[0])
-    make = _decode_item if st.decode else _prefill_item
-    if st.num_ctas == items:   # one item per CTA: straight-line code, the hardware schedules
-      it = make(st, info_ref, cta)
-      return body(it, 0) if not with_next else body(0, it, None, False, 0)
-    rounds = -(-items // st.num_ctas)
-    last_pos = cta if (rounds - 1) % 2 == 0 else st.num_ctas - 1 - cta
-    count = (rounds - 1) + (last_pos < items - (rounds - 1) * st.num_ctas).astype(jnp.int32)
+        def item(j):
+            pair = p0 + j
+            first, _ = stream_ctas(pair, t, num_pairs, st.num_ctas, lax.div)
+            share = (jnp.maximum(lo - pair * t, 0), jnp.minimum(hi - pair * t, t))
+            return _decode_item(st, info_ref, pair, cta - first, share)
+    else:
+        items = num_items(st, info_ref.shape[0])
+        make = _decode_item if st.decode else _prefill_item
+        if st.num_ctas == items:  # one item per CTA: straight-line code, the hardware schedules
+            it = make(st, info_ref, cta)
+            return body(it, 0) if not with_next else body(0, it, None, False, 0)
+        rounds = -(-items // st.num_ctas)
+        last_pos = cta if (rounds - 1) % 2 == 0 else st.num_ctas - 1 - cta
+        count = (rounds - 1) + (last_pos < items - (rounds - 1) * st.num_ctas).astype(jnp.int32)
 
-    def item(j):
-      pos = jnp.where(lax.rem(j, 2) == 0, cta, st.num_ctas - 1 - cta)
-      return make(st, info_ref, jnp.minimum(j * st.num_ctas + pos, items - 1))
+        def item(j):
+            pos = jnp.where(lax.rem(j, 2) == 0, cta, st.num_ctas - 1 - cta)
+            return make(st, info_ref, jnp.minimum(j * st.num_ctas + pos, items - 1))
 
-  def step(j, g):
-    if not with_next:
-      return body(item(j), g)
-    return body(j, item(j), lambda: item(j + 1), j + 1 < count, g)
-  return lax.fori_loop(0, count, step, jnp.int32(0))
+    def step(j, g):
+        if not with_next:
+            return body(item(j), g)
+        return body(j, item(j), lambda: item(j + 1), j + 1 < count, g)
+
+    return lax.fori_loop(0, count, step, jnp.int32(0))
 
 
 def _kernel(*refs, st: _Static):
-  nw, bk, stages = st.bs.num_wgs, st.bs.block_kv, st.bs.num_stages
-  d, page, grp = st.head_dim, st.block_size, st.num_groups
-  refs = list(refs)
-  # inputs
-  info_ref = refs.pop(0)        # prefill: i32[NT, 11] (_plan_tiles); decode: i32[S] lens
-  bt_ref = refs.pop(0)          # i32[S, MB]
-  q_ref = refs.pop(0)           # prefill: [T, H, D]; decode: [R, D] (flat q, R >= S H)
-  k_ref = refs.pop(0)           # [NB, Hkv, BS, D]
-  v_ref = refs.pop(0)           # [NB, Hkv, BS, D]
-  alibi_ref = refs.pop(0) if st.has_alibi else None   # prefill: f32[H]; decode: f32[R]
-  sinks_ref = refs.pop(0) if (st.has_sinks and not st.decode) else None   # f32[H]
-  # outputs
-  o_ref = refs.pop(0)           # prefill: [T, H, D]; decode: f32[S, Hkv, splits, G, D]
-  #                               (fused decode: [R, D] in q.dtype)
-  ml_ref = refs.pop(0) if (st.decode and not st.fused) else None   # f32[S, Hkv, splits, 2, 64]
-  # scratch
-  q_smem2 = refs.pop(0)         # [nw, 64, D]
-  k_smem = refs.pop(0)          # [stages, bk, D]
-  v_smem = refs.pop(0)          # [stages, bk, D]
-  o_smem2 = refs.pop(0)         # [nw, 64, D] (decode: partial dtype), unswizzled: row stores
-  ml_smem = refs.pop(0) if st.decode else None   # f32[2, 64]: m and l
-  slope_smem = refs.pop(0) if (st.decode and st.has_alibi) else None   # f32[64]
-  p_smem2 = refs.pop(0) if st.interpret else None  # [nw, 64, bk], interpreter only
-  q_bar, k_bar, v_bar, k_free, v_free = refs[:5]
-  sched_bar = refs[5] if nw == 2 else None
+    nw, bk, stages = st.bs.num_wgs, st.bs.block_kv, st.bs.num_stages
+    d, page, grp = st.head_dim, st.block_size, st.num_groups
+    refs = list(refs)
+    # inputs
+    info_ref = refs.pop(0)  # prefill: i32[NT, 11] (_plan_tiles); decode: i32[S] lens
+    bt_ref = refs.pop(0)  # i32[S, MB]
+    q_ref = refs.pop(0)  # prefill: [T, H, D]; decode: [R, D] (flat q, R >= S H)
+    k_ref = refs.pop(0)  # [NB, Hkv, BS, D]
+    v_ref = refs.pop(0)  # [NB, Hkv, BS, D]
+    alibi_ref = refs.pop(0) if st.has_alibi else None  # prefill: f32[H]; decode: f32[R]
+    sinks_ref = refs.pop(0) if (st.has_sinks and not st.decode) else None  # f32[H]
+    # outputs
+    o_ref = refs.pop(0)  # prefill: [T, H, D]; decode: f32[S, Hkv, splits, G, D]
+    #                               (fused decode: [R, D] in q.dtype)
+    ml_ref = refs.pop(0) if (st.decode and not st.fused) else None  # f32[S, Hkv, splits, 2, 64]
+    # scratch
+    q_smem2 = refs.pop(0)  # [nw, 64, D]
+    k_smem = refs.pop(0)  # [stages, bk, D]
+    v_smem = refs.pop(0)  # [stages, bk, D]
+    o_smem2 = refs.pop(0)  # [nw, 64, D] (decode: partial dtype), unswizzled: row stores
+    ml_smem = refs.pop(0) if st.decode else None  # f32[2, 64]: m and l
+    slope_smem = refs.pop(0) if (st.decode and st.has_alibi) else None  # f32[64]
+    p_smem2 = refs.pop(0) if st.interpret else None  # [nw, 64, bk], interpreter only
+    q_bar, k_bar, v_bar, k_free, v_free = refs[:5]
+    sched_bar = refs[5] if nw == 2 else None
 
-  wg = lax.axis_index("wg")
+    wg = lax.axis_index("wg")
 
-  def sched():
-    if nw == 2:   # FA3 ping-pong: the two warpgroups take turns on the tensor cores
-      plgpu.barrier_arrive(sched_bar)
-      plgpu.barrier_wait(sched_bar)
+    def sched():
+        if nw == 2:  # FA3 ping-pong: the two warpgroups take turns on the tensor cores
+            plgpu.barrier_arrive(sched_bar)
+            plgpu.barrier_wait(sched_bar)
 
-  @pl.when(wg < nw)
-  def _compute():
-    if nw == 2:
-      plgpu.set_max_registers(232, action="increase")
-    q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
-    p_smem = p_smem2.at[wg] if st.interpret else None
-    wgmma_layout = plgpu.Layout.WGMMA
-    row_layout = wgmma_layout.reduce(1)
-    shape = (BLOCK_Q, bk)
-
-    def load_q(it: _Item):
-      """Issues the item's q tile (decode: and its rows' ALiBi slopes) on q_bar."""
-      row0 = pl.multiple_of(it.row0, 8)
-      if st.decode:
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, BLOCK_Q)], q_smem, q_bar.at[wg])
-        if st.has_alibi:
-          plgpu.copy_gmem_to_smem(alibi_ref.at[pl.ds(row0, BLOCK_Q)], slope_smem,
-                                  q_bar.at[wg])
-      else:
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, BLOCK_Q), it.head0 + wg], q_smem,
-                                q_bar.at[wg])
-
-    def attend(j, it: _Item, next_item, has_next, g0):
-      """Item j's KV loop and epilogue; its first tile sits in ring slot g0 % stages. The next
-      item's q is loaded during this one's epilogue."""
-      begin, end, kv_end = it.begin, it.end, it.kv_end
-      head = None if st.decode else it.head0 + wg
-      if isinstance(j, int):   # one item per CTA
-        load_q(it)
-      else:
-        pl.when(j == 0)(lambda: load_q(it))
-      plgpu.barrier_wait(q_bar.at[wg])
-
-      rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
-      cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
-      pos = it.pos0 if st.decode else rows + it.pos0     # query position per logit row
-      if st.has_alibi:
-        if st.decode:
-          slope = plgpu.load(slope_smem, layout=row_layout) * _LOG2E
-          slope = lax.broadcast_in_dim(slope, shape, [0])
-        else:
-          slope = alibi_ref[head] * _LOG2E
-
-      m_init = jnp.full((BLOCK_Q,), _MASK, jnp.float32)
-      l_init = jnp.full((BLOCK_Q,), 0.0, jnp.float32)
-      if st.has_sinks and not st.decode:   # the sink is one more logit with no value
-        m_init = jnp.full((BLOCK_Q,), sinks_ref[head] * _LOG2E, jnp.float32)
-        l_init = l_init + 1.0
-      m_i = plgpu.layout_cast(m_init, row_layout)
-      l_i = plgpu.layout_cast(l_init, row_layout)
-      acc = plgpu.layout_cast(jnp.full((BLOCK_Q, d), 0, jnp.float32), wgmma_layout)
-      slot_of = lambda step: lax.rem(g0 + step - begin, stages)
-
-      @pl.when(begin < end)
-      def _():
-        plgpu.barrier_wait(k_bar.at[slot_of(begin)])
-
-      if nw == 2:
-        pl.when(wg == 1)(sched)
-
-      def kv_step(step, carry, masked: bool):
-        acc, m_i, l_i = carry
-        slot = slot_of(step)
-
-        def compute_qk(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-          sched()
-          return acc_ref[...]
-        s = pl.run_scoped(compute_qk, plgpu.ACC(shape, jnp.float32))
-        plgpu.barrier_arrive(k_free.at[slot])
-
-        # Logits in log2 units are s * c. Without softcap or ALiBi, c = scale·log2(e) stays
-        # out of s: max(s · c) = max(s) · c (c > 0), and s · c - m is one FMA per logit.
-        key = cols + step * bk
-        c = st.scale * _LOG2E
-        if st.softcap is not None:    # c·tanh(scale·s / c), in log2 units
-          s, c = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * _LOG2E), None
-        if st.has_alibi:
-          s = s * c if c is not None else s
-          s, c = s + slope * (key - pos).astype(jnp.float32), None
-        if masked:
-          visible = key <= pos
-          if st.window is not None:
-            visible = jnp.logical_and(visible, key > pos - st.window)
-          # -inf is safe here: m starts finite (_MASK), so m_new is finite.
-          s = jnp.where(visible, s, -jnp.inf)
-
-        if c is None:
-          m_new = jnp.maximum(m_i, s.max(axis=1))
-          p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
-        else:
-          m_new = jnp.maximum(m_i, s.max(axis=1) * c)
-          p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, shape, [0]))
-        alpha = jnp.exp2(m_i - m_new)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_i = l_i * alpha
-        p16 = p.astype(q_smem.dtype)
-        if nw == 2 and d <= 128:
-          l_i = l_i + p.sum(axis=1)
-          acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+    @pl.when(wg < nw)
+    def _compute():
         if nw == 2:
-          plgpu.barrier_arrive(sched_bar)   # softmax done
-        plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.set_max_registers(232, action="increase")
+        q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
+        p_smem = p_smem2.at[wg] if st.interpret else None
+        wgmma_layout = plgpu.Layout.WGMMA
+        row_layout = wgmma_layout.reduce(1)
+        shape = (BLOCK_Q, bk)
+
+        def load_q(it: _Item):
+            """Issues the item's q tile (decode: and its rows' ALiBi slopes) on q_bar."""
+            row0 = pl.multiple_of(it.row0, 8)
+            if st.decode:
+                plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, BLOCK_Q)], q_smem, q_bar.at[wg])
+                if st.has_alibi:
+                    plgpu.copy_gmem_to_smem(
+                        alibi_ref.at[pl.ds(row0, BLOCK_Q)], slope_smem, q_bar.at[wg]
+                    )
+            else:
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[pl.ds(row0, BLOCK_Q), it.head0 + wg], q_smem, q_bar.at[wg]
+                )
+
+        def attend(j, it: _Item, next_item, has_next, g0):
+            """Item j's KV loop and epilogue; its first tile sits in ring slot g0 % stages. The next
+            item's q is loaded during this one's epilogue."""
+            begin, end, kv_end = it.begin, it.end, it.kv_end
+            head = None if st.decode else it.head0 + wg
+            if isinstance(j, int):  # one item per CTA
+                load_q(it)
+            else:
+                pl.when(j == 0)(lambda: load_q(it))
+            plgpu.barrier_wait(q_bar.at[wg])
+
+            rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=wgmma_layout)
+            cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=wgmma_layout)
+            pos = it.pos0 if st.decode else rows + it.pos0  # query position per logit row
+            if st.has_alibi:
+                if st.decode:
+                    slope = plgpu.load(slope_smem, layout=row_layout) * _LOG2E
+                    slope = lax.broadcast_in_dim(slope, shape, [0])
+                else:
+                    slope = alibi_ref[head] * _LOG2E
+
+            m_init = jnp.full((BLOCK_Q,), _MASK, jnp.float32)
+            l_init = jnp.full((BLOCK_Q,), 0.0, jnp.float32)
+            if st.has_sinks and not st.decode:  # the sink is one more logit with no value
+                m_init = jnp.full((BLOCK_Q,), sinks_ref[head] * _LOG2E, jnp.float32)
+                l_init = l_init + 1.0
+            m_i = plgpu.layout_cast(m_init, row_layout)
+            l_i = plgpu.layout_cast(l_init, row_layout)
+            acc = plgpu.layout_cast(jnp.full((BLOCK_Q, d), 0, jnp.float32), wgmma_layout)
+            slot_of = lambda step: lax.rem(g0 + step - begin, stages)
+
+            @pl.when(begin < end)
+            def _():
+                plgpu.barrier_wait(k_bar.at[slot_of(begin)])
+
+            if nw == 2:
+                pl.when(wg == 1)(sched)
+
+            def kv_step(step, carry, masked: bool):
+                acc, m_i, l_i = carry
+                slot = slot_of(step)
+
+                def compute_qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                    sched()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(compute_qk, plgpu.ACC(shape, jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+
+                # Logits in log2 units are s * c. Without softcap or ALiBi, c = scale·log2(e) stays
+                # out of s: max(s · c) = max(s) · c (c > 0), and s · c - m is one FMA per logit.
+                key = cols + step * bk
+                c = st.scale * _LOG2E
+                if st.softcap is not None:  # c·tanh(scale·s / c), in log2 units
+                    s, c = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * _LOG2E), None
+                if st.has_alibi:
+                    s = s * c if c is not None else s
+                    s, c = s + slope * (key - pos).astype(jnp.float32), None
+                if masked:
+                    visible = key <= pos
+                    if st.window is not None:
+                        visible = jnp.logical_and(visible, key > pos - st.window)
+                    # -inf is safe here: m starts finite (_MASK), so m_new is finite.
+                    s = jnp.where(visible, s, -jnp.inf)
+
+                if c is None:
+                    m_new = jnp.maximum(m_i, s.max(axis=1))
+                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
+                else:
+                    m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, shape, [0]))
+                alpha = jnp.exp2(m_i - m_new)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha
+                p16 = p.astype(q_smem.dtype)
+                if nw == 2 and d <= 128:
+                    l_i = l_i + p.sum(axis=1)
+                    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                if nw == 2:
+                    plgpu.barrier_arrive(sched_bar)  # softmax done
+                plgpu.barrier_wait(v_bar.at[slot])
+                if nw == 2:
+                    plgpu.barrier_wait(sched_bar)  # tensor cores free
+                if not (nw == 2 and d <= 128):
+                    l_i = l_i + p.sum(axis=1)
+
+                if masked:
+                    # Keys >= kv_end of the last tile: zero their V rows (NaN slots, pages never loaded).
+                    # Both warpgroups write the same zeros, so their overlap is harmless.
+                    @pl.when(kv_end < (step + 1) * bk)
+                    def _zero_tail():
+                        vt = v_smem.at[slot]
+                        v_rows = plgpu.broadcasted_iota(jnp.int32, (bk, d), 0, layout=wgmma_layout)
+                        v = plgpu.load(vt, layout=wgmma_layout)
+                        vt[...] = jnp.where(v_rows + step * bk < kv_end, v, jnp.zeros_like(v))
+                        plgpu.commit_smem()
+
+                def wait_next_k():
+                    nxt = step + 1
+
+                    @pl.when(nxt < end)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
+
+                acc = _pv(acc, p16, v_smem.at[slot], p_smem, wait_next_k, st.interpret)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            carry = (acc, m_i, l_i)
+            lo_full = jnp.clip(it.full_lo, begin, end)  # decode: the split's part of the ranges
+            hi_full = jnp.clip(it.full_hi, lo_full, end)
+            carry = lax.fori_loop(begin, lo_full, functools.partial(kv_step, masked=True), carry)
+            carry = lax.fori_loop(lo_full, hi_full, functools.partial(kv_step, masked=False), carry)
+            carry = lax.fori_loop(hi_full, end, functools.partial(kv_step, masked=True), carry)
+            acc, m_i, l_i = carry
+            if nw == 2:
+                pl.when(wg == 0)(sched)
+            # q_smem's last reader (QK) has finished. The next item is built only here, so its
+            # scalars hold no registers during the KV loop.
+            if has_next is not False:
+                pl.when(has_next)(lambda: load_q(next_item()))
+            _epilogue(it, acc, m_i, l_i, head)
+            return g0 + (end - begin)
+
+        def _epilogue(it, acc, m_i, l_i, head):
+            if st.fused:  # one split: normalise here; L == 0 (l == 0) gives exact zeros
+                l_pos = l_i > 0
+                inv_l = jnp.where(l_pos, 1.0 / jnp.where(l_pos, l_i, 1.0), 0.0)
+                o_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(
+                    o_smem.dtype
+                )
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    o_smem.at[pl.ds(it.r_off, grp)], o_ref.at[pl.ds(it.q_start, grp)]
+                )
+            elif st.decode:  # unnormalised partials; mosaic_decode merges the splits
+                o_smem[...] = acc.astype(o_smem.dtype)
+                ml_smem[0] = m_i
+                ml_smem[1] = l_i
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    o_smem.at[pl.ds(it.r_off, grp)], o_ref.at[it.seq, it.kv_head, it.split]
+                )
+                plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[it.seq, it.kv_head, it.split])
+            else:
+                # Rows at p < 0 (padding, n > L) see no key: exactly 0.
+                o_rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, d), 0, layout=wgmma_layout)
+                inv_l = lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
+                out = jnp.where(o_rows + it.pos0 >= 0, acc * inv_l, 0.0)
+                o_smem[...] = out.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                count, start = it.hi - it.lo, it.lo
+                size = BLOCK_Q
+                while size:  # store exactly rows [lo, hi): 64, 32, ..., 1-row TMA stores
+
+                    @pl.when((count & size) != 0)
+                    def _store(start=start, size=size):
+                        plgpu.copy_smem_to_gmem(
+                            o_smem.at[pl.ds(start, size)],
+                            o_ref.at[pl.ds(it.row0 + start, size), head],
+                        )
+
+                    start = start + (count & size)
+                    size //= 2
+            # The next item overwrites the o / ml staging only after this returns.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        _for_each_item(st, info_ref, attend, with_next=True)
+
+    @pl.when(wg == nw)
+    def _memory():
         if nw == 2:
-          plgpu.barrier_wait(sched_bar)     # tensor cores free
-        if not (nw == 2 and d <= 128):
-          l_i = l_i + p.sum(axis=1)
+            plgpu.set_max_registers(40, action="decrease")
+        copies = max(1, bk // page)
+        rows_per_copy = min(bk, page)
 
-        if masked:
-          # Keys >= kv_end of the last tile: zero their V rows (NaN slots, pages never loaded).
-          # Both warpgroups write the same zeros, so their overlap is harmless.
-          @pl.when(kv_end < (step + 1) * bk)
-          def _zero_tail():
-            vt = v_smem.at[slot]
-            v_rows = plgpu.broadcasted_iota(jnp.int32, (bk, d), 0, layout=wgmma_layout)
-            v = plgpu.load(vt, layout=wgmma_layout)
-            vt[...] = jnp.where(v_rows + step * bk < kv_end, v, jnp.zeros_like(v))
-            plgpu.commit_smem()
+        def stream(it: _Item, g0):
+            """Issues the item's K/V tiles into ring slots g0, g0 + 1, ... (mod stages)."""
+            num_pages = _cdiv(it.kv_len, page)
 
-        def wait_next_k():
-          nxt = step + 1
+            def page_ids(step):
+                ids = []
+                for c in range(copies):
+                    key0 = step * bk + c * rows_per_copy
+                    # Pages past the context hold anything: load a real page instead (masked anyway).
+                    idx = jnp.minimum(lax.div(key0, page), num_pages - 1)
+                    ids.append(jnp.clip(bt_ref[it.seq, idx], 0, st.num_pages - 1))
+                return ids
 
-          @pl.when(nxt < end)
-          def _():
-            plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
-        acc = _pv(acc, p16, v_smem.at[slot], p_smem, wait_next_k, st.interpret)
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, l_i
+            def issue(src_ref, dst, bar, step, ids):
+                off = 0 if page <= bk else lax.rem(step, page // bk) * bk  # provably bk-aligned
+                for c, pid in enumerate(ids):
+                    plgpu.copy_gmem_to_smem(
+                        src_ref.at[pid, it.kv_head, pl.ds(off, rows_per_copy)],
+                        dst.at[pl.ds(c * rows_per_copy, rows_per_copy)],
+                        bar,
+                    )
 
-      carry = (acc, m_i, l_i)
-      lo_full = jnp.clip(it.full_lo, begin, end)     # decode: the split's part of the ranges
-      hi_full = jnp.clip(it.full_hi, lo_full, end)
-      carry = lax.fori_loop(begin, lo_full, functools.partial(kv_step, masked=True), carry)
-      carry = lax.fori_loop(lo_full, hi_full, functools.partial(kv_step, masked=False), carry)
-      carry = lax.fori_loop(hi_full, end, functools.partial(kv_step, masked=True), carry)
-      acc, m_i, l_i = carry
-      if nw == 2:
-        pl.when(wg == 0)(sched)
-      # q_smem's last reader (QK) has finished. The next item is built only here, so its
-      # scalars hold no registers during the KV loop.
-      if has_next is not False:
-        pl.when(has_next)(lambda: load_q(next_item()))
-      _epilogue(it, acc, m_i, l_i, head)
-      return g0 + (end - begin)
+            @pl.loop(0, it.end - it.begin)
+            def _(i):
+                g = g0 + i
+                slot = lax.rem(g, stages)
+                # The page ids are read once for K and V, before waiting for the slot: their latency
+                # overlaps the wait instead of delaying the copies.
+                ids = page_ids(it.begin + i)
 
-    def _epilogue(it, acc, m_i, l_i, head):
-      if st.fused:    # one split: normalise here; L == 0 (l == 0) gives exact zeros
-        l_pos = l_i > 0
-        inv_l = jnp.where(l_pos, 1.0 / jnp.where(l_pos, l_i, 1.0), 0.0)
-        o_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(o_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(it.r_off, grp)],
-                                o_ref.at[pl.ds(it.q_start, grp)])
-      elif st.decode:   # unnormalised partials; mosaic_decode merges the splits
-        o_smem[...] = acc.astype(o_smem.dtype)
-        ml_smem[0] = m_i
-        ml_smem[1] = l_i
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(it.r_off, grp)],
-                                o_ref.at[it.seq, it.kv_head, it.split])
-        plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[it.seq, it.kv_head, it.split])
-      else:
-        # Rows at p < 0 (padding, n > L) see no key: exactly 0.
-        o_rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, d), 0, layout=wgmma_layout)
-        inv_l = lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
-        out = jnp.where(o_rows + it.pos0 >= 0, acc * inv_l, 0.0)
-        o_smem[...] = out.astype(o_smem.dtype)
-        plgpu.commit_smem()
-        count, start = it.hi - it.lo, it.lo
-        size = BLOCK_Q
-        while size:   # store exactly rows [lo, hi): 64, 32, ..., 1-row TMA stores
-          @pl.when((count & size) != 0)
-          def _store(start=start, size=size):
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(start, size)],
-                                    o_ref.at[pl.ds(it.row0 + start, size), head])
-          start = start + (count & size)
-          size //= 2
-      # The next item overwrites the o / ml staging only after this returns.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                @pl.when(g >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
 
-    _for_each_item(st, info_ref, attend, with_next=True)
+                issue(k_ref, k_smem.at[slot], k_bar.at[slot], it.begin + i, ids)
 
-  @pl.when(wg == nw)
-  def _memory():
-    if nw == 2:
-      plgpu.set_max_registers(40, action="decrease")
-    copies = max(1, bk // page)
-    rows_per_copy = min(bk, page)
+                @pl.when(g >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
 
-    def stream(it: _Item, g0):
-      """Issues the item's K/V tiles into ring slots g0, g0 + 1, ... (mod stages)."""
-      num_pages = _cdiv(it.kv_len, page)
+                issue(v_ref, v_smem.at[slot], v_bar.at[slot], it.begin + i, ids)
 
-      def page_ids(step):
-        ids = []
-        for c in range(copies):
-          key0 = step * bk + c * rows_per_copy
-          # Pages past the context hold anything: load a real page instead (masked anyway).
-          idx = jnp.minimum(lax.div(key0, page), num_pages - 1)
-          ids.append(jnp.clip(bt_ref[it.seq, idx], 0, st.num_pages - 1))
-        return ids
+            return g0 + (it.end - it.begin)
 
-      def issue(src_ref, dst, bar, step, ids):
-        off = 0 if page <= bk else lax.rem(step, page // bk) * bk   # provably bk-aligned
-        for c, pid in enumerate(ids):
-          plgpu.copy_gmem_to_smem(src_ref.at[pid, it.kv_head, pl.ds(off, rows_per_copy)],
-                                  dst.at[pl.ds(c * rows_per_copy, rows_per_copy)], bar)
+        # One warp streams (the other three idle): a 16-token page is one copy, 16 per 128-key
+        # tile, and each copy's index math and barrier arrivals would otherwise take issue slots
+        # on all four warps' schedulers from the compute warpgroups.
+        @plgpu.warp_map
+        def _(warp):
+            @pl.when(warp == 0)
+            def _():
+                total = _for_each_item(st, info_ref, stream)
 
-      @pl.loop(0, it.end - it.begin)
-      def _(i):
-        g = g0 + i
-        slot = lax.rem(g, stages)
-        # The page ids are read once for K and V, before waiting for the slot: their latency
-        # overlaps the wait instead of delaying the copies.
-        ids = page_ids(it.begin + i)
-
-        @pl.when(g >= stages)
-        def _():
-          plgpu.barrier_wait(k_free.at[slot])
-        issue(k_ref, k_smem.at[slot], k_bar.at[slot], it.begin + i, ids)
-
-        @pl.when(g >= stages)
-        def _():
-          plgpu.barrier_wait(v_free.at[slot])
-        issue(v_ref, v_smem.at[slot], v_bar.at[slot], it.begin + i, ids)
-      return g0 + (it.end - it.begin)
-
-    # One warp streams (the other three idle): a 16-token page is one copy, 16 per 128-key
-    # tile, and each copy's index math and barrier arrivals would otherwise take issue slots
-    # on all four warps' schedulers from the compute warpgroups.
-    @plgpu.warp_map
-    def _(warp):
-      @pl.when(warp == 0)
-      def _():
-        total = _for_each_item(st, info_ref, stream)
-
-        # Observe the last releases too, so no barrier phase is left unobserved at exit.
-        @pl.loop(jnp.maximum(total - stages, 0), total)
-        def _(g):
-          slot = lax.rem(g, stages)
-          plgpu.barrier_wait(k_free.at[slot])
-          plgpu.barrier_wait(v_free.at[slot])
+                # Observe the last releases too, so no barrier phase is left unobserved at exit.
+                @pl.loop(jnp.maximum(total - stages, 0), total)
+                def _(g):
+                    slot = lax.rem(g, stages)
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
 
 
 def build_call(st: _Static, out_type, grid, grid_names, dtype):
-  """The plgpu.kernel of both modes (decode grids over (num_ctas,), persistent)."""
-  nw, bk, stages, d = st.bs.num_wgs, st.bs.block_kv, st.bs.num_stages, st.head_dim
-  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  copies = max(1, bk // st.block_size)
-  o_dtype = dtype if (st.fused or not st.decode) else partial_dtype(d, dtype)
-  scratch = [
-      plgpu.SMEM((nw, BLOCK_Q, d), dtype, transforms=swizzled),     # q
-      plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),      # k ring
-      plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),      # v ring
-      plgpu.SMEM((nw, BLOCK_Q, d), o_dtype),                        # o
-  ]
-  if st.decode:
-    scratch.append(plgpu.SMEM((2, BLOCK_Q), jnp.float32))          # m, l
-    if st.has_alibi:
-      scratch.append(plgpu.SMEM((BLOCK_Q,), jnp.float32))          # ALiBi slope of each row
-  if st.interpret:
-    scratch.append(plgpu.SMEM((nw, BLOCK_Q, bk), dtype, transforms=swizzled))   # p
-  q_arrivals = 2 if (st.decode and st.has_alibi) else 1
-  scratch += [
-      plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=nw),
-      plgpu.Barrier(num_arrivals=copies, num_barriers=stages),        # k ready
-      plgpu.Barrier(num_arrivals=copies, num_barriers=stages),        # v ready
-      plgpu.Barrier(num_arrivals=nw, num_barriers=stages),            # k consumed
-      plgpu.Barrier(num_arrivals=nw, num_barriers=stages),            # v consumed
-  ]
-  if nw == 2:
-    scratch.append(plgpu.Barrier(num_arrivals=nw))                    # schedule
-  return plgpu.kernel(
-      functools.partial(_kernel, st=st),
-      out_type=out_type,
-      grid=grid,
-      grid_names=grid_names,
-      num_threads=nw + 1,
-      thread_name="wg",
-      scratch_types=scratch,
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams() if st.interpret else None,
-  )
+    """The plgpu.kernel of both modes (decode grids over (num_ctas,), persistent)."""
+    nw, bk, stages, d = st.bs.num_wgs, st.bs.block_kv, st.bs.num_stages, st.head_dim
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    copies = max(1, bk // st.block_size)
+    o_dtype = dtype if (st.fused or not st.decode) else partial_dtype(d, dtype)
+    scratch = [
+        plgpu.SMEM((nw, BLOCK_Q, d), dtype, transforms=swizzled),  # q
+        plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),  # k ring
+        plgpu.SMEM((stages, bk, d), dtype, transforms=swizzled),  # v ring
+        plgpu.SMEM((nw, BLOCK_Q, d), o_dtype),  # o
+    ]
+    if st.decode:
+        scratch.append(plgpu.SMEM((2, BLOCK_Q), jnp.float32))  # m, l
+        if st.has_alibi:
+            scratch.append(plgpu.SMEM((BLOCK_Q,), jnp.float32))  # ALiBi slope of each row
+    if st.interpret:
+        scratch.append(plgpu.SMEM((nw, BLOCK_Q, bk), dtype, transforms=swizzled))  # p
+    q_arrivals = 2 if (st.decode and st.has_alibi) else 1
+    scratch += [
+        plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=nw),
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # k ready
+        plgpu.Barrier(num_arrivals=copies, num_barriers=stages),  # v ready
+        plgpu.Barrier(num_arrivals=nw, num_barriers=stages),  # k consumed
+        plgpu.Barrier(num_arrivals=nw, num_barriers=stages),  # v consumed
+    ]
+    if nw == 2:
+        scratch.append(plgpu.Barrier(num_arrivals=nw))  # schedule
+    return plgpu.kernel(
+        functools.partial(_kernel, st=st),
+        out_type=out_type,
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=nw + 1,
+        thread_name="wg",
+        scratch_types=scratch,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if st.interpret else None,
+    )
 
 
-def make_static(*, decode, q_dtype, num_heads, k_pages, max_blocks, scale, softcap,
-                sliding_window, alibi_slopes, sinks, num_splits, interpret, block_sizes):
-  num_pages, num_kv_heads, block_size, head_dim = k_pages.shape
-  check_supported(head_dim=head_dim, block_size=block_size, q_dtype=q_dtype,
-                  kv_dtype=k_pages.dtype)
-  grp = num_heads // num_kv_heads
-  if decode and grp > BLOCK_Q:
-    raise NotImplementedError(f"mosaic paged decode: {grp=} query heads per KV head must be "
-                              f"<= {BLOCK_Q}; use backend=\"triton\" or backend=\"xla\"")
-  bs = block_sizes or block_sizes_for(head_dim, grp, decode)
-  if decode and bs.num_wgs != 1:
-    raise ValueError(f"{bs.num_wgs=} must be 1 in decode (the GQA group is the wgmma M)")
-  if not decode and grp % bs.num_wgs:
-    raise ValueError(f"{bs.num_wgs=} must divide the GQA ratio {grp}")
-  smem = _smem_bytes(bs, head_dim, q_dtype, decode)
-  if smem > _SMEM_BYTES:
-    raise ValueError(f"{bs} needs {smem} bytes of shared memory (> {_SMEM_BYTES})")
-  return _Static(decode=decode, num_groups=grp, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                 block_size=block_size, max_blocks=max_blocks, num_pages=num_pages, bs=bs,
-                 scale=float(scale),
-                 softcap=None if softcap is None else float(softcap),
-                 window=None if sliding_window is None else int(sliding_window),
-                 has_alibi=alibi_slopes is not None, has_sinks=sinks is not None,
-                 num_splits=num_splits, interpret=bool(interpret))
+def make_static(
+    *,
+    decode,
+    q_dtype,
+    num_heads,
+    k_pages,
+    max_blocks,
+    scale,
+    softcap,
+    sliding_window,
+    alibi_slopes,
+    sinks,
+    num_splits,
+    interpret,
+    block_sizes,
+):
+    num_pages, num_kv_heads, block_size, head_dim = k_pages.shape
+    check_supported(
+        head_dim=head_dim, block_size=block_size, q_dtype=q_dtype, kv_dtype=k_pages.dtype
+    )
+    grp = num_heads // num_kv_heads
+    if decode and grp > BLOCK_Q:
+        raise NotImplementedError(
+            f"mosaic paged decode: {grp=} query heads per KV head must be "
+            f'<= {BLOCK_Q}; use backend="triton" or backend="xla"'
+        )
+    bs = block_sizes or block_sizes_for(head_dim, grp, decode)
+    if decode and bs.num_wgs != 1:
+        raise ValueError(f"{bs.num_wgs=} must be 1 in decode (the GQA group is the wgmma M)")
+    if not decode and grp % bs.num_wgs:
+        raise ValueError(f"{bs.num_wgs=} must divide the GQA ratio {grp}")
+    smem = _smem_bytes(bs, head_dim, q_dtype, decode)
+    if smem > _SMEM_BYTES:
+        raise ValueError(f"{bs} needs {smem} bytes of shared memory (> {_SMEM_BYTES})")
+    return _Static(
+        decode=decode,
+        num_groups=grp,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        max_blocks=max_blocks,
+        num_pages=num_pages,
+        bs=bs,
+        scale=float(scale),
+        softcap=None if softcap is None else float(softcap),
+        window=None if sliding_window is None else int(sliding_window),
+        has_alibi=alibi_slopes is not None,
+        has_sinks=sinks is not None,
+        num_splits=num_splits,
+        interpret=bool(interpret),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "scale", "softcap", "sliding_window", "interpret", "block_sizes", "num_ctas"))
-def paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu_seqlens_q, *,
-                    scale: float, softcap: float | None = None,
-                    sliding_window: int | None = None, alibi_slopes=None, sinks=None,
-                    k_scale=None, v_scale=None, interpret: bool = False,
-                    block_sizes: BlockSizes | None = None, num_ctas: int | None = None):
-  """Chunked prefill / mixed batch over the paged cache: q [T, H, D] -> [T, H, D]."""
-  if k_scale is not None or v_scale is not None:
-    raise NotImplementedError('mosaic paged attention: float8 KV caches (k_scale/v_scale) are '
-                              'not covered; use backend="triton" or backend="xla"')
-  num_rows, num_heads, head_dim = q.shape
-  st = make_static(decode=False, q_dtype=q.dtype, num_heads=num_heads, k_pages=k_pages,
-                   max_blocks=block_tables.shape[1], scale=scale, softcap=softcap,
-                   sliding_window=sliding_window, alibi_slopes=alibi_slopes, sinks=sinks,
-                   num_splits=1, interpret=interpret, block_sizes=block_sizes)
-  padded = max(-(-num_rows // 8) * 8, BLOCK_Q)   # see _plan_tiles; pads only odd/tiny T
-  qp = q if padded == num_rows else jnp.pad(q, ((0, padded - num_rows), (0, 0), (0, 0)))
-  info = _plan_tiles(cu_seqlens_q, context_lens, padded, st.window, st.bs.block_kv)
-  args = [info, block_tables.astype(jnp.int32), qp, k_pages, v_pages]
-  if alibi_slopes is not None:
-    args.append(alibi_slopes.astype(jnp.float32))
-  if sinks is not None:
-    args.append(sinks.astype(jnp.float32))
-  # One item per CTA by default: persistent CTAs measured 4-8% slower here (NOTES.md).
-  items = num_items(st, info.shape[0])
-  st = dataclasses.replace(st, num_ctas=int(min(num_ctas or items, items)))
-  call = build_call(st, jax.ShapeDtypeStruct(qp.shape, q.dtype), (st.num_ctas,), ("cta",),
-                    q.dtype)
-  return call(*args)[:num_rows]
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "softcap", "sliding_window", "interpret", "block_sizes", "num_ctas"),
+)
+def paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    alibi_slopes=None,
+    sinks=None,
+    k_scale=None,
+    v_scale=None,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+    num_ctas: int | None = None,
+):
+    """Chunked prefill / mixed batch over the paged cache: q [T, H, D] -> [T, H, D]."""
+    if k_scale is not None or v_scale is not None:
+        raise NotImplementedError(
+            "mosaic paged attention: float8 KV caches (k_scale/v_scale) are "
+            'not covered; use backend="triton" or backend="xla"'
+        )
+    num_rows, num_heads, head_dim = q.shape
+    st = make_static(
+        decode=False,
+        q_dtype=q.dtype,
+        num_heads=num_heads,
+        k_pages=k_pages,
+        max_blocks=block_tables.shape[1],
+        scale=scale,
+        softcap=softcap,
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+        num_splits=1,
+        interpret=interpret,
+        block_sizes=block_sizes,
+    )
+    padded = max(-(-num_rows // 8) * 8, BLOCK_Q)  # see _plan_tiles; pads only odd/tiny T
+    qp = q if padded == num_rows else jnp.pad(q, ((0, padded - num_rows), (0, 0), (0, 0)))
+    info = _plan_tiles(cu_seqlens_q, context_lens, padded, st.window, st.bs.block_kv)
+    args = [info, block_tables.astype(jnp.int32), qp, k_pages, v_pages]
+    if alibi_slopes is not None:
+        args.append(alibi_slopes.astype(jnp.float32))
+    if sinks is not None:
+        args.append(sinks.astype(jnp.float32))
+    # One item per CTA by default: persistent CTAs measured 4-8% slower here (NOTES.md).
+    items = num_items(st, info.shape[0])
+    st = dataclasses.replace(st, num_ctas=int(min(num_ctas or items, items)))
+    call = build_call(
+        st, jax.ShapeDtypeStruct(qp.shape, q.dtype), (st.num_ctas,), ("cta",), q.dtype
+    )
+    return call(*args)[:num_rows]
 
 
 def paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs):
-  """One query per sequence: q [S, H, D] -> [S, H, D] (see ``mosaic_decode``)."""
-  from pallas_kernels.paged_attention import mosaic_decode
-  return mosaic_decode.paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs)
+    """One query per sequence: q [S, H, D] -> [S, H, D] (see ``mosaic_decode``)."""
+    from pallas_kernels.paged_attention import mosaic_decode
+
+    return mosaic_decode.paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs)

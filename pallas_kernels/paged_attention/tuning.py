@@ -22,48 +22,50 @@ NUM_SMS_H100 = 132
 
 
 def _pow2(v: int) -> bool:
-  return isinstance(v, int) and v > 0 and (v & (v - 1)) == 0
+    return isinstance(v, int) and v > 0 and (v & (v - 1)) == 0
 
 
 def next_pow2(v: int) -> int:
-  return 1 << max(0, int(v) - 1).bit_length()
+    return 1 << max(0, int(v) - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tiles and launch parameters of one kernel call (hashable: a static jit argument).
+    """Tiles and launch parameters of one kernel call (hashable: a static jit argument).
 
-  block_m:    prefill q-tile rows (tokens x packed query heads); ignored by decode, whose q tile
-              is the head group padded to a power of two >= 16.
-  block_k:    keys per KV tile; a tile may span several pages (page ids are gathered per key).
-  num_warps, num_stages: Triton launch parameters.
-  num_splits: decode only: KV splits per (sequence, KV head); None = from shapes.
-  """
+    block_m:    prefill q-tile rows (tokens x packed query heads); ignored by decode, whose q tile
+                is the head group padded to a power of two >= 16.
+    block_k:    keys per KV tile; a tile may span several pages (page ids are gathered per key).
+    num_warps, num_stages: Triton launch parameters.
+    num_splits: decode only: KV splits per (sequence, KV head); None = from shapes.
+    """
 
-  block_m: int = 64
-  block_k: int = 64
-  num_warps: int = 4
-  num_stages: int = 2
-  num_splits: int | None = None
+    block_m: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int | None = None
 
-  def __post_init__(self):
-    for name in ("block_m", "block_k"):
-      v = getattr(self, name)
-      if not (_pow2(v) and 16 <= v <= 256):
-        raise ValueError(f"{name}={v} must be a power of two in [16, 256] (Triton dot tiles)")
-    if self.num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"num_warps={self.num_warps} must be one of (1, 2, 4, 8, 16)")
-    if not (isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8):
-      raise ValueError(f"num_stages={self.num_stages} must be an int in [1, 8]")
-    if self.num_splits is not None and not (_pow2(self.num_splits) and self.num_splits <= 256):
-      raise ValueError(f"num_splits={self.num_splits} must be None or a power of two <= 256")
+    def __post_init__(self):
+        for name in ("block_m", "block_k"):
+            v = getattr(self, name)
+            if not (_pow2(v) and 16 <= v <= 256):
+                raise ValueError(
+                    f"{name}={v} must be a power of two in [16, 256] (Triton dot tiles)"
+                )
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps={self.num_warps} must be one of (1, 2, 4, 8, 16)")
+        if not (isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8):
+            raise ValueError(f"num_stages={self.num_stages} must be an int in [1, 8]")
+        if self.num_splits is not None and not (_pow2(self.num_splits) and self.num_splits <= 256):
+            raise ValueError(f"num_splits={self.num_splits} must be None or a power of two <= 256")
 
 
 def dtype_kind(q_dtype, kv_dtype) -> str:
-  """'f32' when either side computes in float32, else 'half' (bf16/f16, and float8 KV)."""
-  if jnp.dtype(q_dtype) == jnp.float32 or jnp.dtype(kv_dtype) == jnp.float32:
-    return "f32"
-  return "half"
+    """'f32' when either side computes in float32, else 'half' (bf16/f16, and float8 KV)."""
+    if jnp.dtype(q_dtype) == jnp.float32 or jnp.dtype(kv_dtype) == jnp.float32:
+        return "f32"
+    return "half"
 
 
 # (padded head dim, dtype kind, mode) -> BlockSizes.
@@ -94,34 +96,41 @@ _TABLE: dict[tuple[int, str, str], BlockSizes] = {
 }
 
 
-def get_block_sizes(head_dim: int, q_dtype, kv_dtype, mode: str,
-                    override: BlockSizes | None = None) -> BlockSizes:
-  """The table entry for these shapes, or ``override`` when given."""
-  if mode not in ("prefill", "decode"):
-    raise ValueError(f"{mode=} must be 'prefill' or 'decode'")
-  if override is not None:
-    if not isinstance(override, BlockSizes):
-      raise TypeError(f"block_sizes must be a BlockSizes, got {type(override).__name__}")
-    return override
-  dp = max(64, next_pow2(head_dim))
-  return _TABLE[(dp, dtype_kind(q_dtype, kv_dtype), mode)]
+def get_block_sizes(
+    head_dim: int, q_dtype, kv_dtype, mode: str, override: BlockSizes | None = None
+) -> BlockSizes:
+    """The table entry for these shapes, or ``override`` when given."""
+    if mode not in ("prefill", "decode"):
+        raise ValueError(f"{mode=} must be 'prefill' or 'decode'")
+    if override is not None:
+        if not isinstance(override, BlockSizes):
+            raise TypeError(f"block_sizes must be a BlockSizes, got {type(override).__name__}")
+        return override
+    dp = max(64, next_pow2(head_dim))
+    return _TABLE[(dp, dtype_kind(q_dtype, kv_dtype), mode)]
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, block_k: int,
-                      num_sms: int = NUM_SMS_H100, min_keys_per_split: int = 512) -> int:
-  """KV splits for decode: enough programs for ~3 waves of ``num_sms``, from static shapes only.
+def choose_num_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_context: int,
+    block_k: int,
+    num_sms: int = NUM_SMS_H100,
+    min_keys_per_split: int = 512,
+) -> int:
+    """KV splits for decode: enough programs for ~3 waves of ``num_sms``, from static shapes only.
 
-  Each split keeps at least ``min_keys_per_split`` keys of the largest possible context
-  (``max_blocks * block_size``), so short contexts are never split (the merge would cost more
-  than it saves). Powers of two, at most 64.
-  """
-  programs = max(1, num_seqs * num_kv_heads)
-  target = 3 * num_sms
-  if programs >= target:
-    return 1
-  want = next_pow2(-(-target // programs))
-  cap = max(1, max_context // max(min_keys_per_split, block_k))
-  splits = 1
-  while splits * 2 <= min(want, cap, 64):
-    splits *= 2
-  return splits
+    Each split keeps at least ``min_keys_per_split`` keys of the largest possible context
+    (``max_blocks * block_size``), so short contexts are never split (the merge would cost more
+    than it saves). Powers of two, at most 64.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    target = 3 * num_sms
+    if programs >= target:
+        return 1
+    want = next_pow2(-(-target // programs))
+    cap = max(1, max_context // max(min_keys_per_split, block_k))
+    splits = 1
+    while splits * 2 <= min(want, cap, 64):
+        splits *= 2
+    return splits
