@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jax_paged_attn as jpa
-from tests.conftest import FP8, assert_close, build_case, run_kw, suite_dtype, supports
+from jax_paged_attn.testing import FP8, assert_close, build_case
+from tests.conftest import run_kw, suite_dtype, supports
 
 BATCHES = {
     "decode": [(1, 1), (1, 15), (1, 16), (1, 17), (0, 0), (1, 40)],

@@ -9,13 +9,14 @@ import pytest
 
 import jax_paged_attn as jpa
 from jax_paged_attn import backends
-from tests.conftest import FP8, nan_cache, run_kw
+from jax_paged_attn.testing import FP8, nan_cache
+from tests.conftest import run_kw
 
 
 @pytest.fixture
 def write_backend(backend):
     """The backend under test, for write_kv; a backend without a KV-write kernel must say so."""
-    if backend != "xla" and not backends.built(backend, "kv_write"):
+    if "kv_write" not in backends.TABLE[backend].ops:
         cache = jpa.KVCache.init(2, 8, 1, 16, jnp.float32)
         with pytest.raises(NotImplementedError, match="backends that implement kv_write"):
             jpa.write_kv(

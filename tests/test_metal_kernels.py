@@ -18,8 +18,8 @@ import pytest
 
 pytest.importorskip("metal_plugin")
 import metal_plugin  # noqa: E402
+from jax_paged_attn.testing import oracle  # noqa: E402
 from metal_plugin import specs  # noqa: E402
-from tests import oracle  # noqa: E402
 
 FP8 = jnp.float8_e4m3fn
 TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
@@ -42,7 +42,7 @@ def attention_oracle(
     k_scale=None,
     v_scale=None,
 ):
-    """SPEC §3 in float64 (tests/oracle.py) on the keys the block tables address."""
+    """SPEC §3 in float64 (jax_paged_attn.testing.oracle) on the keys the block tables address."""
 
     def per_seq(pages, scale_vec):
         pages = np.asarray(pages.astype(np.float32), np.float64)
@@ -383,7 +383,7 @@ def test_e4m3_encoding_matches_ml_dtypes_on_every_grid_point():
 
 # ----------------------------------------------------------------------------- MoE
 def moe_oracle(x, wgu, wd, w, ids, activation):
-    return oracle.moe(
+    return oracle.fused_moe(
         np.asarray(x, np.float64),
         np.asarray(wgu.astype(np.float32)),
         np.asarray(wd.astype(np.float32)),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jax_paged_attn as jpa
-from tests import oracle
-from tests.conftest import TOLERANCE, assert_close, run_kw
+from jax_paged_attn.testing import TOLERANCE, assert_close, oracle
+from tests.conftest import run_kw
 
 ROUTINGS = {
     "softmax": dict(),
@@ -38,7 +38,7 @@ def test_moe_topk(rng, routing):
             **{k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()},
         )
     )(jnp.asarray(logits))
-    want_w, want_ids = oracle.topk(logits, top_k, **opts)
+    want_w, want_ids = oracle.moe_topk(logits, top_k, **opts)
     assert weights.dtype == jnp.float32 and ids.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(ids), want_ids)
     np.testing.assert_allclose(np.asarray(weights), want_w, rtol=1e-5, atol=1e-6)
@@ -49,14 +49,14 @@ def _moe_inputs(rng, num_tokens, num_experts, top_k, hidden, inter, dtype, forei
     wgu = rng.standard_normal((num_experts, hidden, 2 * inter)) / np.sqrt(hidden)
     wd = rng.standard_normal((num_experts, inter, hidden)) / np.sqrt(inter)
     logits = rng.standard_normal((num_tokens, num_experts))
-    weights, ids = oracle.topk(logits, top_k, renormalize=True)
+    weights, ids = oracle.moe_topk(logits, top_k, renormalize=True)
     ids = ids.astype(np.int32)
     if foreign:  # experts owned by other devices: ids outside [0, E) contribute zero
         ids[::5, 0] = num_experts + 3
         ids[1::7, -1] = -1
     cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
     x, wgu, wd = cast(x), cast(wgu), cast(wd)
-    want = oracle.moe(
+    want = oracle.fused_moe(
         np.asarray(x, np.float64),
         np.asarray(wgu.astype(jnp.float32)),
         np.asarray(wd.astype(jnp.float32)),
@@ -83,7 +83,7 @@ def test_fused_moe(backend, rng, num_tokens, num_experts, top_k, dtype):
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 def test_fused_moe_activations(backend, rng, activation):
     x, wgu, wd, w, ids, _ = _moe_inputs(rng, 19, 4, 2, 32, 48, jnp.float32)
-    want = oracle.moe(
+    want = oracle.fused_moe(
         np.asarray(x), np.asarray(wgu), np.asarray(wd), np.asarray(w), np.asarray(ids), activation
     )
     out = jpa.fused_moe(x, wgu, wd, w, ids, activation=activation, **run_kw(backend))

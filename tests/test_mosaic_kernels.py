@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_paged_attn.testing.oracle import attention as attention_oracle
 from pallas_kernels.paged_attention import mosaic, mosaic_decode
-from tests.oracle import attention as attention_oracle
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -75,7 +75,7 @@ def make_case(
 
 
 def oracle(host, *, scale, softcap=None, window=None, alibi=None, sinks=None):
-    """float64 SPEC.md §3 (the suite's one oracle, tests/oracle.py)."""
+    """float64 SPEC.md §3 (the kit's oracle, jax_paged_attn.testing)."""
     return attention_oracle(
         host["q"],
         host["keys"],

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_paged_attn as jpa
-from tests.conftest import assert_close, build_case, run_kw, suite_dtype
+from jax_paged_attn.testing import assert_close, build_case
+from tests.conftest import run_kw, suite_dtype
 
 
 @st.composite

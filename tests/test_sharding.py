@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 import jax_paged_attn as jpa
 from jax_paged_attn import sharding as sh
-from tests.conftest import FP8, assert_close, build_case, run_kw, suite_dtype, supports
+from jax_paged_attn.testing import FP8, assert_close, build_case
+from tests.conftest import run_kw, suite_dtype, supports
 from tests.test_moe import _moe_inputs
 
 AXIS = "tp"

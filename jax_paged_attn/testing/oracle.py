@@ -1,0 +1,198 @@
+"""Naive float64 NumPy oracles, one per op, written from the op's definition (not its kernels).
+
+Each takes plain arrays (jax or NumPy, any float dtype: the values are taken as they are, so
+pass what the op sees, e.g. the dequantised cache contents) and returns float64 NumPy results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value: stores saturate to +-448
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x).astype(np.float64)
+
+
+def _opt(x):
+    return None if x is None else _f64(x)
+
+
+def attention(
+    q,
+    k_seqs,
+    v_seqs,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    scale=None,
+    softcap=None,
+    sliding_window=None,
+    alibi_slopes=None,
+    sinks=None,
+) -> np.ndarray:
+    """Causal attention of a batch of sequences, one sequence at a time.
+
+    ``q`` ``[T, H, D]``; ``k_seqs[i]``, ``v_seqs[i]`` ``[L_i, Hkv, D]``: sequence ``i``'s keys
+    and values as the cache holds them (dequantised), ``L_i = context_lens[i]``. Query row
+    ``j`` of the ``n`` rows of sequence ``i`` sits at position ``p = L_i - n + j`` and sees keys
+    ``t <= p`` (and ``t > p - sliding_window``). Query head ``h`` reads KV head
+    ``h // (H // Hkv)``. Logits: ``scale * q.k``, then ``softcap * tanh(. / softcap)``, then
+    ``+ alibi_slopes[h] * (t - p)``; a sink adds ``exp(sinks[h])`` to the softmax denominator.
+    Rows with no visible key (padding rows past ``cu_seqlens_q[S]``, inactive sequences,
+    ``p < 0``) are zero.
+    """
+    q = _f64(q)
+    num_tokens, num_heads, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    alibi, sink = _opt(alibi_slopes), _opt(sinks)
+    cu = np.asarray(cu_seqlens_q, np.int64)
+    out = np.zeros_like(q)
+    for i, ctx in enumerate(np.asarray(context_lens, np.int64)):
+        start, end = int(cu[i]), int(cu[i + 1])
+        n = end - start
+        if ctx == 0 or n == 0:
+            continue
+        k, v = _f64(k_seqs[i])[:ctx], _f64(v_seqs[i])[:ctx]
+        group = num_heads // k.shape[1]
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [L, H, D]
+        pos = ctx - n + np.arange(n)  # [n]
+        keys = np.arange(ctx)
+        visible = keys[None, :] <= pos[:, None]  # [n, L]
+        if sliding_window is not None:
+            visible &= keys[None, :] > pos[:, None] - sliding_window
+        s = scale * np.einsum("nhd,thd->nht", q[start:end], k)
+        if softcap is not None:
+            s = softcap * np.tanh(s / softcap)
+        if alibi is not None:
+            s = s + alibi[None, :, None] * (keys[None, None, :] - pos[:, None, None])
+        s = np.where(visible[:, None, :], s, -np.inf)
+        m = s.max(-1, keepdims=True)
+        if sink is not None:
+            m = np.maximum(m, sink[None, :, None])
+        m = np.where(np.isfinite(m), m, 0.0)
+        w = np.exp(s - m)
+        denom = w.sum(-1, keepdims=True)
+        if sink is not None:
+            denom = denom + np.exp(sink[None, :, None] - m)
+        o = np.einsum("nht,thd->nhd", w / np.where(denom == 0, 1.0, denom), v)
+        out[start:end] = np.where(visible.any(-1)[:, None, None], o, 0.0)
+    return out
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def moe_topk(
+    logits,
+    top_k,
+    *,
+    scoring="softmax",
+    renormalize=False,
+    correction_bias=None,
+    num_expert_group=None,
+    topk_group=None,
+    routed_scaling_factor=1.0,
+):
+    """Router: ``(weights f64[T, k], ids i64[T, k])``, experts by decreasing score (ties: the
+    lower id first). Scores are ``softmax`` or ``sigmoid`` of the logits; the choice adds
+    ``correction_bias`` but the weights do not; grouped routing keeps the ``topk_group`` groups
+    with the largest sum of their two best scores."""
+    logits = _f64(logits)
+    scores = _softmax(logits) if scoring == "softmax" else 1.0 / (1.0 + np.exp(-logits))
+    select = scores + (0.0 if correction_bias is None else _f64(correction_bias))
+    weights = np.zeros((logits.shape[0], top_k))
+    ids = np.zeros((logits.shape[0], top_k), np.int64)
+    for t in range(logits.shape[0]):
+        sel = select[t].copy()
+        if num_expert_group is not None:
+            groups = sel.reshape(num_expert_group, -1)
+            gscore = np.sort(groups, axis=-1)[:, ::-1][:, :2].sum(-1)
+            keep = np.argsort(-gscore, kind="stable")[:topk_group]
+            mask = np.zeros(num_expert_group, bool)
+            mask[keep] = True
+            sel = np.where(np.repeat(mask, groups.shape[1]), sel, -np.inf)
+        order = np.argsort(-sel, kind="stable")[:top_k]
+        ids[t] = order
+        weights[t] = scores[t, order]
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return weights * routed_scaling_factor, ids
+
+
+def activation_fn(x, activation):
+    """``silu``, ``gelu`` (erf) or ``gelu_tanh`` of a float64 array."""
+    if activation == "silu":
+        return x / (1.0 + np.exp(-x))
+    if activation == "gelu":
+        return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    if activation == "gelu_tanh":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def fused_moe(x, w_gate_up, w_down, weights, ids, activation="silu", *, h_dtype=None):
+    """``y[t] = sum_j weights[t, j] * (act(x[t] @ Wg[e]) * (x[t] @ Wu[e])) @ Wd[e]`` with
+    ``e = ids[t, j]``; ``w_gate_up[e] = [Wg | Wu]`` (``[hidden, 2 * inter]``). Ids outside
+    ``[0, E)`` (experts of other devices) contribute zero. With ``h_dtype`` the intermediate is
+    rounded to that dtype, as a kernel that passes it through memory in ``x.dtype`` does."""
+    x, wgu, wd = _f64(x), _f64(w_gate_up), _f64(w_down)
+    weights, ids = _f64(weights), np.asarray(ids)
+    inter = wd.shape[1]
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if not 0 <= e < wgu.shape[0]:
+                continue
+            g = x[t] @ wgu[e]
+            h = activation_fn(g[:inter], activation) * g[inter:]
+            if h_dtype is not None:
+                h = h.astype(np.float32).astype(jnp.dtype(h_dtype)).astype(np.float64)
+            out[t] += weights[t, j] * (h @ wd[e])
+    return out
+
+
+def stored(x, dtype, scale=None) -> np.ndarray:
+    """What a cache of ``dtype`` stores for values ``x`` ``[..., Hkv, D]``, in that dtype.
+
+    A rounding to ``dtype`` (float32 first, as the kernels compute); float8_e4m3fn stores
+    ``saturate(x / scale[h])`` (the division in float32) and needs the per-KV-head ``scale``.
+    """
+    x = np.asarray(x).astype(np.float32)
+    dtype = jnp.dtype(dtype)
+    if dtype == FP8:
+        s = np.asarray(scale, np.float32)[:, None]
+        return np.clip(x / s, -FP8_MAX, FP8_MAX).astype(FP8)
+    return x.astype(dtype)
+
+
+def dequantized(x, dtype, scale=None) -> np.ndarray:
+    """float64 values a cache of ``dtype`` holds after storing ``x`` (float8: times the
+    per-KV-head scale)."""
+    values = stored(x, dtype, scale).astype(np.float64)
+    if jnp.dtype(dtype) == FP8:
+        values = values * np.asarray(scale, np.float32).astype(np.float64)[:, None]
+    return values
+
+
+def write_kv(cache, k, v, slot_mapping):
+    """The pages ``(k, v)`` (NumPy, in the cache's dtype) after ``write_kv(cache, k, v,
+    slot_mapping)``: token ``i`` lands in block ``slot // BS`` at offset ``slot % BS``; slots
+    ``< 0`` write nothing and every other byte is unchanged."""
+    slots = np.asarray(slot_mapping, np.int64)
+    written = slots >= 0
+    block, offset = slots[written] // cache.block_size, slots[written] % cache.block_size
+    pages = []
+    for old, x, scale in ((cache.k, k, cache.k_scale), (cache.v, v, cache.v_scale)):
+        new = np.array(old)
+        new[block, :, offset] = stored(np.asarray(x)[written], cache.dtype, scale)
+        pages.append(new)
+    return tuple(pages)
