@@ -1,8 +1,7 @@
-"""Named real-model benchmark shapes, shared by ``benchmarks/run.py`` and the tests.
+"""Named real-model benchmark shapes, shared by the benchmark groups and the tests.
 
 Each shape is a frozen (hashable) dataclass that knows how much work it is: the bytes or FLOPs
-that ``run.py`` divides by the measured time. The counting rules are those of
-``/work/shared/PERF.md``:
+that the benchmarks divide by the measured time. The counting rules:
 
 - decode: bytes = K and V of every context token read once
   (``2 * sum(context_lens) * Hkv * D * itemsize``);
@@ -10,7 +9,7 @@ that ``run.py`` divides by the measured time. The counting rules are those of
   position ``p`` sees ``p + 1`` keys, so a full causal prompt counts about half of ``L^2``);
 - MoE: FLOPs = ``2 * T * k * (Hd * 2I + I * Hd)``; bytes of expert weights touched =
   ``(number of distinct routed experts) * (Hd * 2I + I * Hd) * itemsize`` (depends on routing,
-  so it is counted by ``run.py`` from the actual ``topk_ids``);
+  so it is counted by ``benchmarks/moe.py`` from the actual ``topk_ids``);
 - KV write: bytes = new K and V read once + written once (``4 * T * Hkv * D * itemsize``).
 
 Every shape has a ``tiny`` twin (same structure, CPU-sized) for the smoke test:
@@ -28,8 +27,6 @@ import dataclasses
 import math
 
 import numpy as np
-
-L2_BYTES = 50 * 2**20  # H100 L2 is 50 MB: smaller inputs are rotated among several copies
 
 
 def itemsize(dtype: str) -> int:
@@ -70,7 +67,8 @@ class DecodeShape:
 @dataclasses.dataclass(frozen=True)
 class AttentionShape:
     """A batch of sequences, each ``(cached, new)`` tokens; the ``new`` queries are the tail of
-    the context (SPEC §3) and attend causally. ``cached == 0`` everywhere is a plain prefill."""
+    the context and attend causally (a query at position ``p`` sees keys ``0..p``).
+    ``cached == 0`` everywhere is a plain prefill."""
 
     name: str
     seqs: tuple[tuple[int, int], ...]
@@ -179,7 +177,7 @@ class MoEShape:
 
 
 # ---------------------------------------------------------------------------------------------
-# The shapes of PERF.md (Llama-3-8B attention: 32 query heads, 8 KV heads, head dim 128).
+# The named shapes (Llama-3-8B attention: 32 query heads, 8 KV heads, head dim 128).
 
 DECODE = DecodeShape(
     "decode_llama3_8b",

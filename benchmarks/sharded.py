@@ -32,9 +32,7 @@ import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -44,14 +42,15 @@ jax.config.update("jax_num_cpu_devices", 8)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_paged_attn as jpa  # noqa: E402
 from benchmarks import shapes as S  # noqa: E402
-from benchmarks.run import sample_times  # noqa: E402
+from benchmarks import timing  # noqa: E402
+from benchmarks.harness import TOL, rel_err  # noqa: E402
+from benchmarks.moe import shape_inputs  # noqa: E402
 from jax_paged_attn import sharding as sh  # noqa: E402
 
-TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 1e-4}  # rel. L2 error vs 1 device
 MIN_SAMPLE_S = 2e-3
 
 # CPU twins: 8 query heads over 2 KV heads (replicated 4x on 8 devices), 8 experts.
@@ -100,20 +99,7 @@ def decode_inputs(shape: S.DecodeShape, seed=0):
 
 
 def moe_inputs(shape: S.MoEShape, seed=0):
-    dtype = jnp.dtype(shape.dtype)
-    k = jax.random.split(jax.random.key(seed), 4)
-    x = jax.random.normal(k[0], (shape.num_tokens, shape.hidden), jnp.float32).astype(dtype)
-    wgu = (
-        jax.random.normal(k[1], (shape.num_experts, shape.hidden, 2 * shape.inter), jnp.float32)
-        / math.sqrt(shape.hidden)
-    ).astype(dtype)
-    wd = (
-        jax.random.normal(k[2], (shape.num_experts, shape.inter, shape.hidden), jnp.float32)
-        / math.sqrt(shape.inter)
-    ).astype(dtype)
-    logits = jax.random.normal(k[3], (shape.num_tokens, shape.num_experts), jnp.float32)
-    weights, ids = jpa.moe_topk(logits, shape.top_k, renormalize=True)
-    return x, wgu, wd, weights, ids
+    return shape_inputs(shape, jax.random.key(seed), renormalize=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,34 +143,14 @@ def moe_fn(shape, n, devices, kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing
+# Timing and checks
 
 
 def time_fn(fn, args, iters: int, warmup: int) -> dict:
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t
-    single = first
-    for _ in range(max(1, warmup)):  # the last warm-up call estimates one call's time
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        single = time.perf_counter() - t
-    reps = 1 if single >= MIN_SAMPLE_S else min(64, math.ceil(MIN_SAMPLE_S / max(single, 1e-7)))
-    samples, _ = sample_times(lambda: fn(*args), iters, reps)
-    return {
-        "time_s": statistics.median(samples),
-        "time_min_s": min(samples),
-        "time_max_s": max(samples),
-        "iters": iters,
-        "reps": reps,
-        "first_call_s": round(first, 4),
-    }
-
-
-def rel_err(out, ref) -> float:
-    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+    """benchmarks.timing.measure (wall clock: a sample is >= 2 ms of back-to-back calls)."""
+    res = timing.measure(fn, [args], iters=iters, warmup=warmup, min_sample_s=MIN_SAMPLE_S)
+    keep = ("time_s", "time_min_s", "time_max_s", "iters", "reps", "first_call_s")
+    return {k: res[k] for k in keep}
 
 
 def splits(group, shape, n) -> bool:

@@ -110,9 +110,10 @@ def run_case(case):
         f = jax.jit(lambda *a: pa.paged_attention(*a, **kw))
         return profiled(lambda: jax.block_until_ready(f(q, k, v, bt, lens, cu)))
     if case == "moe":
-        from pallas_kernels.moe import bench, triton
+        from benchmarks import moe_kernels as bench
+        from pallas_kernels.moe import triton
 
-        x, wgu, wd, w, ids = bench._case(bench.SHAPES["decode"])
+        x, wgu, wd, w, ids = bench.case(bench.SHAPES["decode"])
         f = jax.jit(lambda *a: triton.fused_moe(*a, activation="silu"))
         return profiled(lambda: jax.block_until_ready(f(x, wgu, wd, w, ids)))
     raise SystemExit(f"unknown case {case}")

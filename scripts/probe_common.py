@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.run import gpu_events, jax_device_time, sample_times  # noqa: E402
+from benchmarks.timing import gpu_events, jax_device_time, sample_times  # noqa: E402
 
 CPU = jax.default_backend() != "gpu"
 

@@ -126,10 +126,10 @@ def main():
         report(f"{name} decode {S}x{CTX}", nbytes, step, step, q, k, v, bt, lens)
     del k, v
     if not CPU:
-        from pallas_kernels.moe import bench
+        from benchmarks import moe_kernels as bench
         from pallas_kernels.moe import triton as moe
 
-        x, wgu, wd, w, ids = bench._case(bench.SHAPES["decode"])
+        x, wgu, wd, w, ids = bench.case(bench.SHAPES["decode"])
         step = lambda x, wgu, wd, w, ids: moe.fused_moe(x, wgu, wd, w, ids, activation="silu")
         touched = int(jnp.unique(ids).size) * (wgu.nbytes + wd.nbytes) // wgu.shape[0]
         report("triton MoE decode (64 tokens)", touched, step, step, x, wgu, wd, w, ids)

@@ -36,7 +36,7 @@ def test_visible_pairs_brute_force(shape):
     total = 0
     for c, n in shape.seqs:
         for j in range(n):
-            p = c + j  # SPEC §3: row j of n sits at p = L - n + j, sees t <= p
+            p = c + j  # row j of n sits at p = L - n + j, sees t <= p
             total += p + 1
     assert shape.visible_pairs == total
     assert shape.flops == 4 * total * shape.head_dim * shape.num_heads
@@ -140,7 +140,7 @@ def test_quick_run_json(quick_run):
     assert by[("moe", "tiny_moe_decode", "lax_ragged_dot:gate_up")]["status"] == "ok"
     kv = by[("kv_write", "tiny_kv_write", "xla")]
     assert "in_place" in kv and kv["config"]["donate_argnums"] == 0
-    # prefill work counted by the formula of PERF.md
+    # prefill work counted by the formula of benchmarks/shapes.py
     assert by[("sweep", "tiny_prefill_64", "xla")]["work"]["flops"] == S.TINY_PREFILL.flops
 
 
@@ -165,7 +165,7 @@ def test_plot_renders_from_json(quick_run, tmp_path):
 
 
 def test_compare_flags_wrong_and_nan():
-    from benchmarks.run import compare
+    from benchmarks.harness import compare
 
     r = np.random.default_rng(0).normal(size=(8, 4, 16)).astype(np.float32)
     assert compare(r, r, "bfloat16")["ok"]
@@ -244,6 +244,7 @@ def _fake_torch():
 
 
 def test_torch_peer_wiring(tmp_path, monkeypatch):
+    from benchmarks import attention, ceilings, harness
     from benchmarks import run as R
 
     torch, modules = _fake_torch()
@@ -262,11 +263,11 @@ def test_torch_peer_wiring(tmp_path, monkeypatch):
             "3",
         ]
     )
-    ctx = R.Ctx(args)
+    ctx = harness.Ctx(args)
     ctx.torch = torch
-    R.bench_ceilings(ctx)
-    R.bench_decode(ctx, S.TINY_DECODE)
-    R.bench_attention(ctx, S.TINY_PREFILL, "prefill")
+    ceilings.bench_ceilings(ctx)
+    attention.bench_decode(ctx, S.TINY_DECODE)
+    attention.bench_attention(ctx, S.TINY_PREFILL, "prefill")
     by = {(r["shape"], r["impl"]): r for r in ctx.rows}
     assert by[("copy_16MiB", "copy_torch")]["status"] == "ok"
     assert by[("matmul_256", "matmul_torch")]["status"] == "ok"
