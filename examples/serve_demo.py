@@ -255,7 +255,7 @@ def main(argv=None):
     ]
     step = jax.jit(paged_step, static_argnums=(0, 1), donate_argnums=(3,))
     dense = jax.jit(dense_forward, static_argnums=0)
-    resolved = backends.resolve(backend, "attention", interpret=False, case="prefill")
+    resolved = backends.name_of(backends.implementation("attention", backend, interpret=False))
     print(
         f"jax {jax.__version__} on {jax.default_backend()}: attention backend {backend!r} "
         f"-> {resolved!r}; {cfg.layers} layers (layer {cfg.moe_layer} MoE, {cfg.experts} "

@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_paged_attn import _checks, backends, reference
+from jax_paged_attn import _checks, backends
 from jax_paged_attn.cache import KVCache, validated_cache, write_kv
 from jax_paged_attn.metadata import AttentionMetadata, validated
 
@@ -52,17 +52,11 @@ def _options(num_heads, head_dim, scale, softcap, sliding_window, alibi_slopes, 
 
 
 def _run(kind, q, cache, block_tables, context_lens, cu_seqlens_q, opts, backend, interpret):
-    def supported(name):
-        backends.module(name, "attention").check_supported(
-            head_dim=cache.head_dim,
-            block_size=cache.block_size,
-            q_dtype=q.dtype,
-            kv_dtype=cache.dtype,
-        )
-
-    name = backends.resolve(
-        backend, "attention", interpret=interpret, case=kind, supported=supported
+    op = "decode" if kind == "decode" else "attention"
+    config = dict(
+        head_dim=cache.head_dim, block_size=cache.block_size, q_dtype=q.dtype, kv_dtype=cache.dtype
     )
+    impl = backends.implementation(op, backend, interpret=interpret, config=config)
     kwargs = dict(
         scale=opts.scale,
         softcap=opts.softcap,
@@ -71,10 +65,8 @@ def _run(kind, q, cache, block_tables, context_lens, cu_seqlens_q, opts, backend
         sinks=opts.sinks,
         k_scale=cache.k_scale,
         v_scale=cache.v_scale,
+        interpret=interpret,
     )
-    impl = reference if name == "xla" else backends.module(name, "attention")
-    if name != "xla":
-        kwargs["interpret"] = interpret
     if kind == "decode":
         return impl.paged_decode(q, cache.k, cache.v, block_tables, context_lens, **kwargs)
     return impl.paged_attention(
@@ -241,7 +233,7 @@ class PagedAttention:
         # The layer's backend writes too when it has a KV-write kernel (mosaic has none: auto).
         write_backend = (
             self.backend
-            if self.backend in ("auto", "xla") or backends.built(self.backend, "kv_write")
+            if "kv_write" in backends.TABLE.get(self.backend, backends.TABLE["xla"]).ops
             else "auto"
         )
         cache = write_kv(cache, k, v, meta.slot_mapping, backend=write_backend, interpret=interpret)

@@ -13,11 +13,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jax_paged_attn import _checks, backends
+from jax_paged_attn import _checks, backends, reference
 
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3fn value; stores saturate to +-448
-FP8_CALIBRATION = 240.0  # the seed's calibration divisor: absmax maps to 240, leaving headroom
+FP8 = reference.FP8
+FP8_MAX = reference.FP8_MAX
+# Calibration divisor: the absmax maps to 240, leaving headroom below 448 for later tokens.
+FP8_CALIBRATION = 240.0
 
 
 @jax.tree_util.register_dataclass
@@ -150,23 +151,6 @@ def _validated_kv(cache: KVCache, k, v):
     return k, v
 
 
-def quantize(x, scale, dtype):
-    """Value as stored in a cache of ``dtype`` (float8: ``saturate(x / scale)`` in e4m3)."""
-    if dtype == FP8:
-        x = x.astype(jnp.float32) / scale[:, None]
-        return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(FP8)
-    return x.astype(dtype)
-
-
-def _write_xla(pages, x, scale, slot_mapping):
-    nb, _, bs, _ = pages.shape
-    # Padding slots (< 0) go to block index NB, which mode="drop" discards: a negative index
-    # would wrap around instead.
-    block = jnp.where(slot_mapping < 0, nb, slot_mapping // bs)
-    offset = jnp.where(slot_mapping < 0, 0, slot_mapping % bs)
-    return pages.at[block, :, offset].set(quantize(x, scale, pages.dtype), mode="drop")
-
-
 def write_kv(
     cache: KVCache, k, v, slot_mapping, *, backend: str = "auto", interpret: bool = False
 ) -> KVCache:
@@ -186,21 +170,17 @@ def write_kv(
     cache = validated_cache(cache)
     k, v = _validated_kv(cache, k, v)
     slot_mapping = _checks.int_array("slot_mapping", slot_mapping, ndim=1, shape=(k.shape[0],))
-    name = backends.resolve(backend, "kv_write", interpret=interpret)
-    if name == "xla":
-        new_k = _write_xla(cache.k, k, cache.k_scale, slot_mapping)
-        new_v = _write_xla(cache.v, v, cache.v_scale, slot_mapping)
-    else:
-        new_k, new_v = backends.module(name, "kv_write").write_kv(
-            cache.k,
-            cache.v,
-            k,
-            v,
-            slot_mapping,
-            k_scale=cache.k_scale,
-            v_scale=cache.v_scale,
-            interpret=interpret,
-        )
+    impl = backends.implementation("kv_write", backend, interpret=interpret)
+    new_k, new_v = impl.write_kv(
+        cache.k,
+        cache.v,
+        k,
+        v,
+        slot_mapping,
+        k_scale=cache.k_scale,
+        v_scale=cache.v_scale,
+        interpret=interpret,
+    )
     return dataclasses.replace(cache, k=new_k, v=new_v)
 
 

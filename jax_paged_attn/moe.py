@@ -148,21 +148,15 @@ def fused_moe(
     weights = weights.astype(jnp.float32)
     case = "decode" if x.shape[0] * ids.shape[1] <= 256 else "prefill"
 
-    def supported(name):
-        check = getattr(backends.module(name, "moe"), "check_supported", None)
-        if check is not None:
-            check(
-                num_tokens=x.shape[0],
-                top_k=ids.shape[1],
-                num_experts=num_experts,
-                hidden=hidden,
-                inter=inter2 // 2,
-                dtype=x.dtype,
-            )
-
-    name = backends.resolve(backend, "moe", interpret=interpret, case=case, supported=supported)
-    if name == "xla":
-        return reference.fused_moe(x, w_gate_up, w_down, weights, ids, activation=activation)
-    return backends.module(name, "moe").fused_moe(
+    config = dict(
+        num_tokens=x.shape[0],
+        top_k=ids.shape[1],
+        num_experts=num_experts,
+        hidden=hidden,
+        inter=inter2 // 2,
+        dtype=x.dtype,
+    )
+    impl = backends.implementation("moe", backend, interpret=interpret, case=case, config=config)
+    return impl.fused_moe(
         x, w_gate_up, w_down, weights, ids, activation=activation, interpret=interpret
     )

@@ -74,8 +74,10 @@ def paged_attention(
     v_scale,
     q_tile: int | None = None,
     kv_chunk: int | None = None,
+    interpret: bool = False,
 ):
-    """SPEC §3 attention over a paged cache; arguments as in pallas_kernels/INTERFACE.md.
+    """Attention over a paged cache (``interfaces.AttentionKernels``; ``interpret`` is accepted
+    for the common signature and ignored: this path runs on every platform).
 
     ``q_tile`` query rows share each KV gather; ``kv_chunk`` keys are processed per step
     (rounded to whole blocks).
@@ -185,6 +187,41 @@ def paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs):
     return paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu, q_tile=1, **kwargs)
 
 
+def check_supported(**config) -> None:
+    """The xla path runs every configuration the API accepts."""
+    del config
+
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value; stores saturate to +-448
+
+
+def quantize(x, scale, dtype):
+    """Value as stored in a cache of ``dtype`` (float8: ``saturate(x / scale)`` in e4m3)."""
+    if dtype == FP8:
+        x = x.astype(jnp.float32) / scale[:, None]
+        return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(FP8)
+    return x.astype(dtype)
+
+
+def _write_pages(pages, x, scale, slot_mapping):
+    nb, _, bs, _ = pages.shape
+    # Padding slots (< 0) go to block index NB, which mode="drop" discards: a negative index
+    # would wrap around instead.
+    block = jnp.where(slot_mapping < 0, nb, slot_mapping // bs)
+    offset = jnp.where(slot_mapping < 0, 0, slot_mapping % bs)
+    return pages.at[block, :, offset].set(quantize(x, scale, pages.dtype), mode="drop")
+
+
+def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale, v_scale, interpret=False):
+    """KV write by slot mapping (``interfaces.KVWriteKernels``) as one XLA scatter per tensor."""
+    del interpret
+    return (
+        _write_pages(k_pages, k, k_scale, slot_mapping),
+        _write_pages(v_pages, v, v_scale, slot_mapping),
+    )
+
+
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -192,8 +229,9 @@ ACTIVATIONS = {
 }
 
 
-def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation: str):
-    """SPEC §4 fused MoE: expert-sorted tokens through two grouped matmuls."""
+def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation: str, interpret=False):
+    """Fused MoE (``interfaces.MoEKernels``): expert-sorted tokens through two grouped matmuls."""
+    del interpret
     num_tokens, _ = x.shape
     num_experts, _, inter2 = w_gate_up.shape
     inter = inter2 // 2

@@ -1,6 +1,6 @@
 """Metal backend of jax_paged_attn: MSL kernels, the ``mps.metal_kernel_jit`` lowering, a
 C++ emulator that runs the same kernel strings on the CPU (``interpret=True``), and a Mac
-self-test (``python -m metal_plugin.selftest``). See README.md for what is verified."""
+self-test (``python -m jax_paged_attn.metal_selftest``). See README.md for what is verified."""
 
 from metal_plugin.dispatch import ENV_SWITCH, dispatch_available, unavailable_reason
 from metal_plugin.ops import (

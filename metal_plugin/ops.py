@@ -1,4 +1,4 @@
-"""Entry points of the Metal backend, with the signatures of pallas_kernels/INTERFACE.md.
+"""Entry points of the Metal backend, with the signatures of jax_paged_attn/interfaces.py.
 
 Each builds the kernel specialisations for the static shapes and dtypes, packs the runtime
 scalars into two small arrays (``iparams`` i32, ``fparams`` f32: one buffer each instead

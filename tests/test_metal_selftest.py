@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("metal_plugin")
-from metal_plugin import selftest  # noqa: E402
+from jax_paged_attn import metal_selftest as selftest  # noqa: E402
 
 
 def test_exits_with_a_clear_message_without_mlx(capsys):

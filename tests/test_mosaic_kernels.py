@@ -129,7 +129,7 @@ def _run(kind, seqs, feature="plain", **case_kw):
     kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
     if kind == "decode":
         n = len(seqs)
-        out = mosaic.paged_decode(
+        out = mosaic_decode.paged_decode(
             args["q"][:n],
             args["k_pages"],
             args["v_pages"],
@@ -409,7 +409,7 @@ def test_real_lowering_traces_on_any_host(kind, head_dim, block_size, feature):
         for k, v in _features(feature, 8).items()
     }
     if kind == "decode":
-        f = jax.jit(lambda *a: mosaic.paged_decode(*a, scale=0.1, **opts))
+        f = jax.jit(lambda *a: mosaic_decode.paged_decode(*a, scale=0.1, **opts))
         args = (
             sds((3, 8, head_dim), jnp.bfloat16),
             pages,
@@ -433,10 +433,10 @@ def test_real_lowering_traces_on_any_host(kind, head_dim, block_size, feature):
 def test_plan_tiles_cover_each_row_once():
     cu = jnp.asarray([0, 1, 130, 130, 200], jnp.int32)
     lens = jnp.asarray([5, 129, 0, 300], jnp.int32)
-    info = np.asarray(mosaic._plan_tiles(cu, lens, 210, None, 128))
+    info = np.asarray(mosaic.plan_tiles(cu, lens, 210, None, 128))
     hits = np.zeros(210, int)
     for t in info:
-        hits[t[mosaic._ROW0] + t[mosaic._LO] : t[mosaic._ROW0] + t[mosaic._HI]] += 1
+        hits[t[mosaic.Info.ROW0] + t[mosaic.Info.LO] : t[mosaic.Info.ROW0] + t[mosaic.Info.HI]] += 1
     assert (hits == 1).all()
 
 
@@ -536,7 +536,7 @@ def bench(
         lens = jnp.full((batch,), ctx, jnp.int32)
         q = jax.random.normal(jax.random.key(2), (batch, h, d), dt)
         f = jax.jit(
-            lambda q, kp, vp: mosaic.paged_decode(
+            lambda q, kp, vp: mosaic_decode.paged_decode(
                 q, kp, vp, tables, lens, scale=1 / math.sqrt(d), interpret=interp
             )
         )

@@ -26,6 +26,11 @@ BLOCK_T = 64  # tokens per program: 2 x 64 x 128 x 2 B = 32 KB moved per program
 NUM_WARPS = 4
 
 
+def check_supported(**config) -> None:
+    """Every cache this API builds (f32, bf16, f16, float8_e4m3fn; any head dim and block size)."""
+    del config
+
+
 def _div_rn(x, y, interpret: bool):
     """x / y rounded to nearest like XLA's division (Triton's f32 `/` is approximate), so the
     float8 values match the xla backend's bit for bit."""

@@ -9,3 +9,5 @@ common.py  activations, dtype checks, the scatter-free top-k combine
 
 from pallas_kernels.moe.align import Alignment, align_tokens, padded_rows
 from pallas_kernels.moe.tuning import GemmBlocks, MoeBlocks, get_blocks
+
+__all__ = ["Alignment", "GemmBlocks", "MoeBlocks", "align_tokens", "get_blocks", "padded_rows"]

@@ -1,6 +1,6 @@
 """Paged attention for Hopper with Pallas Mosaic GPU: chunked prefill, mixed batches, decode.
 
-What it computes (SPEC.md §3): for query row j of sequence i (n rows, context L) at position
+What it computes (docs/contract.md): for query row j of sequence i (n rows, context L) at position
 p = L - n + j, softmax over keys t in [max(0, p - W + 1), p] of
 scale·q·k (softcap, ALiBi, sinks), keys gathered from the paged cache
 ``pages[block_tables[i, t // BS], h // G, t % BS]``; f32 softmax, output in q.dtype.
@@ -17,7 +17,7 @@ Work comes in items, and the grid is a list of CTAs that each run one or more it
 one item to the next, and a CTA loads the next item's q during an item's epilogue.
 * prefill / mixed: an item is one 64-row q tile for ``num_wgs`` query heads; items
   ``(H / num_wgs) x NT``. The q rows (all sequences packed) are cut into tiles of 64 rows that
-  never cross a sequence; ``_plan_tiles`` enumerates them heaviest first in jnp with a prefix
+  never cross a sequence; ``plan_tiles`` enumerates them heaviest first in jnp with a prefix
   sum over ``cu_seqlens_q`` (plus one pseudo-sequence with L = 0 for the padding rows past
   ``cu_seqlens_q[S]``, so they come out as zeros). Tiles start on multiples of 8 rows (TMA into
   the tiled q buffer); NT = cdiv(T + 70 (S + 1), 64) bounds the count; spare tiles store
@@ -33,7 +33,7 @@ one item to the next, and a CTA loads the next item's q during an item's epilogu
 Static: head_dim, block_size, the block sizes, scale, softcap, window, which of ALiBi/sinks.
 Masking: the KV loop of a tile ends at its last row's diagonal and starts at its first row's
 window, runs unmasked where every key is visible to every row, and masks elsewhere with -inf
-logits; the running max starts at a finite ``_MASK`` (an -inf max would give NaN in
+logits; the running max starts at a finite ``MASK`` (an -inf max would give NaN in
 exp2(m_old - m_new) for a row that has seen nothing yet). Unused cache slots may hold NaN, and
 0 * NaN = NaN in PV, so the V rows past the last visible key are zeroed in shared memory before
 the final PV.
@@ -47,186 +47,65 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-BLOCK_Q = 64  # rows per compute warpgroup = the wgmma M
-_MASK = -1e30  # initial running max (log2 units), see the docstring
-_LOG2E = math.log2(math.e)
-_SMEM_BYTES = 232448  # H100 dynamic shared memory per CTA (227 KiB)
-_H100_SMS = 132
+from pallas_kernels.paged_attention.mosaic_plan import (
+    BLOCK_Q,
+    LOG2E,
+    MASK,
+    SUPPORTED_BLOCK_SIZES,
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    BlockSizes,
+    Info,
+    Static,
+    block_sizes_for,
+    cdiv,
+    check_supported,
+    ctas_per_sm,
+    decode_rows,
+    kv_steps,
+    make_static,
+    num_items,
+    num_sms,
+    partial_dtype,
+    plan_tiles,
+    snake_items,
+    stream_ctas,
+)
 
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """KV tile, pipeline depth and compute warpgroups per CTA (prefill: query heads per CTA)."""
-
-    block_kv: int = 128
-    num_stages: int = 2
-    num_wgs: int = 2
-
-    def __post_init__(self):
-        if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
-            raise ValueError(f"{self.block_kv=} must be 64, 128, 192 or 256")
-        if self.num_stages < 2:
-            raise ValueError(f"{self.num_stages=} must be at least 2")
-        if self.num_wgs not in (1, 2):
-            raise ValueError(f"{self.num_wgs=} must be 1 or 2")
-
-
-# head_dim -> (prefill, decode); shared memory of each is checked by _smem_bytes.
-_TABLE = {
-    64: (BlockSizes(128, 3, 2), BlockSizes(128, 4, 1)),
-    128: (BlockSizes(128, 2, 2), BlockSizes(64, 3, 1)),
-    256: (BlockSizes(64, 2, 1), BlockSizes(64, 2, 1)),
-}
-
-
-def block_sizes_for(head_dim: int, num_groups: int, decode: bool) -> BlockSizes:
-    bs = _TABLE[head_dim][int(decode)]
-    if not decode and num_groups % bs.num_wgs:  # odd GQA ratio: one query head per CTA
-        bs = dataclasses.replace(bs, num_wgs=1)
-    return bs
-
-
-def partial_dtype(head_dim: int, q_dtype):
-    """Decode partial outputs: f32, except at head_dim 256 where f32 staging does not fit."""
-    return jnp.dtype(jnp.float32) if head_dim <= 128 else jnp.dtype(q_dtype)
-
-
-def _smem_bytes(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
-    itemsize = jnp.dtype(q_dtype).itemsize
-    q = bs.num_wgs * BLOCK_Q * head_dim * itemsize
-    kv = 2 * bs.num_stages * bs.block_kv * head_dim * itemsize
-    o_item = partial_dtype(head_dim, q_dtype).itemsize if decode else itemsize
-    o = bs.num_wgs * BLOCK_Q * head_dim * o_item
-    ml = 3 * BLOCK_Q * 4 if decode else 0  # m, l, ALiBi slopes
-    return q + kv + o + ml + 1024  # + barriers
-
-
-def num_sms() -> int:
-    """SMs of the default GPU (132 on an H100 SXM; also when there is no GPU: interpreter)."""
-    dev = jax.devices()[0]
-    return int(getattr(dev, "core_count", 0) or _H100_SMS) if dev.platform == "gpu" else _H100_SMS
-
-
-def ctas_per_sm(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
-    """CTAs that fit on one SM by shared memory (228 KiB per SM, 1 KiB reserved per CTA)."""
-    return max(1, (_SMEM_BYTES + 1024) // (_smem_bytes(bs, head_dim, q_dtype, decode) + 1024))
-
-
-def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
-    hint = 'use backend="triton" or backend="xla" for this configuration'
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise NotImplementedError(
-            f"mosaic paged attention: {head_dim=} must be one of {SUPPORTED_HEAD_DIMS}; {hint}"
-        )
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise NotImplementedError(
-            f"mosaic paged attention: {block_size=} must be one of {SUPPORTED_BLOCK_SIZES}; {hint}"
-        )
-    if jnp.dtype(q_dtype) not in SUPPORTED_DTYPES:
-        raise NotImplementedError(
-            f"mosaic paged attention: {q_dtype=} must be bfloat16 or float16; {hint}"
-        )
-    if jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
-        raise NotImplementedError(
-            f"mosaic paged attention: the KV cache dtype ({jnp.dtype(kv_dtype)}) must equal "
-            f"q.dtype ({jnp.dtype(q_dtype)}) (float8 caches are not covered); {hint}"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    decode: bool
-    num_groups: int  # G = H // Hkv
-    num_kv_heads: int  # Hkv
-    head_dim: int
-    block_size: int
-    max_blocks: int  # MB
-    num_pages: int  # NB
-    bs: BlockSizes
-    scale: float
-    softcap: float | None
-    window: int | None
-    has_alibi: bool
-    has_sinks: bool
-    num_splits: int  # decode: partial slots per (seq, KV head) (stream-K), else 1
-    interpret: bool
-    fused: bool = False  # decode, whole pairs: normalised q.dtype output, no merge, no m/l
-    num_ctas: int = 1  # persistent CTAs (the grid)
-    stream_tiles: int = 0  # decode: 0, or stream-K over (seq, KV head) x stream_tiles KV tiles
-    q_rows: int = BLOCK_Q  # decode: rows of the flat q [S * H (padded), D]
-
-
-def _cdiv(a, b):
-    return lax.div(a + (b - 1), b)  # a >= 0 everywhere it is used
-
-
-def kv_steps(p_first, p_last, kv_len, window, block_kv):
-    """KV tile range of rows at positions [p_first, p_last] (jnp scalars or arrays).
-
-    Returns (begin, end, full_lo, full_hi, kv_end): tiles [begin, end) hold visible keys, tiles
-    in [full_lo, full_hi) need no mask, keys >= kv_end are never visible.
-    """
-    kv_end = jnp.clip(p_last + 1, 0, kv_len)
-    first_key = jnp.zeros_like(kv_end) if window is None else jnp.maximum(p_first - window + 1, 0)
-    first_key = jnp.minimum(first_key, kv_end)
-    begin = lax.div(first_key, block_kv)
-    end = jnp.maximum(_cdiv(kv_end, block_kv), begin)
-    full_lo = begin if window is None else _cdiv(jnp.maximum(p_last - window + 1, 0), block_kv)
-    full_lo = jnp.clip(full_lo, begin, end)
-    full_hi = jnp.clip(lax.div(jnp.maximum(p_first + 1, 0), block_kv), full_lo, end)
-    return begin, end, full_lo, full_hi, kv_end
-
-
-# Columns of the per-tile table built by _plan_tiles.
-_SEQ, _LEN, _ROW0, _LO, _HI, _POS0, _BEGIN, _END, _FULL_LO, _FULL_HI, _KV_END = range(11)
-
-
-def _plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv):
-    """i32[NT, 11]: the 64-row query tiles of every sequence (heaviest first).
-
-    Tile rows are q rows [row0, row0 + 64) with valid rows [row0 + lo, row0 + hi); row r sits
-    at position pos0 + r. row0 is a multiple of 8 (a TMA into the (8, 64)-tiled q buffer must
-    start on a tile row) and at most num_rows - 64 (num_rows is a multiple of 8 and >= 64), so
-    loads never leave q. Tiles of a segment start at its first row rounded down to 8.
-    """
-    num_seqs = context_lens.shape[0]
-    num_tiles = -(-(num_rows + 70 * (num_seqs + 1)) // BLOCK_Q)  # >= sum cdiv(n_s + 7, 64)
-    cu = jnp.clip(cu_seqlens_q.astype(jnp.int32), 0, num_rows)
-    cu = jnp.concatenate([cu, jnp.array([num_rows], jnp.int32)])  # + padding segment
-    cu = jnp.maximum(cu, lax.cummax(cu))  # non-decreasing
-    lens = jnp.concatenate([context_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
-    n = cu[1:] - cu[:-1]
-    first = cu[:-1] - cu[:-1] % 8
-    tiles = jnp.where(n > 0, (cu[1:] - first + BLOCK_Q - 1) // BLOCK_Q, 0)
-    tile_end = jnp.cumsum(tiles)
-    b = jnp.arange(num_tiles, dtype=jnp.int32)
-    # compare_all is one fused reduction; the default binary search is a while loop, kernel
-    # launches per step on a GPU (15-18 us per call on an H100, NOTES.md Session 4).
-    seg = jnp.searchsorted(tile_end, b, side="right", method="compare_all")
-    seg = jnp.minimum(seg, num_seqs).astype(jnp.int32)
-    real = b < tile_end[-1]
-    r_tile = first[seg] + (b - (tile_end[seg] - tiles[seg])) * BLOCK_Q
-    row0 = jnp.clip(r_tile, 0, num_rows - BLOCK_Q)
-    lo = jnp.where(real, jnp.maximum(r_tile, cu[seg]) - row0, 0)
-    hi = jnp.where(real, jnp.minimum(r_tile + BLOCK_Q, cu[seg + 1]) - row0, 0)
-    kv_len = jnp.where(real, lens[seg], 0)
-    pos0 = kv_len - n[seg] + (row0 - cu[seg])
-    steps = kv_steps(pos0 + lo, pos0 + hi - 1, kv_len, window, block_kv)
-    seq = jnp.minimum(seg, num_seqs - 1)  # the padding segment reads no page (L = 0)
-    info = jnp.stack([seq, kv_len, row0, lo, hi, pos0, *steps], axis=1).astype(jnp.int32)
-    return info[::-1]  # causal: the longest KV loops start first
+# The planning names are part of this module's interface (tests, probes, mosaic_decode).
+__all__ = [
+    "BLOCK_Q",
+    "LOG2E",
+    "MASK",
+    "SUPPORTED_BLOCK_SIZES",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "BlockSizes",
+    "Info",
+    "Static",
+    "block_sizes_for",
+    "build_call",
+    "cdiv",
+    "check_supported",
+    "ctas_per_sm",
+    "decode_rows",
+    "kv_steps",
+    "make_static",
+    "num_items",
+    "num_sms",
+    "paged_attention",
+    "partial_dtype",
+    "plan_tiles",
+    "snake_items",
+    "stream_ctas",
+]
 
 
 def _pv(acc, p16, v_ref, p_smem, after_issue, interpret):
@@ -273,40 +152,31 @@ class _Item:
     q_start: jax.Array | None = None
 
 
-def _prefill_item(st: _Static, info_ref, k) -> _Item:
-    """Item k = tile * (H / num_wgs) + hp: the tiles come heaviest first (``_plan_tiles``)."""
+def _prefill_item(st: Static, info_ref, k) -> _Item:
+    """Item k = tile * (H / num_wgs) + hp: the tiles come heaviest first (``plan_tiles``)."""
     heads_per_cta = st.num_groups * st.num_kv_heads // st.bs.num_wgs
     tile, hp = lax.div(k, heads_per_cta), lax.rem(k, heads_per_cta)
     per_kv = st.num_groups // st.bs.num_wgs
     kv_head = lax.div(hp, per_kv)
     row = lambda c: info_ref[tile, c]
     return _Item(
-        seq=row(_SEQ),
+        seq=row(Info.SEQ),
         kv_head=kv_head,
-        kv_len=row(_LEN),
-        begin=row(_BEGIN),
-        end=row(_END),
-        full_lo=row(_FULL_LO),
-        full_hi=row(_FULL_HI),
-        kv_end=row(_KV_END),
-        row0=row(_ROW0),
-        pos0=row(_POS0),
-        lo=row(_LO),
-        hi=row(_HI),
+        kv_len=row(Info.LEN),
+        begin=row(Info.BEGIN),
+        end=row(Info.END),
+        full_lo=row(Info.FULL_LO),
+        full_hi=row(Info.FULL_HI),
+        kv_end=row(Info.KV_END),
+        row0=row(Info.ROW0),
+        pos0=row(Info.POS0),
+        lo=row(Info.LO),
+        hi=row(Info.HI),
         head0=kv_head * st.num_groups + lax.rem(hp, per_kv) * st.bs.num_wgs,
     )
 
 
-def decode_rows(seq, kv_head, num_kv_heads, num_groups, q_rows):
-    """Flat q rows of a decode group: (row0, r_off, q_start). The G query heads of (seq, kv_head)
-    are flat rows [q_start, q_start + G) of q [S * H, D]; the kernel loads the 64 rows from row0
-    (a multiple of 8, for the tiled q buffer; at most q_rows - 64), so they sit at r_off."""
-    q_start = (seq * num_kv_heads + kv_head) * num_groups
-    row0 = jnp.minimum(q_start - lax.rem(q_start, 8), q_rows - BLOCK_Q)
-    return row0, q_start - row0, q_start
-
-
-def _decode_item(st: _Static, lens_ref, pair, split=0, share=None) -> _Item:
+def _decode_item(st: Static, lens_ref, pair, split=0, share=None) -> _Item:
     """Tiles [begin + share[0], begin + share[1]) of pair = seq * Hkv + kv_head (all: share None),
     whose partial goes to slot ``split``."""
     kv_head, seq = lax.rem(pair, st.num_kv_heads), lax.div(pair, st.num_kv_heads)
@@ -333,36 +203,7 @@ def _decode_item(st: _Static, lens_ref, pair, split=0, share=None) -> _Item:
     )
 
 
-def stream_ctas(pair, tiles, num_pairs, num_ctas, div=lambda a, b: a // b):
-    """Stream-K decode: CTA c takes the flat tiles [c T / C, (c + 1) T / C) of T = num_pairs x
-    tiles (pair-major). Returns the first and last CTA that take tiles of ``pair`` (ints or
-    jnp scalars; ``div`` is floor division, lax.div in the kernel); all values >= 0."""
-    total = num_pairs * tiles
-    containing = lambda x: div((x + 1) * num_ctas + total - 1, total) - 1  # CTA of flat tile x
-    return containing(pair * tiles), containing(pair * tiles + tiles - 1)
-
-
-def num_items(st: _Static, info_rows: int) -> int:
-    """Items of a call: prefill (H / num_wgs) x tiles; decode (whole items) S x Hkv."""
-    if st.decode:
-        return info_rows * st.num_kv_heads
-    return info_rows * st.num_groups * st.num_kv_heads // st.bs.num_wgs
-
-
-def snake_items(num_items: int, num_ctas: int):
-    """The items of each persistent CTA, as an int array [rounds, num_ctas] (-1: none).
-
-    Round j gives CTA c item j C + c (j even) or j C + C - 1 - c (j odd): with items ordered
-    heaviest first (prefill's causal tiles), the CTAs' totals stay within about one item.
-    The kernel computes the same order (``_for_each_item``); the decode planner uses this one.
-    """
-    rounds = -(-num_items // num_ctas)
-    k = np.arange(rounds * num_ctas).reshape(rounds, num_ctas)
-    k[1::2] = k[1::2, ::-1]
-    return np.where(k < num_items, k, -1)
-
-
-def _for_each_item(st: _Static, info_ref, body, with_next=False):
+def _for_each_item(st: Static, info_ref, body, with_next=False):
     """Runs ``body(item, g) -> g`` over this CTA's items (``with_next``: ``body(j, item,
     next_item, has_next, g)``, ``next_item()`` building the next item where it is called), g
     counting the KV tiles streamed so far (the ring slot of a tile is g % stages). CTAs are
@@ -404,12 +245,12 @@ def _for_each_item(st: _Static, info_ref, body, with_next=False):
     return lax.fori_loop(0, count, step, jnp.int32(0))
 
 
-def _kernel(*refs, st: _Static):
+def _kernel(*refs, st: Static):
     nw, bk, stages = st.bs.num_wgs, st.bs.block_kv, st.bs.num_stages
     d, page, grp = st.head_dim, st.block_size, st.num_groups
     refs = list(refs)
     # inputs
-    info_ref = refs.pop(0)  # prefill: i32[NT, 11] (_plan_tiles); decode: i32[S] lens
+    info_ref = refs.pop(0)  # prefill: i32[NT, 11] (plan_tiles); decode: i32[S] lens
     bt_ref = refs.pop(0)  # i32[S, MB]
     q_ref = refs.pop(0)  # prefill: [T, H, D]; decode: [R, D] (flat q, R >= S H)
     k_ref = refs.pop(0)  # [NB, Hkv, BS, D]
@@ -478,15 +319,15 @@ def _kernel(*refs, st: _Static):
             pos = it.pos0 if st.decode else rows + it.pos0  # query position per logit row
             if st.has_alibi:
                 if st.decode:
-                    slope = plgpu.load(slope_smem, layout=row_layout) * _LOG2E
+                    slope = plgpu.load(slope_smem, layout=row_layout) * LOG2E
                     slope = lax.broadcast_in_dim(slope, shape, [0])
                 else:
-                    slope = alibi_ref[head] * _LOG2E
+                    slope = alibi_ref[head] * LOG2E
 
-            m_init = jnp.full((BLOCK_Q,), _MASK, jnp.float32)
+            m_init = jnp.full((BLOCK_Q,), MASK, jnp.float32)
             l_init = jnp.full((BLOCK_Q,), 0.0, jnp.float32)
             if st.has_sinks and not st.decode:  # the sink is one more logit with no value
-                m_init = jnp.full((BLOCK_Q,), sinks_ref[head] * _LOG2E, jnp.float32)
+                m_init = jnp.full((BLOCK_Q,), sinks_ref[head] * LOG2E, jnp.float32)
                 l_init = l_init + 1.0
             m_i = plgpu.layout_cast(m_init, row_layout)
             l_i = plgpu.layout_cast(l_init, row_layout)
@@ -515,9 +356,9 @@ def _kernel(*refs, st: _Static):
                 # Logits in log2 units are s * c. Without softcap or ALiBi, c = scale·log2(e) stays
                 # out of s: max(s · c) = max(s) · c (c > 0), and s · c - m is one FMA per logit.
                 key = cols + step * bk
-                c = st.scale * _LOG2E
+                c = st.scale * LOG2E
                 if st.softcap is not None:  # c·tanh(scale·s / c), in log2 units
-                    s, c = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * _LOG2E), None
+                    s, c = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * LOG2E), None
                 if st.has_alibi:
                     s = s * c if c is not None else s
                     s, c = s + slope * (key - pos).astype(jnp.float32), None
@@ -525,7 +366,7 @@ def _kernel(*refs, st: _Static):
                     visible = key <= pos
                     if st.window is not None:
                         visible = jnp.logical_and(visible, key > pos - st.window)
-                    # -inf is safe here: m starts finite (_MASK), so m_new is finite.
+                    # -inf is safe here: m starts finite (MASK), so m_new is finite.
                     s = jnp.where(visible, s, -jnp.inf)
 
                 if c is None:
@@ -641,7 +482,7 @@ def _kernel(*refs, st: _Static):
 
         def stream(it: _Item, g0):
             """Issues the item's K/V tiles into ring slots g0, g0 + 1, ... (mod stages)."""
-            num_pages = _cdiv(it.kv_len, page)
+            num_pages = cdiv(it.kv_len, page)
 
             def page_ids(step):
                 ids = []
@@ -700,7 +541,7 @@ def _kernel(*refs, st: _Static):
                     plgpu.barrier_wait(v_free.at[slot])
 
 
-def build_call(st: _Static, out_type, grid, grid_names, dtype):
+def build_call(st: Static, out_type, grid, grid_names, dtype):
     """The plgpu.kernel of both modes (decode grids over (num_ctas,), persistent)."""
     nw, bk, stages, d = st.bs.num_wgs, st.bs.block_kv, st.bs.num_stages, st.head_dim
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -738,59 +579,6 @@ def build_call(st: _Static, out_type, grid, grid_names, dtype):
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if st.interpret else None,
-    )
-
-
-def make_static(
-    *,
-    decode,
-    q_dtype,
-    num_heads,
-    k_pages,
-    max_blocks,
-    scale,
-    softcap,
-    sliding_window,
-    alibi_slopes,
-    sinks,
-    num_splits,
-    interpret,
-    block_sizes,
-):
-    num_pages, num_kv_heads, block_size, head_dim = k_pages.shape
-    check_supported(
-        head_dim=head_dim, block_size=block_size, q_dtype=q_dtype, kv_dtype=k_pages.dtype
-    )
-    grp = num_heads // num_kv_heads
-    if decode and grp > BLOCK_Q:
-        raise NotImplementedError(
-            f"mosaic paged decode: {grp=} query heads per KV head must be "
-            f'<= {BLOCK_Q}; use backend="triton" or backend="xla"'
-        )
-    bs = block_sizes or block_sizes_for(head_dim, grp, decode)
-    if decode and bs.num_wgs != 1:
-        raise ValueError(f"{bs.num_wgs=} must be 1 in decode (the GQA group is the wgmma M)")
-    if not decode and grp % bs.num_wgs:
-        raise ValueError(f"{bs.num_wgs=} must divide the GQA ratio {grp}")
-    smem = _smem_bytes(bs, head_dim, q_dtype, decode)
-    if smem > _SMEM_BYTES:
-        raise ValueError(f"{bs} needs {smem} bytes of shared memory (> {_SMEM_BYTES})")
-    return _Static(
-        decode=decode,
-        num_groups=grp,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        block_size=block_size,
-        max_blocks=max_blocks,
-        num_pages=num_pages,
-        bs=bs,
-        scale=float(scale),
-        softcap=None if softcap is None else float(softcap),
-        window=None if sliding_window is None else int(sliding_window),
-        has_alibi=alibi_slopes is not None,
-        has_sinks=sinks is not None,
-        num_splits=num_splits,
-        interpret=bool(interpret),
     )
 
 
@@ -839,9 +627,9 @@ def paged_attention(
         interpret=interpret,
         block_sizes=block_sizes,
     )
-    padded = max(-(-num_rows // 8) * 8, BLOCK_Q)  # see _plan_tiles; pads only odd/tiny T
+    padded = max(-(-num_rows // 8) * 8, BLOCK_Q)  # see plan_tiles; pads only odd/tiny T
     qp = q if padded == num_rows else jnp.pad(q, ((0, padded - num_rows), (0, 0), (0, 0)))
-    info = _plan_tiles(cu_seqlens_q, context_lens, padded, st.window, st.bs.block_kv)
+    info = plan_tiles(cu_seqlens_q, context_lens, padded, st.window, st.bs.block_kv)
     args = [info, block_tables.astype(jnp.int32), qp, k_pages, v_pages]
     if alibi_slopes is not None:
         args.append(alibi_slopes.astype(jnp.float32))
@@ -854,10 +642,3 @@ def paged_attention(
         st, jax.ShapeDtypeStruct(qp.shape, q.dtype), (st.num_ctas,), ("cta",), q.dtype
     )
     return call(*args)[:num_rows]
-
-
-def paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs):
-    """One query per sequence: q [S, H, D] -> [S, H, D] (see ``mosaic_decode``)."""
-    from pallas_kernels.paged_attention import mosaic_decode
-
-    return mosaic_decode.paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs)

@@ -38,6 +38,8 @@ import numpy as np
 
 from pallas_kernels.paged_attention import mosaic
 
+check_supported = mosaic.check_supported  # the decode kernel is the attention kernel in decode mode
+
 
 def even_split_ctas(num_pairs, num_ctas):
     """Stream-K grid: the largest multiple of ``num_pairs`` up to ``num_ctas`` (each pair split
@@ -69,7 +71,7 @@ def _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, dtype):
     l = jnp.where(keep, ml[:, :, :, 1], 0.0)
     m_all = m.max(axis=2)  # [S, Hkv, G]
     if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(1, hkv, grp) * mosaic._LOG2E
+        sink = sinks.astype(jnp.float32).reshape(1, hkv, grp) * mosaic.LOG2E
         m_all = jnp.maximum(m_all, sink)
     w = jnp.exp2(m - m_all[:, :, None])
     # Elementwise + reductions only (as the Triton merge), so XLA fuses the merge into few kernels.

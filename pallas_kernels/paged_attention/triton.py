@@ -35,9 +35,7 @@ padding copies.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -59,27 +57,6 @@ LOG2E = math.log2(math.e)
 # exp2(MASK_VALUE - MASK_VALUE) = 1 where (-inf) - (-inf) would be NaN. Masked probabilities
 # are additionally zeroed with `where`, so such rows keep l == 0 and come out as exact zeros.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_NUM_OPTIONAL = 4  # alibi_slopes, sinks, k_scale, v_scale
-# Code-shape switches read at trace time (scripts/triton_attn_sweep.py flips them and calls
-# jax.clear_caches()); the defaults are the measured best on an H100 (benchmarks/NOTES.md,
-# "Triton attention").
-#   {decode,prefill}_prefetch: the block-table ids of tile j + 1 are loaded in iteration j and
-#     carried, so the K/V gathers depend on a loop-carried value, not on a load of the same
-#     iteration: Triton's pipeliner then gives K/V num_stages - 1 buffers instead of splitting
-#     the stages between the page-id load and the K/V load (1 buffer at num_stages 3 or 4).
-#   {decode,prefill}_fold: unmasked tiles take the row max of the raw q.k and compute
-#     exp2(s * c - m) (the scale multiply leaves the max path).
-#   heads_inner: prefill grid (Hkv, tiles) instead of (tiles, Hkv).
-# PA_TRITON_EXPERIMENT='{"prefill_fold": false}' (JSON) overrides them for a whole process tree
-# (pytest-xdist workers included).
-EXPERIMENT = dict(
-    decode_prefetch=False,
-    prefill_prefetch=False,
-    decode_fold=False,
-    prefill_fold=True,
-    heads_inner=True,
-)
-EXPERIMENT.update(json.loads(os.environ.get("PA_TRITON_EXPERIMENT", "{}")))
 
 
 def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
@@ -295,10 +272,13 @@ def _prefill_kernel(
     softcap: float | None,
     window: int | None,
     cdt,
+    heads_inner: bool,
+    fold_scale: bool,
+    prefetch: bool,
 ):
     qt = q_per_tile
     # Latest tiles first: under a causal mask they carry the most keys (better tail balance).
-    tile_axis = 1 if EXPERIMENT["heads_inner"] else 0
+    tile_axis = 1 if heads_inner else 0
     tile = num_tiles - 1 - pl.program_id(tile_axis)
     h_kv = pl.program_id(1 - tile_axis)
 
@@ -355,11 +335,7 @@ def _prefill_kernel(
         c0, c1 = _split_range(lo_blk, hi_blk, full_lo, full_hi)
 
         fold = (
-            EXPERIMENT["prefill_fold"]
-            and softcap is None
-            and slope2 is None
-            and k_scale_ref is None
-            and scale > 0
+            fold_scale and softcap is None and slope2 is None and k_scale_ref is None and scale > 0
         )
 
         def step(j, carry, k, v, t, masked):
@@ -402,7 +378,7 @@ def _prefill_kernel(
             d_ok=d_ok,
             dp=dp,
             key_ok_fn=lambda t: t < ctx,
-            prefetch=EXPERIMENT["prefill_prefetch"],
+            prefetch=prefetch,
         )
 
         inv = 1.0 / jnp.where(l == 0.0, 1.0, l)  # l == 0 only for rows with no key (acc == 0)
@@ -449,7 +425,7 @@ def paged_attention(
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
 ):
-    """Attention of packed queries ``q`` [T, H, D] over the paged cache (INTERFACE.md)."""
+    """Attention of packed queries ``q`` [T, H, D] over the paged cache (interfaces.AttentionKernels)."""
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_pages.shape
     num_seqs = context_lens.shape[0]
@@ -488,10 +464,13 @@ def paged_attention(
         softcap=softcap,
         window=sliding_window,
         cdt=_compute_dtype(q.dtype, k_pages.dtype),
+        heads_inner=bs.heads_inner,
+        fold_scale=bs.prefill_fold,
+        prefetch=bs.prefill_prefetch,
     )
     out = pl.pallas_call(
         _bind_optional(kernel, 6, present),
-        grid=(num_kv_heads, num_tiles) if EXPERIMENT["heads_inner"] else (num_tiles, num_kv_heads),
+        grid=(num_kv_heads, num_tiles) if bs.heads_inner else (num_tiles, num_kv_heads),
         out_shape=jax.ShapeDtypeStruct((num_tokens * num_heads, head_dim), q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
@@ -540,6 +519,8 @@ def _decode_kernel(
     softcap: float | None,
     window: int | None,
     cdt,
+    fold_scale: bool,
+    prefetch: bool,
 ):
     seq, h_kv, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     r = jnp.arange(rows, dtype=jnp.int32)
@@ -577,13 +558,7 @@ def _decode_kernel(
         b1 = jnp.minimum(hi_blk, b0 + per)
     c0, c1 = _split_range(b0, b1, _cdiv(lo, block_k), lax.div(ctx, block_k))
 
-    fold = (
-        EXPERIMENT["decode_fold"]
-        and softcap is None
-        and slope2 is None
-        and k_scale_ref is None
-        and scale > 0
-    )
+    fold = fold_scale and softcap is None and slope2 is None and k_scale_ref is None and scale > 0
     key_ok_fn = (lambda t: t < ctx) if window is None else (lambda t: (t < ctx) & (t >= lo))
 
     def step(j, carry, k, v, t, masked):
@@ -622,7 +597,7 @@ def _decode_kernel(
         d_ok=d_ok,
         dp=dp,
         key_ok_fn=key_ok_fn,
-        prefetch=EXPERIMENT["decode_prefetch"],
+        prefetch=prefetch,
     )
 
     vs = 1.0 if v_scale_ref is None else v_scale_ref[h_kv]
@@ -718,6 +693,8 @@ def paged_decode(
         softcap=softcap,
         window=sliding_window,
         cdt=_compute_dtype(q.dtype, k_pages.dtype),
+        fold_scale=bs.decode_fold,
+        prefetch=bs.decode_prefetch,
     )
     res = pl.pallas_call(
         _bind_optional(kernel, 5, present),

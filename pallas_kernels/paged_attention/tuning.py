@@ -38,6 +38,15 @@ class BlockSizes:
     block_k:    keys per KV tile; a tile may span several pages (page ids are gathered per key).
     num_warps, num_stages: Triton launch parameters.
     num_splits: decode only: KV splits per (sequence, KV head); None = from shapes.
+
+    Code-shape variants (static, so each is its own compiled kernel; the defaults are the
+    measured best on an H100, benchmarks/NOTES.md "Triton attention"):
+    {decode,prefill}_prefetch: the block-table ids of tile j + 1 are loaded in iteration j and
+        carried, so the K/V gathers depend on a loop-carried value rather than on a load of the
+        same iteration (Triton's pipeliner then gives K/V num_stages - 1 buffers).
+    {decode,prefill}_fold: unmasked tiles take the row max of the raw q.k and compute
+        exp2(s * c - m) (the scale multiply leaves the max path).
+    heads_inner: prefill grid (Hkv, tiles) instead of (tiles, Hkv).
     """
 
     block_m: int = 64
@@ -45,6 +54,11 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     num_splits: int | None = None
+    decode_prefetch: bool = False
+    prefill_prefetch: bool = False
+    decode_fold: bool = False
+    prefill_fold: bool = True
+    heads_inner: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_k"):

@@ -1,7 +1,7 @@
 """Mac self-test: the kernel strings through MLX (and JAX's mps plugin when it can) against
 the ``xla`` backend.
 
-    python -m metal_plugin.selftest          # exit 0: all passed, 1: a mismatch, 2: no MLX
+    python -m jax_paged_attn.metal_selftest          # exit 0: all passed, 1: a mismatch, 2: no MLX
 
 Each case runs ``jax_paged_attn`` with ``backend="xla"`` for the expected values and the
 ``metal_plugin`` entry points with ``interpret=True`` while :func:`lowering.use_runner`
@@ -24,7 +24,7 @@ import numpy as np
 from metal_plugin import dispatch, lowering
 
 MLX_MISSING = (
-    "metal_plugin.selftest needs MLX (pip install mlx) on an Apple-silicon Mac; "
+    "jax_paged_attn.metal_selftest needs MLX (pip install mlx) on an Apple-silicon Mac; "
     "it is not installed here. On Linux the same kernels run on the emulator: "
     "pytest tests/test_metal_kernels.py"
 )

@@ -1,0 +1,127 @@
+"""The interface each backend implements, one ``Protocol`` per op.
+
+Kernels take plain arrays and static Python values; only the API layer (``attention.py``,
+``cache.py``, ``moe.py``) knows about pytrees (``KVCache``, ``AttentionMetadata``) and validates
+user input. By the time an implementation is called, ranks, dtypes and sizes are valid, integer
+metadata is int32, and ``check_supported`` accepted the configuration. The table in
+``backends.py`` names which object implements which op for each backend; the modules listed
+there satisfy these protocols structurally (``tests/test_registry.py`` checks it).
+
+Shapes: ``T`` query rows, ``S`` sequences, ``H``/``Hkv`` query/KV heads, ``D`` head dim, ``NB``
+cache blocks of ``BS`` tokens, ``MB`` blocks per sequence, ``E`` experts, ``k`` experts per
+token, ``Hd`` hidden size, ``I`` expert intermediate size. Meaning: ``docs/contract.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import jax
+
+
+@runtime_checkable
+class AttentionKernels(Protocol):
+    """Paged attention over any mix of decode rows and prefill chunks."""
+
+    def check_supported(self, *, head_dim: int, block_size: int, q_dtype, kv_dtype) -> None:
+        """Raise ``NotImplementedError`` naming what is supported (and suggesting
+        ``backend="xla"``) for a configuration these kernels cannot run."""
+
+    def paged_attention(
+        self,
+        q: jax.Array,  # [T, H, D]  f32 | bf16 | f16
+        k_pages: jax.Array,  # [NB, Hkv, BS, D]  f32 | bf16 | f16 | float8_e4m3fn
+        v_pages: jax.Array,  # [NB, Hkv, BS, D]
+        block_tables: jax.Array,  # i32[S, MB]
+        context_lens: jax.Array,  # i32[S]: KV tokens including this step's; 0 = inactive
+        cu_seqlens_q: jax.Array,  # i32[S + 1]: rows of sequence i are cu[i]:cu[i + 1]
+        *,
+        scale: float,
+        softcap: float | None,  # > 0 when set
+        sliding_window: int | None,  # > 0 when set
+        alibi_slopes: jax.Array | None,  # f32[H]
+        sinks: jax.Array | None,  # f32[H]
+        k_scale: jax.Array | None,  # f32[Hkv]: float8 caches hold x / scale
+        v_scale: jax.Array | None,  # f32[Hkv]
+        interpret: bool = False,
+    ) -> jax.Array:  # [T, H, D] in q.dtype; rows that see no key are 0
+        ...
+
+
+@runtime_checkable
+class DecodeKernels(Protocol):
+    """One query row per sequence (``cu_seqlens_q == arange(S + 1)``), on kernels that split the
+    KV of long contexts across programs."""
+
+    def check_supported(self, *, head_dim: int, block_size: int, q_dtype, kv_dtype) -> None: ...
+
+    def paged_decode(
+        self,
+        q: jax.Array,  # [S, H, D]
+        k_pages: jax.Array,  # [NB, Hkv, BS, D]
+        v_pages: jax.Array,  # [NB, Hkv, BS, D]
+        block_tables: jax.Array,  # i32[S, MB]
+        context_lens: jax.Array,  # i32[S]
+        *,
+        scale: float,
+        softcap: float | None,
+        sliding_window: int | None,
+        alibi_slopes: jax.Array | None,
+        sinks: jax.Array | None,
+        k_scale: jax.Array | None,
+        v_scale: jax.Array | None,
+        interpret: bool = False,
+    ) -> jax.Array:  # [S, H, D] in q.dtype
+        ...
+
+
+@runtime_checkable
+class KVWriteKernels(Protocol):
+    """Write this step's K/V rows into their slots, in place under donation."""
+
+    def check_supported(self, **config) -> None: ...
+
+    def write_kv(
+        self,
+        k_pages: jax.Array,  # [NB, Hkv, BS, D]
+        v_pages: jax.Array,  # [NB, Hkv, BS, D]
+        k: jax.Array,  # [T, Hkv, D]
+        v: jax.Array,  # [T, Hkv, D]
+        slot_mapping: jax.Array,  # i32[T]: block * BS + offset; < 0 (or >= NB * BS): skipped
+        *,
+        k_scale: jax.Array | None,  # f32[Hkv]: float8 caches store saturate(x / scale)
+        v_scale: jax.Array | None,
+        interpret: bool = False,
+    ) -> tuple[jax.Array, jax.Array]:  # the new (k_pages, v_pages)
+        ...
+
+
+@runtime_checkable
+class MoEKernels(Protocol):
+    """Fused mixture of experts: gate-up GEMM, activation, down GEMM, weighted top-k combine."""
+
+    def check_supported(
+        self, *, dtype, num_tokens=None, top_k=None, num_experts=None, hidden=None, inter=None
+    ) -> None: ...
+
+    def fused_moe(
+        self,
+        x: jax.Array,  # [T, Hd]  bf16 | f16 | f32
+        w_gate_up: jax.Array,  # [E, Hd, 2I]: gate = [..., :I], up = [..., I:]
+        w_down: jax.Array,  # [E, I, Hd]
+        topk_weights: jax.Array,  # f32[T, k]
+        topk_ids: jax.Array,  # i32[T, k]: ids outside [0, E) contribute zero
+        *,
+        activation: str,  # "silu" | "gelu" | "gelu_tanh"
+        interpret: bool = False,
+    ) -> jax.Array:  # [T, Hd] in x.dtype, f32 accumulation
+        ...
+
+
+# The protocol of each op name used in the registry table.
+OPS: dict[str, type] = {
+    "attention": AttentionKernels,
+    "decode": DecodeKernels,
+    "kv_write": KVWriteKernels,
+    "moe": MoEKernels,
+}

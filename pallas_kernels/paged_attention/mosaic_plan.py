@@ -1,0 +1,285 @@
+"""Static configuration and work planning of the Mosaic GPU paged-attention kernel.
+
+What ``mosaic.py`` needs before it traces a kernel: the supported shapes
+(``check_supported``), block sizes per head dim and GQA group (``block_sizes_for``), the shared
+memory budget, the static configuration (``Static`` via ``make_static``), the prefill tile plan
+(``plan_tiles``: 64-row q tiles that never cross a sequence, heaviest first), the decode row
+placement (``decode_rows``) and the persistent-grid orders (``snake_items``, ``stream_ctas``).
+Plain arrays and Python ints in and out; no kernel code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+BLOCK_Q = 64  # rows per compute warpgroup = the wgmma M
+MASK = -1e30  # initial running max (log2 units), see the docstring
+LOG2E = math.log2(math.e)
+SMEM_BYTES = 232448  # H100 dynamic shared memory per CTA (227 KiB)
+_H100_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """KV tile, pipeline depth and compute warpgroups per CTA (prefill: query heads per CTA)."""
+
+    block_kv: int = 128
+    num_stages: int = 2
+    num_wgs: int = 2
+
+    def __post_init__(self):
+        if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
+            raise ValueError(f"{self.block_kv=} must be 64, 128, 192 or 256")
+        if self.num_stages < 2:
+            raise ValueError(f"{self.num_stages=} must be at least 2")
+        if self.num_wgs not in (1, 2):
+            raise ValueError(f"{self.num_wgs=} must be 1 or 2")
+
+
+# head_dim -> (prefill, decode); shared memory of each is checked by smem_bytes.
+_TABLE = {
+    64: (BlockSizes(128, 3, 2), BlockSizes(128, 4, 1)),
+    128: (BlockSizes(128, 2, 2), BlockSizes(64, 3, 1)),
+    256: (BlockSizes(64, 2, 1), BlockSizes(64, 2, 1)),
+}
+
+
+def block_sizes_for(head_dim: int, num_groups: int, decode: bool) -> BlockSizes:
+    bs = _TABLE[head_dim][int(decode)]
+    if not decode and num_groups % bs.num_wgs:  # odd GQA ratio: one query head per CTA
+        bs = dataclasses.replace(bs, num_wgs=1)
+    return bs
+
+
+def partial_dtype(head_dim: int, q_dtype):
+    """Decode partial outputs: f32, except at head_dim 256 where f32 staging does not fit."""
+    return jnp.dtype(jnp.float32) if head_dim <= 128 else jnp.dtype(q_dtype)
+
+
+def smem_bytes(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
+    itemsize = jnp.dtype(q_dtype).itemsize
+    q = bs.num_wgs * BLOCK_Q * head_dim * itemsize
+    kv = 2 * bs.num_stages * bs.block_kv * head_dim * itemsize
+    o_item = partial_dtype(head_dim, q_dtype).itemsize if decode else itemsize
+    o = bs.num_wgs * BLOCK_Q * head_dim * o_item
+    ml = 3 * BLOCK_Q * 4 if decode else 0  # m, l, ALiBi slopes
+    return q + kv + o + ml + 1024  # + barriers
+
+
+def num_sms() -> int:
+    """SMs of the default GPU (132 on an H100 SXM; also when there is no GPU: interpreter)."""
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or _H100_SMS) if dev.platform == "gpu" else _H100_SMS
+
+
+def ctas_per_sm(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
+    """CTAs that fit on one SM by shared memory (228 KiB per SM, 1 KiB reserved per CTA)."""
+    return max(1, (SMEM_BYTES + 1024) // (smem_bytes(bs, head_dim, q_dtype, decode) + 1024))
+
+
+def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
+    hint = 'use backend="triton" or backend="xla" for this configuration'
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(
+            f"mosaic paged attention: {head_dim=} must be one of {SUPPORTED_HEAD_DIMS}; {hint}"
+        )
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise NotImplementedError(
+            f"mosaic paged attention: {block_size=} must be one of {SUPPORTED_BLOCK_SIZES}; {hint}"
+        )
+    if jnp.dtype(q_dtype) not in SUPPORTED_DTYPES:
+        raise NotImplementedError(
+            f"mosaic paged attention: {q_dtype=} must be bfloat16 or float16; {hint}"
+        )
+    if jnp.dtype(kv_dtype) != jnp.dtype(q_dtype):
+        raise NotImplementedError(
+            f"mosaic paged attention: the KV cache dtype ({jnp.dtype(kv_dtype)}) must equal "
+            f"q.dtype ({jnp.dtype(q_dtype)}) (float8 caches are not covered); {hint}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    decode: bool
+    num_groups: int  # G = H // Hkv
+    num_kv_heads: int  # Hkv
+    head_dim: int
+    block_size: int
+    max_blocks: int  # MB
+    num_pages: int  # NB
+    bs: BlockSizes
+    scale: float
+    softcap: float | None
+    window: int | None
+    has_alibi: bool
+    has_sinks: bool
+    num_splits: int  # decode: partial slots per (seq, KV head) (stream-K), else 1
+    interpret: bool
+    fused: bool = False  # decode, whole pairs: normalised q.dtype output, no merge, no m/l
+    num_ctas: int = 1  # persistent CTAs (the grid)
+    stream_tiles: int = 0  # decode: 0, or stream-K over (seq, KV head) x stream_tiles KV tiles
+    q_rows: int = BLOCK_Q  # decode: rows of the flat q [S * H (padded), D]
+
+
+def cdiv(a, b):
+    return lax.div(a + (b - 1), b)  # a >= 0 everywhere it is used
+
+
+def kv_steps(p_first, p_last, kv_len, window, block_kv):
+    """KV tile range of rows at positions [p_first, p_last] (jnp scalars or arrays).
+
+    Returns (begin, end, full_lo, full_hi, kv_end): tiles [begin, end) hold visible keys, tiles
+    in [full_lo, full_hi) need no mask, keys >= kv_end are never visible.
+    """
+    kv_end = jnp.clip(p_last + 1, 0, kv_len)
+    first_key = jnp.zeros_like(kv_end) if window is None else jnp.maximum(p_first - window + 1, 0)
+    first_key = jnp.minimum(first_key, kv_end)
+    begin = lax.div(first_key, block_kv)
+    end = jnp.maximum(cdiv(kv_end, block_kv), begin)
+    full_lo = begin if window is None else cdiv(jnp.maximum(p_last - window + 1, 0), block_kv)
+    full_lo = jnp.clip(full_lo, begin, end)
+    full_hi = jnp.clip(lax.div(jnp.maximum(p_first + 1, 0), block_kv), full_lo, end)
+    return begin, end, full_lo, full_hi, kv_end
+
+
+# Columns of the per-tile table built by plan_tiles.
+class Info:
+    """Columns of a prefill tile's row in the plan (``plan_tiles``)."""
+
+    SEQ, LEN, ROW0, LO, HI, POS0, BEGIN, END, FULL_LO, FULL_HI, KV_END = range(11)
+
+
+def plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv):
+    """i32[NT, 11]: the 64-row query tiles of every sequence (heaviest first).
+
+    Tile rows are q rows [row0, row0 + 64) with valid rows [row0 + lo, row0 + hi); row r sits
+    at position pos0 + r. row0 is a multiple of 8 (a TMA into the (8, 64)-tiled q buffer must
+    start on a tile row) and at most num_rows - 64 (num_rows is a multiple of 8 and >= 64), so
+    loads never leave q. Tiles of a segment start at its first row rounded down to 8.
+    """
+    num_seqs = context_lens.shape[0]
+    num_tiles = -(-(num_rows + 70 * (num_seqs + 1)) // BLOCK_Q)  # >= sum cdiv(n_s + 7, 64)
+    cu = jnp.clip(cu_seqlens_q.astype(jnp.int32), 0, num_rows)
+    cu = jnp.concatenate([cu, jnp.array([num_rows], jnp.int32)])  # + padding segment
+    cu = jnp.maximum(cu, lax.cummax(cu))  # non-decreasing
+    lens = jnp.concatenate([context_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
+    n = cu[1:] - cu[:-1]
+    first = cu[:-1] - cu[:-1] % 8
+    tiles = jnp.where(n > 0, (cu[1:] - first + BLOCK_Q - 1) // BLOCK_Q, 0)
+    tile_end = jnp.cumsum(tiles)
+    b = jnp.arange(num_tiles, dtype=jnp.int32)
+    # compare_all is one fused reduction; the default binary search is a while loop, kernel
+    # launches per step on a GPU (15-18 us per call on an H100, NOTES.md Session 4).
+    seg = jnp.searchsorted(tile_end, b, side="right", method="compare_all")
+    seg = jnp.minimum(seg, num_seqs).astype(jnp.int32)
+    real = b < tile_end[-1]
+    r_tile = first[seg] + (b - (tile_end[seg] - tiles[seg])) * BLOCK_Q
+    row0 = jnp.clip(r_tile, 0, num_rows - BLOCK_Q)
+    lo = jnp.where(real, jnp.maximum(r_tile, cu[seg]) - row0, 0)
+    hi = jnp.where(real, jnp.minimum(r_tile + BLOCK_Q, cu[seg + 1]) - row0, 0)
+    kv_len = jnp.where(real, lens[seg], 0)
+    pos0 = kv_len - n[seg] + (row0 - cu[seg])
+    steps = kv_steps(pos0 + lo, pos0 + hi - 1, kv_len, window, block_kv)
+    seq = jnp.minimum(seg, num_seqs - 1)  # the padding segment reads no page (L = 0)
+    info = jnp.stack([seq, kv_len, row0, lo, hi, pos0, *steps], axis=1).astype(jnp.int32)
+    return info[::-1]  # causal: the longest KV loops start first
+
+
+def decode_rows(seq, kv_head, num_kv_heads, num_groups, q_rows):
+    """Flat q rows of a decode group: (row0, r_off, q_start). The G query heads of (seq, kv_head)
+    are flat rows [q_start, q_start + G) of q [S * H, D]; the kernel loads the 64 rows from row0
+    (a multiple of 8, for the tiled q buffer; at most q_rows - 64), so they sit at r_off."""
+    q_start = (seq * num_kv_heads + kv_head) * num_groups
+    row0 = jnp.minimum(q_start - lax.rem(q_start, 8), q_rows - BLOCK_Q)
+    return row0, q_start - row0, q_start
+
+
+def stream_ctas(pair, tiles, num_pairs, num_ctas, div=lambda a, b: a // b):
+    """Stream-K decode: CTA c takes the flat tiles [c T / C, (c + 1) T / C) of T = num_pairs x
+    tiles (pair-major). Returns the first and last CTA that take tiles of ``pair`` (ints or
+    jnp scalars; ``div`` is floor division, lax.div in the kernel); all values >= 0."""
+    total = num_pairs * tiles
+    containing = lambda x: div((x + 1) * num_ctas + total - 1, total) - 1  # CTA of flat tile x
+    return containing(pair * tiles), containing(pair * tiles + tiles - 1)
+
+
+def num_items(st: Static, info_rows: int) -> int:
+    """Items of a call: prefill (H / num_wgs) x tiles; decode (whole items) S x Hkv."""
+    if st.decode:
+        return info_rows * st.num_kv_heads
+    return info_rows * st.num_groups * st.num_kv_heads // st.bs.num_wgs
+
+
+def snake_items(num_items: int, num_ctas: int):
+    """The items of each persistent CTA, as an int array [rounds, num_ctas] (-1: none).
+
+    Round j gives CTA c item j C + c (j even) or j C + C - 1 - c (j odd): with items ordered
+    heaviest first (prefill's causal tiles), the CTAs' totals stay within about one item.
+    The kernel computes the same order (``_for_each_item``); the decode planner uses this one.
+    """
+    rounds = -(-num_items // num_ctas)
+    k = np.arange(rounds * num_ctas).reshape(rounds, num_ctas)
+    k[1::2] = k[1::2, ::-1]
+    return np.where(k < num_items, k, -1)
+
+
+def make_static(
+    *,
+    decode,
+    q_dtype,
+    num_heads,
+    k_pages,
+    max_blocks,
+    scale,
+    softcap,
+    sliding_window,
+    alibi_slopes,
+    sinks,
+    num_splits,
+    interpret,
+    block_sizes,
+):
+    num_pages, num_kv_heads, block_size, head_dim = k_pages.shape
+    check_supported(
+        head_dim=head_dim, block_size=block_size, q_dtype=q_dtype, kv_dtype=k_pages.dtype
+    )
+    grp = num_heads // num_kv_heads
+    if decode and grp > BLOCK_Q:
+        raise NotImplementedError(
+            f"mosaic paged decode: {grp=} query heads per KV head must be "
+            f'<= {BLOCK_Q}; use backend="triton" or backend="xla"'
+        )
+    bs = block_sizes or block_sizes_for(head_dim, grp, decode)
+    if decode and bs.num_wgs != 1:
+        raise ValueError(f"{bs.num_wgs=} must be 1 in decode (the GQA group is the wgmma M)")
+    if not decode and grp % bs.num_wgs:
+        raise ValueError(f"{bs.num_wgs=} must divide the GQA ratio {grp}")
+    smem = smem_bytes(bs, head_dim, q_dtype, decode)
+    if smem > SMEM_BYTES:
+        raise ValueError(f"{bs} needs {smem} bytes of shared memory (> {SMEM_BYTES})")
+    return Static(
+        decode=decode,
+        num_groups=grp,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        max_blocks=max_blocks,
+        num_pages=num_pages,
+        bs=bs,
+        scale=float(scale),
+        softcap=None if softcap is None else float(softcap),
+        window=None if sliding_window is None else int(sliding_window),
+        has_alibi=alibi_slopes is not None,
+        has_sinks=sinks is not None,
+        num_splits=num_splits,
+        interpret=bool(interpret),
+    )
