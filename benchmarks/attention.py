@@ -43,38 +43,24 @@ class Paged:
     lens: tuple[int, ...]
 
 
-def make_cache(k_pages, v_pages):
-    return jpa().KVCache(k_pages, v_pages)
-
-
 def paged_cache(seed: int, lens, hkv, d, bs, dtype) -> Paged:
-    """A cache holding random K/V for sequences of ``lens`` tokens in permuted blocks. Slots past
-    each context and all spare pages are NaN; block-table entries past a sequence's blocks point
-    at a NaN page (never to be read)."""
-    rng = np.random.default_rng(seed)
-    nblk = [max(1, -(-L // bs)) for L in lens]
-    used = sum(nblk)
-    spare = max(2, used // 8)
-    nb = used + spare
-    perm = rng.permutation(nb).astype(np.int32)
-    mb = max(nblk)
-    bt = np.full((len(lens), mb), perm[used], np.int32)
-    valid = np.zeros((nb, bs), bool)
-    off = 0
-    for i, L in enumerate(lens):
-        pages = perm[off : off + nblk[i]]
-        off += nblk[i]
-        bt[i, : nblk[i]] = pages
-        counts = np.clip(L - np.arange(nblk[i]) * bs, 0, bs)
-        valid[pages] = np.arange(bs)[None, :] < counts[:, None]
-    dt = jnp.dtype(dtype)
-    kk, kv = jax.random.split(jax.random.key(seed))
-    mask = jnp.asarray(valid)[:, None, :, None]
-    k = jnp.where(mask, jax.random.normal(kk, (nb, hkv, bs, d), dt), jnp.nan).astype(dt)
-    v = jnp.where(mask, jax.random.normal(kv, (nb, hkv, bs, d), dt), jnp.nan).astype(dt)
-    return Paged(
-        make_cache(k, v), jnp.asarray(bt), jnp.asarray(np.array(lens, np.int32)), bt, tuple(lens)
+    """A cache holding random K/V for sequences of ``lens`` tokens in permuted blocks, and 1/8
+    more spare pages (``jax_paged_attn.testing.random_paged_kv``). Slots past each context and
+    all spare pages are NaN; block-table entries past a sequence's blocks point at a NaN page
+    (never to be read)."""
+    from jax_paged_attn.testing import random_paged_kv
+
+    used = sum(max(1, -(-L // bs)) for L in lens)
+    cache, tables, context_lens = random_paged_kv(
+        jax.random.key(seed),
+        list(lens),
+        num_kv_heads=hkv,
+        head_dim=d,
+        block_size=bs,
+        dtype=jnp.dtype(dtype),
+        num_blocks=used + max(2, used // 8),
     )
+    return Paged(cache, tables, context_lens, np.asarray(tables), tuple(lens))
 
 
 def contiguous_kv(p: Paged, i: int):

@@ -31,7 +31,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
@@ -47,9 +46,10 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import jax_paged_attn as jpa  # noqa: E402
 from benchmarks import shapes as S  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from benchmarks.harness import TOL, rel_err  # noqa: E402
+from benchmarks.harness import tolerance  # noqa: E402
 from benchmarks.moe import shape_inputs  # noqa: E402
 from jax_paged_attn import sharding as sh  # noqa: E402
+from jax_paged_attn.testing import random_paged_kv, rel_error  # noqa: E402
 
 MIN_SAMPLE_S = 2e-3
 
@@ -75,27 +75,22 @@ def suite(quick: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs (numpy on the host, placed per device count)
+# Inputs (made on the default device, placed per device count)
 
 
 def decode_inputs(shape: S.DecodeShape, seed=0):
-    rng = np.random.default_rng(seed)
-    dtype = jnp.dtype(shape.dtype)
-    blocks = math.ceil(shape.context_len / shape.block_size)
-    nb = shape.num_seqs * blocks
-    pages = (nb, shape.num_kv_heads, shape.block_size, shape.head_dim)
-    key = jax.random.key(seed)
-    kk, kv, kq = jax.random.split(key, 3)
-    cache = jpa.KVCache(
-        jax.random.normal(kk, pages, jnp.float32).astype(dtype),
-        jax.random.normal(kv, pages, jnp.float32).astype(dtype),
+    """q and a cache of random K/V in permuted blocks (``testing.random_paged_kv``)."""
+    kc, kq = jax.random.split(jax.random.key(seed))
+    cache, tables, lens = random_paged_kv(
+        kc,
+        shape.context_lens,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        block_size=shape.block_size,
+        dtype=jnp.dtype(shape.dtype),
     )
-    tables = rng.permutation(nb).reshape(shape.num_seqs, blocks).astype(np.int32)
-    lens = np.array(shape.context_lens, np.int32)
-    q = jax.random.normal(
-        kq, (shape.num_seqs, shape.num_heads, shape.head_dim), jnp.float32
-    ).astype(dtype)
-    return q, cache, jnp.asarray(tables), jnp.asarray(lens)
+    q = jax.random.normal(kq, (shape.num_seqs, shape.num_heads, shape.head_dim), jnp.float32)
+    return q.astype(shape.dtype), cache, tables, lens
 
 
 def moe_inputs(shape: S.MoEShape, seed=0):
@@ -188,9 +183,9 @@ def run(args) -> list[dict]:
                 out = jax.block_until_ready(fn(*fargs))
                 if n == 1:
                     ref = out
-                err = rel_err(out, ref) if ref is not None else None
+                err = rel_error(out, ref) if ref is not None else None
                 row["rel_err_vs_1"] = err
-                row["valid"] = err is None or err <= TOL[shape.dtype]
+                row["valid"] = err is None or err <= tolerance(shape.dtype)
                 row.update(time_fn(fn, fargs, args.iters, args.warmup))
             except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                 row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
