@@ -7,7 +7,7 @@
   the GPU's busy time per call of that many back-to-back calls (JAX: :func:`jax_device_time`
   from a ``jax.profiler`` trace; torch: :func:`torch_device_time`, CUDA events).
 - :func:`time_fn`: ``measure`` for one argument tuple, returning ``(seconds, output)`` (the
-  probes' form).
+  probes' form); :func:`time_torch`: the same for a torch call.
 - :func:`sample_times`: the sample loop itself.
 - :func:`gpu_events`, :func:`jax_device_time`, :func:`kernel_breakdown`: what a profiler trace
   of a few calls says (busy time, where a call's time goes).
@@ -161,6 +161,23 @@ def time_fn(fn, *args, iters=20, warmup=2, min_sample_s=3e-3, device=False):
         device_calls=iters if device and on_gpu() else 0,
     )
     return res["time_s"], first["out"]
+
+
+def time_torch(torch, fn, *args, iters=20, warmup=3, min_sample_s=3e-3, events=False):
+    """Seconds per call of the torch call ``fn(*args)`` by :func:`measure` (closed by
+    ``torch.cuda.synchronize``): the median wall-clock sample, or with ``events`` CUDA events
+    around ``iters`` back-to-back calls."""
+    res = measure(
+        fn,
+        [args],
+        iters=iters,
+        warmup=warmup,
+        min_sample_s=min_sample_s,
+        sync=torch_sync(torch),
+        device_calls=iters if events else 0,
+        torch=torch,
+    )
+    return res["time_s"]
 
 
 def gpu_events(fn, arg_sets, calls):

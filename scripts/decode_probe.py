@@ -1,18 +1,18 @@
 """Decode probe (GPU): Triton against Mosaic decode variants, in one process.
 
-Rows: kernel x block sizes x splits x persistent CTAs on the PERF.md decode shapes; block
+Rows: kernel x block sizes x splits x persistent CTAs on the benchmark decode shapes; block
 tables are a random permutation of the pages (as the benchmarks) or the identity (each
 sequence's pages in order; ``--identity``) to separate the DRAM cost of scattered 4 KB pages
 from the kernels' own. Ceilings in the same process: torch copy, XLA read-only sum, and torch
 gathers of rows of 4 KB (one page of one KV head) and 32 KB (one page of all KV heads) in
 permuted order. Rows are timed in an A B ... A B order (``--rounds``, default 2; the summary
 is the median) so drift shows.
-Timing (``--timing``): ``device`` (default on a GPU) is the GPU busy time per call from a
-profiler trace of 20 back-to-back calls (``benchmarks.run.jax_device_time``, as the benchmarks);
-``wall`` is the median of 20 samples of >= 3 ms of back-to-back calls. Every row's output is
+Timing (``--timing``, ``benchmarks.timing.time_fn``): ``device`` (default on a GPU) is the GPU
+busy time per call from a profiler trace of 20 back-to-back calls, as the benchmarks; ``wall`` is
+the median of 20 samples of >= 3 ms of back-to-back calls. Every row's output is
 compared with the first row of its shape with the same block table (relative L2).
 ``--only`` also takes SxCTX shapes (e.g. 8x65536: Triton and Mosaic's defaults only), and
-``--page`` sets the KV block size (tokens per page; PERF.md's shapes use 16).
+``--page`` sets the KV block size (tokens per page; the benchmark shapes use 16).
   python3 scripts/decode_probe.py [--only 4096,32768,8x65536] [--page 16] [--budget-s 300]
 """
 
@@ -25,10 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import probe_common
-from probe_common import CPU, paged_cache
+from probe_common import CPU
 
+from benchmarks import timing
+from jax_paged_attn.testing import random_paged_kv
 from pallas_kernels.paged_attention import mosaic, mosaic_decode
 from pallas_kernels.paged_attention import triton as pa
 
@@ -48,7 +49,7 @@ KW = dict(
 
 
 def median_time(f, *a):
-    return probe_common.probe_time(f, *a, iters=args.iters, device=args.timing == "device")
+    return timing.time_fn(f, *a, iters=args.iters, device=args.timing == "device")
 
 
 def ceilings(page_bytes=4096, heads=8):
@@ -63,32 +64,26 @@ def ceilings(page_bytes=4096, heads=8):
         torch = None
     if torch is not None and torch.cuda.is_available():
 
-        def ttime(fn, nbytes):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(20):
-                t = time.perf_counter()
-                for _ in range(5):
-                    fn()
-                torch.cuda.synchronize()
-                ts.append((time.perf_counter() - t) / 5)
-            return nbytes / np.median(ts) / 1e12
+        def tb_s(nbytes, fn, *a):
+            return nbytes / timing.time_torch(torch, fn, *a, iters=20) / 1e12
 
         n = 1 << 29  # 1 GiB of bf16
         src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-        dst = torch.empty_like(src)
-        line.append(f"torch copy {ttime(lambda: dst.copy_(src), 4 * n):.3f}")
+        line.append(
+            f"torch copy {tb_s(4 * n, lambda s, d: d.copy_(s), src, torch.empty_like(src)):.3f}"
+        )
         for row in (page_bytes, page_bytes * heads):
             rows = src.view(-1, row // 2)
             idx = torch.randperm(rows.shape[0], device="cuda")
-            out = torch.empty_like(rows)
-            line.append(
-                f"torch gather of {row // 1024} KB rows (permuted) "
-                f"{ttime(lambda: torch.index_select(rows, 0, idx, out=out), 4 * n):.3f}"
+            gather = tb_s(
+                4 * n,
+                lambda r, i, o: torch.index_select(r, 0, i, out=o),
+                rows,
+                idx,
+                torch.empty_like(rows),
             )
-        del src, dst, out
+            line.append(f"torch gather of {row // 1024} KB rows (permuted) {gather:.3f}")
+        del src
     print("ceilings, TB/s: " + "; ".join(line), flush=True)
 
 
@@ -122,15 +117,27 @@ def mosaic_row(bk=None, stages=None, stream=None, num_ctas=None):
     return call
 
 
+def paged_kv(S, ctx, Hkv, D, BS, identity):
+    """K/V pages and block table of S contexts of ctx tokens: pages in a random permutation, or
+    in order (``identity``)."""
+    cache, tables, _ = random_paged_kv(
+        jax.random.key(0),
+        [ctx] * S,
+        num_kv_heads=Hkv,
+        head_dim=D,
+        block_size=BS,
+        permute=not identity,
+    )
+    return cache.k, cache.v, tables
+
+
 def run_shape(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=None):
     """rows: [(label, call, identity_table)]; each row runs --rounds times (A B ... A B)."""
     BS = BS or args.page
     name = name if BS == 16 else f"{name} (page {BS})"
     q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
     L = jnp.full((S,), ctx, jnp.int32)
-    caches = {
-        ident: paged_cache(S, ctx, Hkv, D, BS, identity=ident) for ident in {r[2] for r in rows}
-    }
+    caches = {ident: paged_kv(S, ctx, Hkv, D, BS, ident) for ident in {r[2] for r in rows}}
     nbytes = 4 * S * ctx * Hkv * D
 
     def row(label, call, ident):
@@ -198,7 +205,7 @@ if "32768" in only:  # 64 (seq, KV head) pairs
                 ("mosaic (defaults: 64x3, stream-K, 128 CTAs)", mosaic_row(), False),
                 ("mosaic 128x2, stream-K, 128 CTAs", mosaic_row(128, 2, True), False),
                 (
-                    "mosaic 64x3, stream-K on all 132 SMs",
+                    f"mosaic 64x3, stream-K on all {mosaic.num_sms()} SMs",
                     mosaic_row(64, 3, True, mosaic.num_sms()),
                     False,
                 ),

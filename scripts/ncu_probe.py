@@ -60,9 +60,17 @@ def run_case(case):
     import jax
     import jax.numpy as jnp
     import torch
-    from probe_common import paged_cache
+
+    from jax_paged_attn.testing import random_paged_kv
 
     S, H, HKV, D, CTX, BS = 64, 32, 8, 128, 4096, 16
+
+    def paged(num_seqs, ctx):
+        cache, tables, lens = random_paged_kv(
+            jax.random.key(0), [ctx] * num_seqs, num_kv_heads=HKV, head_dim=D, block_size=BS
+        )
+        return cache.k, cache.v, tables, lens
+
     if case == "copy":
         src = torch.randn(1 << 29, dtype=torch.bfloat16, device="cuda")
         dst = torch.empty_like(src)
@@ -76,9 +84,8 @@ def run_case(case):
         from pallas_kernels.paged_attention import mosaic_decode
         from pallas_kernels.paged_attention import triton as pa
 
-        k, v, bt = paged_cache(S, CTX, HKV, D, BS)
+        k, v, bt, lens = paged(S, CTX)
         q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
-        lens = jnp.full((S,), CTX, jnp.int32)
         kw = dict(
             scale=D**-0.5,
             softcap=None,
@@ -95,9 +102,9 @@ def run_case(case):
         from pallas_kernels.paged_attention import triton as pa
 
         n = 8192
-        k, v, bt = paged_cache(1, n, HKV, D, BS)
+        k, v, bt, lens = paged(1, n)
         q = jax.random.normal(jax.random.key(7), (n, H, D), jnp.bfloat16)
-        lens, cu = jnp.array([n], jnp.int32), jnp.array([0, n], jnp.int32)
+        cu = jnp.array([0, n], jnp.int32)
         kw = dict(
             scale=D**-0.5,
             softcap=None,

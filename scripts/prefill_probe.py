@@ -1,14 +1,14 @@
 """Prefill probe (GPU): Mosaic chunked-prefill variants against cuDNN, in one process.
 
-Shapes (PERF.md): one causal prompt of 8192 tokens, and a mixed batch 4 x (2048 cached + 2048
+Shapes (the benchmarks'): one causal prompt of 8192 tokens, and a mixed batch 4 x (2048 cached + 2048
 new); 32 query / 8 KV heads, head dim 128, bf16, block 16, permuted block tables. Rows: cuDNN
 through ``jax.nn.dot_product_attention`` on contiguous KV (prompt only: cuDNN aligns the causal
 mask top-left, so it has no mixed-batch twin), Mosaic with its defaults (one item per CTA, the
-hardware schedules the grid), optionally with 132 persistent CTAs (``--persistent``) and an
+hardware schedules the grid), optionally with one persistent CTA per SM (``--persistent``) and an
 earlier copy of mosaic.py (``--base FILE``, e.g. from ``git show HEAD:pallas_kernels/...``),
 each in ``--rounds`` rounds (A B ... A B; default 2; the summary is the median).
 ``--kernels`` lists where each Mosaic call's time goes (a profile).
-Timing: GPU busy time per call (``benchmarks.run.jax_device_time``; wall-clock on the CPU).
+Timing: GPU busy time per call (``benchmarks.timing.time_fn``; wall-clock on the CPU).
   python3 scripts/prefill_probe.py [--budget-s 300] [--lengths 8192,1024] [--base FILE]
 """
 
@@ -22,10 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import probe_common
 from probe_common import CPU
 
+import jax_paged_attn as jpa
+from benchmarks import timing
+from jax_paged_attn.testing import random_paged_kv
 from pallas_kernels.paged_attention import mosaic
 
 ap = argparse.ArgumentParser()
@@ -34,7 +36,7 @@ ap.add_argument("--iters", type=int, default=3 if CPU else 20)
 ap.add_argument("--rounds", type=int, default=2, help="A B ... rounds (the median is shown)")
 ap.add_argument("--lengths", default="8192", help="prompt lengths (one sequence each)")
 ap.add_argument("--no-mixed", action="store_true", help="skip the mixed 4 x (2k + 2k) batch")
-ap.add_argument("--persistent", action="store_true", help="also 132 persistent CTAs")
+ap.add_argument("--persistent", action="store_true", help="also one persistent CTA per SM")
 ap.add_argument("--base", help="an earlier mosaic.py to time beside the current one")
 ap.add_argument("--kernels", action="store_true", help="profile: time per kernel per call")
 ap.add_argument(
@@ -70,30 +72,40 @@ BASE = load_base(args.base) if args.base else None
 
 
 def timed(f, *a):
-    return probe_common.probe_time(f, *a, iters=args.iters, device=not CPU)
+    return timing.time_fn(f, *a, iters=args.iters, device=not CPU)
+
+
+def paged(batch, total, Hkv, D, bs, k=None, v=None):
+    """Pages ``[NB, Hkv, bs, D]`` of ``batch`` sequences of ``total`` tokens in a random
+    permutation, and the block table. Random K/V, or the contiguous ``k``, ``v``
+    ``[batch, total, Hkv, D]`` written into that layout."""
+    cache, tables, _ = random_paged_kv(
+        jax.random.key(0), [total] * batch, num_kv_heads=Hkv, head_dim=D, block_size=bs
+    )
+    if k is not None:
+        pos = jnp.arange(total)
+        slots = (tables[:, pos // bs] * bs + pos % bs).reshape(-1)
+        flat = lambda x: x.reshape(batch * total, Hkv, D)
+        cache = jpa.write_kv(cache, flat(k), flat(v), slots, backend="xla")
+    return cache.k, cache.v, tables
+
+
+def contiguous(pages, tables, total):
+    """``[batch, total, Hkv, D]`` gathered from ``pages`` by ``tables``."""
+    batch, _ = tables.shape
+    _, hkv, bs, d = pages.shape
+    x = pages[tables].transpose(0, 1, 3, 2, 4)  # [batch, MB, BS, Hkv, D]
+    return x.reshape(batch, -1, hkv, d)[:, :total]
 
 
 def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
     total = cached + new
-    ks = jax.random.split(jax.random.key(0), 3)
-    k = jax.random.normal(ks[0], (batch, total, Hkv, D), jnp.bfloat16)
-    v = jax.random.normal(ks[1], (batch, total, Hkv, D), jnp.bfloat16)
-    q = jax.random.normal(ks[2], (batch * new, H, D), jnp.bfloat16)
+    k_pages, v_pages, tables = paged(batch, total, Hkv, D, BS)
+    k, v = contiguous(k_pages, tables, total), contiguous(v_pages, tables, total)
+    q = jax.random.normal(jax.random.key(1), (batch * new, H, D), jnp.bfloat16)
     lens = jnp.full((batch,), total, jnp.int32)
     cu = jnp.arange(batch + 1, dtype=jnp.int32) * new
     flops = 4 * batch * sum(cached + j + 1 for j in range(new)) * D * H
-
-    def paged(bs):  # K/V pages in a permuted order, and the block table
-        nb = batch * total // bs
-        perm = np.random.default_rng(0).permutation(nb)
-        pages = lambda x: (
-            jnp.zeros((nb, Hkv, bs, D), x.dtype)
-            .at[perm]
-            .set(x.reshape(nb, bs, Hkv, D).transpose(0, 2, 1, 3))
-        )
-        return pages(k), pages(v), jnp.asarray(perm.reshape(batch, total // bs), jnp.int32)
-
-    k_pages, v_pages, tables = paged(BS)
 
     def mosaic_row(num_ctas=None, module=mosaic, block_sizes=None, tables=tables):
         return jax.jit(
@@ -113,7 +125,7 @@ def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
 
     rows = [("mosaic (defaults: one item per CTA)", mosaic_row(), (q, k_pages, v_pages))]
     for bs in map(int, filter(None, args.pages.split(","))):
-        kp, vp, bt = paged(bs)
+        kp, vp, bt = paged(batch, total, Hkv, D, bs, k, v)
         rows.append((f"mosaic, page {bs}", mosaic_row(tables=bt), (q, kp, vp)))
     if args.fa3 and cached == 0 and batch == 1 and not CPU:
         from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
@@ -139,11 +151,12 @@ def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
             )
         )
     if args.persistent:
-        rows.append(("mosaic, 132 persistent CTAs", mosaic_row(132), (q, k_pages, v_pages)))
+        n = mosaic.num_sms()
+        rows.append((f"mosaic, {n} persistent CTAs", mosaic_row(n), (q, k_pages, v_pages)))
     if args.kernels and not CPU:
         for label, f, a in rows:
             print(f"{name} kernels of '{label}' (us per call, launches per call):", flush=True)
-            for us, n, kernel in probe_common.kernel_breakdown(f, *a)[:8]:
+            for us, n, kernel in timing.kernel_breakdown(f, *a)[:8]:
                 print(f"  {us:9.1f} {n:4.1f}  {kernel[:90]}", flush=True)
     if cached == 0 and not CPU:
         cudnn = jax.jit(

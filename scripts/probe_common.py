@@ -1,44 +1,22 @@
-"""What the probe scripts share: the timing loops, the A/B rounds and a paged bf16 KV cache.
+"""What the probe scripts share beyond ``benchmarks.timing``: the A/B rounds.
 
 Imported by the scripts beside it (run as ``python3 scripts/NAME.py``: this folder is on
-``sys.path``). The sample loop and the profiler trace are benchmarks/run.py's.
+``sys.path``, and this module puts the repository root there for ``benchmarks`` and the
+packages). Timing is ``benchmarks.timing`` (``time_fn``, ``time_torch``, ``kernel_breakdown``);
+paged caches are ``jax_paged_attn.testing.random_paged_kv``.
 """
 
 import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.timing import gpu_events, jax_device_time, sample_times  # noqa: E402
+from benchmarks import timing  # noqa: E402
+from jax_paged_attn.testing import rel_error  # noqa: E402
 
-CPU = jax.default_backend() != "gpu"
-
-
-def median_time(f, *a, iters, min_sample_s=3e-3):
-    """(median seconds per call, last output): after 2 warm-up calls, ``iters`` samples of
-    ``reps`` back-to-back calls (a sample lasts >= ``min_sample_s`` on a GPU), each followed by
-    ``block_until_ready``."""
-    jax.block_until_ready(f(*a))
-    jax.block_until_ready(f(*a))
-    t = time.perf_counter()
-    jax.block_until_ready(f(*a))
-    one = time.perf_counter() - t
-    reps = 1 if CPU else max(1, int(min_sample_s / max(one, 1e-6)))
-    ts, out = sample_times(lambda: f(*a), iters, reps)
-    return float(np.median(ts)), out
-
-
-def probe_time(f, *a, iters, device):
-    """(seconds per call, last output): ``median_time``, or with ``device`` the GPU busy time per
-    call of ``iters`` back-to-back calls (``benchmarks.run.jax_device_time``, as the benchmarks)."""
-    t, out = median_time(f, *a, iters=iters)
-    if device:
-        t = jax_device_time(f, [a], iters) or t
-    return t, out
+CPU = not timing.on_gpu()
 
 
 def ab_rounds(name, rows, figure, *, deadline, width=42, rounds=2):
@@ -64,7 +42,7 @@ def ab_rounds(name, rows, figure, *, deadline, width=42, rounds=2):
             results.setdefault(label, []).append(t)
             print(
                 f"{name} [{rnd}] {label:{width}s} {t * 1e6:9.1f} us {figure(t)} "
-                f"err {rel_err(out, ref):.1e}",
+                f"err {rel_error(out, ref):.1e}",
                 flush=True,
             )
     base = np.median(results.get(rows[0][0], [np.nan]))
@@ -73,32 +51,3 @@ def ab_rounds(name, rows, figure, *, deadline, width=42, rounds=2):
         print(
             f"  {label:{width}s} {figure(np.median(ts))}  x{base / np.median(ts):.3f}", flush=True
         )
-
-
-def paged_cache(num_seqs, ctx, num_kv_heads, head_dim, block_size, *, identity=False, seed=0):
-    """Random bf16 K/V pages [NB, Hkv, BS, D] holding ``num_seqs`` contexts of ``ctx`` tokens
-    and their block table: a random permutation of the pages, or in order (``identity``)."""
-    nb = num_seqs * ctx // block_size
-    ks = jax.random.split(jax.random.key(seed), 3)
-    k, v = (
-        jax.random.normal(x, (nb, num_kv_heads, block_size, head_dim), jnp.bfloat16) for x in ks[:2]
-    )
-    order = jnp.arange(nb) if identity else jax.random.permutation(ks[2], nb)
-    return k, v, order.reshape(num_seqs, ctx // block_size).astype(jnp.int32)
-
-
-def rel_err(a, b):
-    """Relative L2 error of ``a`` against ``b`` (f32)."""
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def kernel_breakdown(f, *a, calls=10):
-    """[(microseconds per call, launches per call, kernel name)] of ``calls`` back-to-back calls
-    of ``f`` on the GPU (a ``jax.profiler`` trace), longest first: where a call's time goes."""
-    jax.block_until_ready(f(*a))
-    total, count = {}, {}
-    for name, start, end in gpu_events(f, [a], calls):
-        total[name] = total.get(name, 0) + end - start
-        count[name] = count.get(name, 0) + 1
-    return sorted(((t / calls / 1e3, count[n] / calls, n) for n, t in total.items()), reverse=True)

@@ -3,7 +3,7 @@ inside one jit, against torch with CUDA events, for the bandwidth-bound rows.
 
 Question: is the time between two calls (JAX dispatch of one executable per call) part of what
 the harness's wall-clock loop measures? ``loop``: a sample is ``reps`` back-to-back calls then
-``block_until_ready`` (benchmarks/run.py). ``chain``: one jit holding N calls, each feeding its
+``block_until_ready`` (``benchmarks.timing``). ``chain``: one jit holding N calls, each feeding its
 output to the next as input (no dead code, no host between them; an ``optimization_barrier``
 keeps XLA ops apart), time / N. torch: the same ``loop`` and CUDA events around N calls.
   python3 scripts/timing_probe.py
@@ -11,22 +11,23 @@ keeps XLA ops apart), time / N. torch: the same ``loop`` and CUDA events around 
 
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from probe_common import CPU, median_time, paged_cache
+from probe_common import CPU
+
+from benchmarks import timing
+from jax_paged_attn.testing import random_paged_kv
 
 N = 2 if CPU else 8
 ITERS = 3 if CPU else 20
 
 
 def loop_time(f, *a):
-    return median_time(f, *a, iters=ITERS)[0]
+    return timing.time_fn(f, *a, iters=ITERS)[0]
 
 
 def chain_time(step, x, *rest):
@@ -59,28 +60,9 @@ def torch_rows():
     if not torch.cuda.is_available():
         return
 
-    def both(name, nbytes, fn):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(ITERS):
-            t = time.perf_counter()
-            for _ in range(N):
-                fn()
-            torch.cuda.synchronize()
-            ts.append((time.perf_counter() - t) / N)
-        tl = float(np.median(ts))
-        ev = []
-        for _ in range(ITERS):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(N):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            ev.append(a.elapsed_time(b) / 1e3 / N)
-        te = float(np.median(ev))
+    def both(name, nbytes, fn, *a):
+        tl = timing.time_torch(torch, fn, *a, iters=ITERS)
+        te = timing.time_torch(torch, fn, *a, iters=ITERS, events=True)
         print(
             f"{name:34s} loop {tl * 1e6:8.1f} us {nbytes / tl / 1e12:.3f} TB/s | events "
             f"{te * 1e6:8.1f} us {nbytes / te / 1e12:.3f} TB/s | loop/events {tl / te:.3f}",
@@ -89,14 +71,20 @@ def torch_rows():
 
     n = 1 << 29
     src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    both("torch copy 1 GiB", 4 * n, lambda: dst.copy_(src))
-    del src, dst
+    both("torch copy 1 GiB", 4 * n, lambda s, d: d.copy_(s), src, torch.empty_like(src))
+    del src
     S, H, HKV, D, CTX = 64, 32, 8, 128, 4096
     q = torch.randn(S, H, 1, D, dtype=torch.bfloat16, device="cuda")
     k, v = (torch.randn(S, HKV, CTX, D, dtype=torch.bfloat16, device="cuda") for _ in range(2))
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    both("torch SDPA decode 64x4096", 4 * S * CTX * HKV * D, lambda: sdpa(q, k, v, enable_gqa=True))
+    both(
+        "torch SDPA decode 64x4096",
+        4 * S * CTX * HKV * D,
+        lambda q, k, v: sdpa(q, k, v, enable_gqa=True),
+        q,
+        k,
+        v,
+    )
 
 
 def main():
@@ -107,9 +95,11 @@ def main():
     report("xla x*1.5 (1 GiB)", 2 * x.nbytes, lambda x: x * 1.5, lambda x: x * 1.5, x)
     del x
     S, H, HKV, D, CTX, BS = (2, 8, 2, 64, 128, 16) if CPU else (64, 32, 8, 128, 4096, 16)
-    k, v, bt = paged_cache(S, CTX, HKV, D, BS)
+    cache, bt, lens = random_paged_kv(
+        jax.random.key(0), [CTX] * S, num_kv_heads=HKV, head_dim=D, block_size=BS
+    )
+    k, v = cache.k, cache.v
     q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
-    lens = jnp.full((S,), CTX, jnp.int32)
     kw = dict(
         scale=D**-0.5,
         softcap=None,
@@ -124,7 +114,7 @@ def main():
     for name, mod in (("triton", pa), ("mosaic", mosaic_decode)):
         step = lambda q, k, v, bt, lens, mod=mod: mod.paged_decode(q, k, v, bt, lens, **kw)
         report(f"{name} decode {S}x{CTX}", nbytes, step, step, q, k, v, bt, lens)
-    del k, v
+    del cache, k, v
     if not CPU:
         from benchmarks import moe_kernels as bench
         from pallas_kernels.moe import triton as moe

@@ -1,11 +1,15 @@
-"""Sweep of the Triton paged-attention kernels on the PERF.md shapes (GPU; tiny smoke run on CPU).
+"""Sweep of the Triton paged-attention kernels on the benchmark shapes (GPU; tiny smoke run on CPU).
 
-Each row: a code-shape switch set (``pa.EXPERIMENT``, see triton.py) x BlockSizes. Timing: warm-up,
-then >= 20 samples, each ``reps`` back-to-back calls (a sample lasts >= 3 ms, so host dispatch
-overlaps the device) followed by block_until_ready; the median sample / reps. Every row's output
-is compared with the first row of its shape (relative L2 error printed: a wrong variant shows).
-Copy ceilings (torch copy, XLA x * 1.5) are measured in the same process.
-  python3 scripts/triton_attn_sweep.py [--budget-s 200] [--only decode,long,prefill]
+Each row: a set of code-shape variants x tiles, as one ``BlockSizes`` (tuning.py: the static
+fields ``decode_prefetch``, ``prefill_prefetch``, ``decode_fold``, ``prefill_fold``,
+``heads_inner`` beside block_m / block_k / warps / stages / splits; each is its own compiled
+kernel), or ``default`` (the tuning table's entry). Timing: ``benchmarks.timing.time_fn``
+(warm-up, then >= 20 samples, each ``reps`` back-to-back calls lasting >= 3 ms, so host dispatch
+overlaps the device, then block_until_ready; the median sample / reps; ``--timing device``: the
+GPU busy time per call). Every row's output is compared with the first row of its shape
+(relative L2 error printed: a wrong variant shows). Copy ceilings (torch copy, XLA x * 1.5) are
+measured in the same process.
+  python3 scripts/triton_attn_sweep.py [--budget-s 200] [--only decode,long,prefill,more]
 """
 
 import argparse
@@ -17,10 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import probe_common
-from probe_common import CPU, paged_cache, rel_err
+from probe_common import CPU
 
+from benchmarks import timing
+from jax_paged_attn.testing import random_paged_kv, rel_error
 from pallas_kernels.paged_attention import triton as pa
 from pallas_kernels.paged_attention.tuning import BlockSizes as B
 
@@ -28,6 +32,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=200.0)
 ap.add_argument("--only", default="decode,prefill,long,more")
 ap.add_argument("--iters", type=int, default=3 if CPU else 20)
+ap.add_argument("--timing", choices=("device", "wall"), default="device")
 args = ap.parse_args()
 T0 = time.perf_counter()
 KW = dict(
@@ -39,24 +44,20 @@ KW = dict(
     v_scale=None,
     interpret=CPU,
 )
-DEFAULT = dict(pa.EXPERIMENT)
 
 
 def median_time(f, *a):
-    return probe_common.median_time(f, *a, iters=args.iters)
+    return timing.time_fn(f, *a, iters=args.iters, device=args.timing == "device")
 
 
 def run_rows(name, rows, make, call, figure):
-    """rows: [(label, experiment dict, BlockSizes | None)]."""
+    """rows: [(label, BlockSizes | None)]; None: the tuning table's entry."""
     inputs = make()
     ref = None
-    for label, exp, b in rows:
+    for label, b in rows:
         if time.perf_counter() - T0 > args.budget_s:
             print(f"{name} {label} {b}: skipped (budget)", flush=True)
             continue
-        pa.EXPERIMENT.clear()
-        pa.EXPERIMENT.update(DEFAULT | exp)
-        jax.clear_caches()
         f = jax.jit(lambda *a, b=b: call(*a, b))
         try:
             t, out = median_time(f, *inputs)
@@ -65,18 +66,23 @@ def run_rows(name, rows, make, call, figure):
             continue
         ref = out if ref is None else ref
         print(
-            f"{name} {label} {b}: {t * 1e6:8.1f} us {figure(t)} err {rel_err(out, ref):.1e}",
+            f"{name} {label} {b}: {t * 1e6:8.1f} us {figure(t)} err {rel_error(out, ref):.1e}",
             flush=True,
         )
-    pa.EXPERIMENT.clear()
-    pa.EXPERIMENT.update(DEFAULT)
+
+
+def paged(S, ctx, Hkv, D, BS):
+    cache, tables, lens = random_paged_kv(
+        jax.random.key(0), [ctx] * S, num_kv_heads=Hkv, head_dim=D, block_size=BS
+    )
+    return cache.k, cache.v, tables, lens
 
 
 def decode_rows(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
     def make():
-        k, v, bt = paged_cache(S, ctx, Hkv, D, BS)
+        k, v, bt, lens = paged(S, ctx, Hkv, D, BS)
         q = jax.random.normal(jax.random.key(7), (S, H, D), jnp.bfloat16)
-        return q, k, v, bt, jnp.full((S,), ctx, jnp.int32)
+        return q, k, v, bt, lens
 
     run_rows(
         name,
@@ -91,9 +97,9 @@ def decode_rows(name, S, ctx, rows, H=32, Hkv=8, D=128, BS=16):
 
 def prefill_rows(name, S, n, ctx, rows, H=32, Hkv=8, D=128, BS=16):
     def make():
-        k, v, bt = paged_cache(S, ctx, Hkv, D, BS)
+        k, v, bt, lens = paged(S, ctx, Hkv, D, BS)
         q = jax.random.normal(jax.random.key(7), (S * n, H, D), jnp.bfloat16)
-        return (q, k, v, bt, jnp.full((S,), ctx, jnp.int32), jnp.arange(S + 1, dtype=jnp.int32) * n)
+        return q, k, v, bt, lens, jnp.arange(S + 1, dtype=jnp.int32) * n
 
     pairs = S * sum(min(ctx, ctx - n + j + 1) for j in range(n))
     run_rows(
@@ -120,25 +126,15 @@ def ceilings():
 
         if torch.cuda.is_available():
             src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
-            dst = torch.empty_like(src)
-            for _ in range(3):
-                dst.copy_(src)
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(20):
-                t = time.perf_counter()
-                for _ in range(5):
-                    dst.copy_(src)
-                torch.cuda.synchronize()
-                ts.append((time.perf_counter() - t) / 5)
-            line += f"  torch copy: {2 * src.numel() * 4 / np.median(ts) / 1e12:.3f} TB/s"
-            del src, dst
+            t = timing.time_torch(torch, lambda s, d: d.copy_(s), src, torch.empty_like(src))
+            line += f"  torch copy: {2 * src.numel() * 4 / t / 1e12:.3f} TB/s"
+            del src
     except ImportError:
         pass
     print(line, flush=True)
 
 
-# Switch sets (merged over pa.EXPERIMENT's defaults).
+# Code-shape variants (BlockSizes fields; a row's fields not named here keep their defaults).
 OFF = dict(
     decode_prefetch=False,
     prefill_prefetch=False,
@@ -160,7 +156,7 @@ if CPU:  # smoke run: tiny shapes under the interpreter (times mean nothing)
         "decode",
         2,
         64,
-        [("off", OFF, B(block_k=16)), ("pf+fold", PFF, B(block_k=16))],
+        [("off", B(block_k=16, **OFF)), ("pf+fold", B(block_k=16, **PFF))],
         H=8,
         Hkv=2,
         D=64,
@@ -170,7 +166,10 @@ if CPU:  # smoke run: tiny shapes under the interpreter (times mean nothing)
         1,
         64,
         64,
-        [("off", OFF, B(block_m=32, block_k=16)), ("fold+hi+pf", FHP, B(block_m=32, block_k=16))],
+        [
+            ("off", B(block_m=32, block_k=16, **OFF)),
+            ("fold+hi+pf", B(block_m=32, block_k=16, **FHP)),
+        ],
         H=8,
         Hkv=2,
         D=64,
@@ -178,12 +177,12 @@ if CPU:  # smoke run: tiny shapes under the interpreter (times mean nothing)
     raise SystemExit
 
 
-def d(bk, nw, ns, splits=None):
-    return B(block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits)
+def d(bk, nw, ns, splits=None, **switches):
+    return B(block_k=bk, num_warps=nw, num_stages=ns, num_splits=splits, **switches)
 
 
-def p(bm, bk, nw, ns):
-    return B(block_m=bm, block_k=bk, num_warps=nw, num_stages=ns)
+def p(bm, bk, nw, ns, **switches):
+    return B(block_m=bm, block_k=bk, num_warps=nw, num_stages=ns, **switches)
 
 
 if "decode" in only:
@@ -192,23 +191,23 @@ if "decode" in only:
         64,
         4096,
         [
-            ("off", OFF, d(128, 8, 3)),  # before: table entry, 2 programs / SM (98 regs)
-            ("default", {}, None),
-            ("pf", PF, d(128, 8, 3)),
-            ("pf", PF, d(32, 4, 3)),  # 38 KB, 64 regs: all 512 programs resident
-            ("pf", PF, d(32, 4, 4)),
-            ("pf", PF, d(32, 2, 3)),
-            ("pf", PF, d(64, 4, 2)),  # 39 KB, 80 regs: all resident, 1 buffer each
-            ("pf", PF, d(64, 4, 3)),
-            ("pf", PF, d(64, 4, 4)),
-            ("off", OFF, d(64, 4, 3)),  # 122 regs: 4 programs / SM, 1 buffer
-            ("off", OFF, d(32, 4, 3)),
-            ("pf", PF, d(64, 8, 2)),
-            ("pf+fold", PFF, d(32, 4, 3)),
-            ("pf", PF, d(16, 4, 4)),
-            ("pf", PF, d(32, 4, 5)),
-            ("pf", PF, d(32, 4, 3, 2)),
-            ("off", OFF, d(128, 8, 3)),  # noise check: the first row again
+            ("off", d(128, 8, 3, **OFF)),  # before: table entry, 2 programs / SM (98 regs)
+            ("default", None),
+            ("pf", d(128, 8, 3, **PF)),
+            ("pf", d(32, 4, 3, **PF)),  # 38 KB, 64 regs: all 512 programs resident
+            ("pf", d(32, 4, 4, **PF)),
+            ("pf", d(32, 2, 3, **PF)),
+            ("pf", d(64, 4, 2, **PF)),  # 39 KB, 80 regs: all resident, 1 buffer each
+            ("pf", d(64, 4, 3, **PF)),
+            ("pf", d(64, 4, 4, **PF)),
+            ("off", d(64, 4, 3, **OFF)),  # 122 regs: 4 programs / SM, 1 buffer
+            ("off", d(32, 4, 3, **OFF)),
+            ("pf", d(64, 8, 2, **PF)),
+            ("pf+fold", d(32, 4, 3, **PFF)),
+            ("pf", d(16, 4, 4, **PF)),
+            ("pf", d(32, 4, 5, **PF)),
+            ("pf", d(32, 4, 3, 2, **PF)),
+            ("off", d(128, 8, 3, **OFF)),  # noise check: the first row again
         ],
     )
 if "prefill" in only:
@@ -218,24 +217,24 @@ if "prefill" in only:
         8192,
         8192,
         [
-            ("off", OFF, p(128, 128, 8, 3)),  # before
-            ("default", {}, None),
-            ("fold", F, p(128, 128, 8, 3)),
-            ("fold+hi", FH, p(128, 128, 8, 3)),
-            ("fold+pf", FP, p(128, 128, 8, 3)),
-            ("fold+hi+pf", FHP, p(128, 128, 8, 3)),
-            ("fold", F, p(128, 64, 4, 3)),
-            ("fold+hi", FH, p(128, 64, 4, 3)),
-            ("fold+hi", FH, p(128, 64, 4, 2)),
-            ("fold+hi", FH, p(128, 64, 4, 4)),
-            ("fold+hi", FH, p(128, 32, 4, 3)),
-            ("fold+hi", FH, p(128, 64, 8, 3)),
-            ("fold+hi", FH, p(128, 128, 8, 2)),
-            ("fold+hi", FH, p(64, 64, 4, 3)),
-            ("fold+hi", FH, p(64, 128, 4, 3)),
-            ("fold+hi", FH, p(64, 32, 4, 3)),
-            ("fold+hi+pf", FHP, p(128, 64, 4, 2)),
-            ("off", OFF, p(128, 128, 8, 3)),  # noise check
+            ("off", p(128, 128, 8, 3, **OFF)),  # before
+            ("default", None),
+            ("fold", p(128, 128, 8, 3, **F)),
+            ("fold+hi", p(128, 128, 8, 3, **FH)),
+            ("fold+pf", p(128, 128, 8, 3, **FP)),
+            ("fold+hi+pf", p(128, 128, 8, 3, **FHP)),
+            ("fold", p(128, 64, 4, 3, **F)),
+            ("fold+hi", p(128, 64, 4, 3, **FH)),
+            ("fold+hi", p(128, 64, 4, 2, **FH)),
+            ("fold+hi", p(128, 64, 4, 4, **FH)),
+            ("fold+hi", p(128, 32, 4, 3, **FH)),
+            ("fold+hi", p(128, 64, 8, 3, **FH)),
+            ("fold+hi", p(128, 128, 8, 2, **FH)),
+            ("fold+hi", p(64, 64, 4, 3, **FH)),
+            ("fold+hi", p(64, 128, 4, 3, **FH)),
+            ("fold+hi", p(64, 32, 4, 3, **FH)),
+            ("fold+hi+pf", p(128, 64, 4, 2, **FHP)),
+            ("off", p(128, 128, 8, 3, **OFF)),  # noise check
         ],
     )
 if "long" in only:
@@ -244,12 +243,12 @@ if "long" in only:
         8,
         32768,
         [
-            ("off", OFF, d(128, 8, 3)),
-            ("default", {}, None),
-            ("pf", PF, d(128, 8, 3)),
-            ("pf", PF, d(32, 4, 3)),
-            ("pf", PF, d(64, 4, 2)),
-            ("pf", PF, d(64, 4, 4)),
+            ("off", d(128, 8, 3, **OFF)),
+            ("default", None),
+            ("pf", d(128, 8, 3, **PF)),
+            ("pf", d(32, 4, 3, **PF)),
+            ("pf", d(64, 4, 2, **PF)),
+            ("pf", d(64, 4, 4, **PF)),
         ],
     )
 if "more" in only:
@@ -259,9 +258,9 @@ if "more" in only:
         16384,
         16384,
         [
-            ("off", OFF, p(128, 128, 8, 3)),
-            ("default", {}, None),
-            ("fold+hi", FH, p(128, 128, 8, 3)),
+            ("off", p(128, 128, 8, 3, **OFF)),
+            ("default", None),
+            ("fold+hi", p(128, 128, 8, 3, **FH)),
         ],
     )
     prefill_rows(
@@ -270,9 +269,9 @@ if "more" in only:
         2048,
         4096,
         [
-            ("off", OFF, p(128, 128, 8, 3)),
-            ("default", {}, None),
-            ("fold+hi", FH, p(128, 128, 8, 3)),
+            ("off", p(128, 128, 8, 3, **OFF)),
+            ("default", None),
+            ("fold+hi", p(128, 128, 8, 3, **FH)),
         ],
     )
 print(f"sweep done in {time.perf_counter() - T0:.0f} s", flush=True)
