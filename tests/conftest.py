@@ -16,6 +16,12 @@ import zlib
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
+
+# jax imports its Pallas interpreter lazily, inside the first trace of an interpreted kernel,
+# and that import registers a trace-context option (pallas_fuser_disable_nested_fuse): the jit
+# cache entry of that first trace then never matches again, and the next call recompiles.
+# Importing the option's module up front keeps the no-recompile checks true from the first call.
+import jax.experimental.pallas.fuser  # noqa: F401
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,6 +38,12 @@ def pytest_addoption(parser):
         "--backends",
         default=os.environ.get("JPA_BACKENDS", "xla"),
         help="comma-separated backends the conformance suite runs",
+    )
+    parser.addoption(
+        "--fuzz-cases",
+        type=int,
+        default=int(os.environ.get("JPA_FUZZ_CASES", "50")),
+        help="random serving batches tests/test_fuzz.py runs per backend (env JPA_FUZZ_CASES)",
     )
 
 
