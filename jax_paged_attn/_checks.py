@@ -58,8 +58,11 @@ def float_vector(name: str, x, length: int, what: str) -> jax.Array | None:
     return x.astype(jnp.float32)
 
 
-def static_number(name: str, x, *, positive: bool = True, integer: bool = False):
-    """A static (Python) number; None passes through."""
+def static_number(
+    name: str, x, *, positive: bool = True, integer: bool = False, none_means: str | None = None
+):
+    """A static (Python) number; None passes through. ``none_means`` says what None stands for
+    (e.g. "no softcap"), for the error message of a non-positive value."""
     if x is None:
         return None
     if isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0:
@@ -72,7 +75,8 @@ def static_number(name: str, x, *, positive: bool = True, integer: bool = False)
     if integer and int(x) != x:
         raise ValueError(f"{name} must be an integer, got {x}")
     if positive and not x > 0:
-        raise ValueError(f"{name} must be > 0 (use None to disable), got {x}")
+        hint = f" (None means {none_means})" if none_means else ""
+        raise ValueError(f"{name} must be > 0{hint}, got {x}")
     return int(x) if integer else float(x)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from jax_paged_attn import _checks, backends
+from jax_paged_attn import _checks, _grad, backends
+from jax_paged_attn import reference as xla
 from jax_paged_attn.cache import KVCache, validated_cache, write_kv
 from jax_paged_attn.metadata import AttentionMetadata, validated
 
@@ -39,11 +41,13 @@ def _validated_q(q, cache: KVCache, name: str = "q") -> jax.Array:
 
 
 def _options(num_heads, head_dim, scale, softcap, sliding_window, alibi_slopes, sinks):
-    scale = _checks.static_number("scale", scale)
+    scale = _checks.static_number("scale", scale, none_means="1/sqrt(head_dim)")
     return _Options(
         scale=1.0 / math.sqrt(head_dim) if scale is None else scale,
-        softcap=_checks.static_number("softcap", softcap),
-        sliding_window=_checks.static_number("sliding_window", sliding_window, integer=True),
+        softcap=_checks.static_number("softcap", softcap, none_means="no softcap"),
+        sliding_window=_checks.static_number(
+            "sliding_window", sliding_window, integer=True, none_means="no window"
+        ),
         alibi_slopes=_checks.float_vector(
             "alibi_slopes", alibi_slopes, num_heads, "one slope per query head"
         ),
@@ -52,25 +56,38 @@ def _options(num_heads, head_dim, scale, softcap, sliding_window, alibi_slopes, 
 
 
 def _run(kind, q, cache, block_tables, context_lens, cu_seqlens_q, opts, backend, interpret):
+    if q.shape[0] == 0 or block_tables.shape[0] == 0 or block_tables.shape[1] == 0:
+        return jnp.zeros(q.shape, q.dtype)  # no rows, or no sequence any row could belong to
     op = "decode" if kind == "decode" else "attention"
     config = dict(
         head_dim=cache.head_dim, block_size=cache.block_size, q_dtype=q.dtype, kv_dtype=cache.dtype
     )
     impl = backends.implementation(op, backend, interpret=interpret, config=config)
-    kwargs = dict(
-        scale=opts.scale,
-        softcap=opts.softcap,
-        sliding_window=opts.sliding_window,
-        alibi_slopes=opts.alibi_slopes,
-        sinks=opts.sinks,
-        k_scale=cache.k_scale,
-        v_scale=cache.v_scale,
-        interpret=interpret,
+    static = dict(scale=opts.scale, softcap=opts.softcap, sliding_window=opts.sliding_window)
+
+    def call(impl, q, k, v, tables, lens, cu, alibi, sinks, k_scale, v_scale, **extra):
+        kw = dict(static, alibi_slopes=alibi, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+        kw.update(extra, interpret=interpret)
+        if kind == "decode":
+            return impl.paged_decode(q, k, v, tables, lens, **kw)
+        return impl.paged_attention(q, k, v, tables, lens, cu, **kw)
+
+    # Kernels have no autodiff rules, and the xla forward loops over a data-dependent number
+    # of KV steps: every backend differentiates through the xla path with a static loop.
+    run = _grad.with_xla_backward(
+        functools.partial(call, impl), functools.partial(call, xla, static_loop=True)
     )
-    if kind == "decode":
-        return impl.paged_decode(q, cache.k, cache.v, block_tables, context_lens, **kwargs)
-    return impl.paged_attention(
-        q, cache.k, cache.v, block_tables, context_lens, cu_seqlens_q, **kwargs
+    return run(
+        q,
+        cache.k,
+        cache.v,
+        block_tables,
+        context_lens,
+        cu_seqlens_q,
+        opts.alibi_slopes,
+        opts.sinks,
+        cache.k_scale,
+        cache.v_scale,
     )
 
 

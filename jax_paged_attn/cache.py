@@ -207,8 +207,8 @@ def update_kv_scales(cache: KVCache, k, v) -> KVCache:
 
 def copy_blocks(cache: KVCache, src, dst) -> KVCache:
     """Copies block ``src[i]`` to block ``dst[i]`` for every ``i`` (all reads happen before
-    any write). Pairs with a negative id are padding and copy nothing; ``dst`` ids must be
-    distinct.
+    any write). A pair with an id outside ``[0, num_blocks)`` (negative ids: padding) copies
+    nothing; ``dst`` ids must be distinct.
 
     >>> import jax.numpy as jnp
     >>> cache = KVCache.init(4, 16, 1, 8, jnp.float32)
@@ -222,8 +222,9 @@ def copy_blocks(cache: KVCache, src, dst) -> KVCache:
             f"dst must have the shape of src {tuple(src.shape)}, got {tuple(dst.shape)}"
         )
     nb = cache.num_blocks
-    dst = jnp.where((src < 0) | (dst < 0), nb, dst)  # dropped by mode="drop"
-    src = jnp.clip(src, 0, nb - 1)
+    skip = (src < 0) | (src >= nb) | (dst < 0)
+    dst = jnp.where(skip, nb, dst)  # block nb: dropped by mode="drop" (ids >= nb are too)
+    src = jnp.clip(src, 0, nb - 1)  # the clamped read of a skipped pair is never written
     return dataclasses.replace(
         cache,
         k=cache.k.at[dst].set(cache.k[src], mode="drop"),
@@ -233,10 +234,11 @@ def copy_blocks(cache: KVCache, src, dst) -> KVCache:
 
 def gather_blocks(cache: KVCache, ids):
     """Returns the pages ``(k, v)`` of blocks ``ids`` (``[N, Hkv, BS, D]`` each, as stored:
-    float8 caches give float8 pages; the scales stay in the cache). Negative ids give zeros."""
+    float8 caches give float8 pages; the scales stay in the cache). Ids outside
+    ``[0, num_blocks)`` (negative ids: padding) give zero pages."""
     cache = validated_cache(cache)
     ids = _checks.int_array("ids", ids, ndim=1)
-    valid = (ids >= 0)[:, None, None, None]
+    valid = ((ids >= 0) & (ids < cache.num_blocks))[:, None, None, None]
     safe = jnp.clip(ids, 0, cache.num_blocks - 1)
 
     def take(pages):
@@ -248,7 +250,8 @@ def gather_blocks(cache: KVCache, ids):
 def scatter_blocks(cache: KVCache, ids, k, v) -> KVCache:
     """Writes pages ``k, v`` (``[N, Hkv, BS, D]``, in the cache's dtype) into blocks ``ids``
     (the inverse of :func:`gather_blocks`, e.g. to swap blocks back in from host memory).
-    Negative ids are padding; ids must be distinct."""
+    Ids outside ``[0, num_blocks)`` (negative ids: padding) write nothing; ids must be
+    distinct."""
     cache = validated_cache(cache)
     ids = _checks.int_array("ids", ids, ndim=1)
     page_shape = (ids.shape[0],) + cache.k.shape[1:]

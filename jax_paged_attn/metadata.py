@@ -7,10 +7,10 @@ lengths, other blocks) never recompiles while the shapes stay the same.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
 from jax_paged_attn import _checks
@@ -81,10 +81,6 @@ def validated(
         raise ValueError(f"meta must be an AttentionMetadata, got {type(meta).__name__}")
     block_tables = _checks.int_array("meta.block_tables", meta.block_tables, ndim=2)
     num_seqs = block_tables.shape[0]
-    if num_seqs == 0:
-        raise ValueError("meta.block_tables must have at least one row (sequence)")
-    if block_tables.shape[1] == 0:
-        raise ValueError("meta.block_tables must have at least one column (block)")
     context_lens = _checks.int_array(
         "meta.context_lens", meta.context_lens, ndim=1, shape=(num_seqs,)
     )
@@ -152,26 +148,115 @@ def metadata_checks(cache, meta: AttentionMetadata, num_tokens: int | None = Non
         )
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _checked(cache, meta, num_tokens):
-    def run(cache, meta):
-        metadata_checks(cache, meta, num_tokens)
+@jax.jit
+def _violations(cache, meta):
+    """Masks of every metadata value that breaks the contract (see :func:`check_metadata`)."""
+    nb, bs = cache.num_blocks, cache.block_size
+    cu, lens, tables = meta.cu_seqlens_q, meta.context_lens, meta.block_tables
+    used = jnp.arange(tables.shape[1])[None, :] < ((jnp.maximum(lens, 0) + bs - 1) // bs)[:, None]
+    n_q = cu[1:] - cu[:-1]
+    out = dict(
+        bad_ids=used & ((tables < 0) | (tables >= nb)),  # [S, MB]
+        negative_lens=lens < 0,
+        long_lens=lens > tables.shape[1] * bs,
+        decreasing_cu=n_q < 0,
+        rows_without_keys=(n_q > lens) & (lens > 0),
+    )
+    if meta.slot_mapping is not None:
+        slots = meta.slot_mapping
+        order = jnp.argsort(slots)
+        ordered = slots[order]
+        again = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
+        dup = jnp.zeros(slots.shape, bool).at[order[1:]].set(again)  # 2nd, 3rd.. of a value
+        out["dup_slots"] = dup
+        out["big_slots"] = slots >= nb * bs
+    return out
 
-    return checkify.checkify(run)(cache, meta)[0]
+
+def _where(mask) -> list:
+    return [tuple(int(i) for i in ix) if len(ix) > 1 else int(ix[0]) for ix in np.argwhere(mask)]
 
 
 def check_metadata(cache, meta: AttentionMetadata, *, num_tokens: int | None = None) -> None:
-    """Debug check of what cannot be checked at trace time; raises on the first violation.
+    """Debug check of what cannot be checked at trace time; raises one ``ValueError`` that
+    lists every violation, each line naming the field (call it outside ``jax.jit``).
 
-    Checks: block ids in use within ``[0, num_blocks)``; ``cu_seqlens_q`` starting at 0 and
-    non-decreasing; ``cu_seqlens_q[-1] <= T`` (``T`` from ``num_tokens``, else from
-    ``meta.slot_mapping``); no context longer than its block-table row holds; no sequence with
-    more query rows than context tokens; slots within the cache. It runs as one jitted
-    ``checkify`` program; inside your own jitted code use :func:`metadata_checks` under
-    ``checkify.checkify``. Raises ``checkify.JaxRuntimeError`` naming the field.
+    Reports: block ids of used blocks outside ``[0, num_blocks)`` (with their positions);
+    ``cu_seqlens_q[0] != 0``, decreasing ``cu_seqlens_q``, ``cu_seqlens_q[-1] > T``; negative
+    ``context_lens`` and contexts longer than their block-table row (``MB * BS`` tokens);
+    sequences with more query rows than context tokens; slots past the cache and duplicate
+    non-negative slots. ``T`` is ``num_tokens`` (the rows of ``q``), else the length of
+    ``meta.slot_mapping``; with neither, this raises, since the row count cannot be checked.
+    Inside your own jitted code use :func:`metadata_checks` under ``checkify.checkify``.
+
+    >>> import jax.numpy as jnp
+    >>> from jax_paged_attn import KVCache
+    >>> cache = KVCache.init(4, 16, 1, 8, jnp.float32)
+    >>> meta = AttentionMetadata(jnp.array([[1, 9]], jnp.int32), jnp.array([20], jnp.int32),
+    ...                          jnp.array([0, 1], jnp.int32))
+    >>> check_metadata(cache, meta, num_tokens=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: meta.block_tables: block ids in use outside [0, 4): [9] at (seq, block) [(0, 1)]
     """
     meta = validated(meta)
-    if num_tokens is None and meta.slot_mapping is not None:
+    if num_tokens is None:
+        if meta.slot_mapping is None:
+            raise ValueError(
+                "num_tokens must be given (the rows of q) when meta has no slot_mapping: "
+                "cu_seqlens_q[-1] <= T cannot be checked otherwise"
+            )
         num_tokens = meta.slot_mapping.shape[0]
-    err = _checked(cache, meta, num_tokens)
-    err.throw()
+    v = jax.tree.map(np.asarray, _violations(cache, meta))
+    tables = np.asarray(meta.block_tables)
+    lens = np.asarray(meta.context_lens)
+    cu = np.asarray(meta.cu_seqlens_q)
+    nb, bs, mb = cache.num_blocks, cache.block_size, tables.shape[1]
+    problems = []
+    if v["bad_ids"].any():
+        at = _where(v["bad_ids"])
+        ids = [int(tables[i, j]) for i, j in at]
+        problems.append(
+            f"meta.block_tables: block ids in use outside [0, {nb}): {ids} at (seq, block) {at}"
+        )
+    if cu[0] != 0:
+        problems.append(f"meta.cu_seqlens_q[0] must be 0, got {int(cu[0])}")
+    if v["decreasing_cu"].any():
+        problems.append(
+            f"meta.cu_seqlens_q must be non-decreasing; it decreases after index "
+            f"{_where(v['decreasing_cu'])}"
+        )
+    if cu[-1] > num_tokens:
+        problems.append(
+            f"meta.cu_seqlens_q[-1] = {int(cu[-1])} exceeds the number of query rows "
+            f"T = {num_tokens}"
+        )
+    if v["negative_lens"].any():
+        problems.append(
+            f"meta.context_lens must be >= 0; negative at sequences {_where(v['negative_lens'])}"
+        )
+    if v["long_lens"].any():
+        seqs = _where(v["long_lens"])
+        problems.append(
+            f"meta.context_lens: sequences {seqs} have contexts {[int(lens[i]) for i in seqs]} "
+            f"longer than a block-table row holds ({mb} blocks of {bs} = {mb * bs} tokens)"
+        )
+    if v["rows_without_keys"].any():
+        problems.append(
+            f"meta.cu_seqlens_q: sequences {_where(v['rows_without_keys'])} have more query "
+            "rows than context tokens (their first rows see no key)"
+        )
+    if "big_slots" in v and v["big_slots"].any():
+        problems.append(
+            f"meta.slot_mapping: slots at rows {_where(v['big_slots'])} are >= "
+            f"num_blocks * block_size = {nb * bs}"
+        )
+    if "dup_slots" in v and v["dup_slots"].any():
+        rows = _where(v["dup_slots"])
+        slots = np.asarray(meta.slot_mapping)
+        problems.append(
+            f"meta.slot_mapping: duplicate slots {sorted({int(slots[r]) for r in rows})} "
+            f"(rows {rows} repeat an earlier row's slot)"
+        )
+    if problems:
+        raise ValueError("\n".join(problems))

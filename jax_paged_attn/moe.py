@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_paged_attn import _checks, backends, reference
+from jax_paged_attn import _checks, _grad, backends, reference
 
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
@@ -47,7 +49,9 @@ def moe_topk(
     _checks.one_of("scoring", scoring, SCORINGS)
     if not isinstance(renormalize, bool):
         raise ValueError(f"renormalize must be a bool, got {renormalize!r}")
-    routed_scaling_factor = _checks.static_number("routed_scaling_factor", routed_scaling_factor)
+    routed_scaling_factor = _checks.static_number(
+        "routed_scaling_factor", routed_scaling_factor, none_means="1.0"
+    )
     bias = _checks.float_vector("correction_bias", correction_bias, num_experts, "one per expert")
     if (num_expert_group is None) != (topk_group is None):
         raise ValueError(
@@ -157,6 +161,13 @@ def fused_moe(
         dtype=x.dtype,
     )
     impl = backends.implementation("moe", backend, interpret=interpret, case=case, config=config)
-    return impl.fused_moe(
-        x, w_gate_up, w_down, weights, ids, activation=activation, interpret=interpret
-    )
+
+    def call(impl, x, w_gate_up, w_down, weights, ids):
+        return impl.fused_moe(
+            x, w_gate_up, w_down, weights, ids, activation=activation, interpret=interpret
+        )
+
+    run = functools.partial(call, impl)
+    if impl is not reference:  # kernels have no autodiff rules: the xla path differentiates
+        run = _grad.with_xla_backward(run, functools.partial(call, reference))
+    return run(x, w_gate_up, w_down, weights, ids)

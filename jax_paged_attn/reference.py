@@ -75,12 +75,16 @@ def paged_attention(
     q_tile: int | None = None,
     kv_chunk: int | None = None,
     interpret: bool = False,
+    static_loop: bool = False,
 ):
     """Attention over a paged cache (``interfaces.AttentionKernels``; ``interpret`` is accepted
     for the common signature and ignored: this path runs on every platform).
 
     ``q_tile`` query rows share each KV gather; ``kv_chunk`` keys are processed per step
-    (rounded to whole blocks).
+    (rounded to whole blocks). ``static_loop`` runs the KV loop over every block of the block
+    table (a trip count known at trace time, which reverse-mode autodiff needs) and zeroes K as
+    well as V outside the visible keys (so cotangents never meet NaN in unused cache slots);
+    by default the loop covers only the blocks some row sees.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_pages.shape
@@ -122,18 +126,25 @@ def paged_attention(
         x = jnp.swapaxes(x, 1, 2)  # [NT, Hkv, BPS, BS, D]
         return x.reshape(num_tiles, num_kv_heads, blocks_per_step * block_size, head_dim)
 
+    def visible_keys(blk):  # [NT, QT, K]: which keys of these blocks each row sees
+        key = (blk[:, None] * block_size + jnp.arange(block_size)).reshape(-1)
+        return (
+            (key[None, None, :] <= pos[:, :, None])
+            & (key[None, None, :] >= lo[:, :, None])
+            & (blk[:, None] < max_blocks).repeat(block_size, 1).reshape(-1)
+        )
+
     def step(i, carry):
         m, l, acc = carry  # [NT, Hkv, G, QT](,D)
         blk = first_block + i * blocks_per_step + jnp.arange(blocks_per_step)
         ids = block_tables[seq][:, jnp.minimum(blk, max_blocks - 1)]  # [NT, BPS]
         k = dequant(k_pages[ids], k_scale)  # [NT, Hkv, K, D]
         v = dequant(v_pages[ids], v_scale)
+        if static_loop:
+            seen = jnp.any(visible_keys(blk), axis=1)[:, None, :, None]
+            k = jnp.where(seen, k, jnp.zeros((), k.dtype))
         key = (blk[:, None] * block_size + jnp.arange(block_size)).reshape(-1)  # [K]
-        visible = (
-            (key[None, None, :] <= pos[:, :, None])
-            & (key[None, None, :] >= lo[:, :, None])
-            & (blk[:, None] < max_blocks).repeat(block_size, 1).reshape(-1)
-        )  # [NT, QT, K]
+        visible = visible_keys(blk)  # [NT, QT, K]
         s = (
             jnp.einsum(
                 "nqkgd,nksd->nkgqs", qt, k, precision=_HI, preferred_element_type=jnp.float32
@@ -169,6 +180,8 @@ def paged_attention(
         jnp.zeros(shape + (head_dim,), jnp.float32),
     )
     init = _varying_like(q, init)
+    if static_loop:
+        num_steps = -(-max_blocks // blocks_per_step)
     m, l, acc = lax.fori_loop(0, num_steps, step, init)
     if sinks is not None:
         sink = sinks.reshape(num_kv_heads, group)[None, :, :, None]
