@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   serve a small MoE transformer through the paged cache (CPU by default)
-#   make test   the conformance suite (every built backend) + the newest-jax smoke test
+#   make test   lint (ruff), the conformance suite (every built backend) + the newest-jax smoke test
 # Both create their virtual environments themselves.
 
 SHELL := /bin/bash
@@ -17,7 +17,7 @@ PYTHON312 := $(shell for p in python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/b
 	  python3.13 $$(ls -d $$HOME/.pyenv/versions/3.1[3-9]*/bin/python3 /root/.pyenv/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV) python3; do \
 	  if $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then echo $$p; break; fi; done)
 
-.PHONY: demo test test-pinned test-newest gpu-test bench clean venv
+.PHONY: demo test lint format test-pinned test-newest gpu-test bench clean venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -n "$(PYTHON312)" || { echo "error: no Python >= 3.12 found (install one, e.g. with pyenv)"; exit 1; }
@@ -37,7 +37,16 @@ $(VENV_NEWEST)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(PY) -m examples.serve_demo
 
-test: test-pinned test-newest
+test: lint test-pinned test-newest
+
+# ruff: lint rules and the formatter's 4-space style (config in pyproject.toml).
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.installed
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 test-pinned: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --backends=$(BACKENDS) tests
@@ -50,8 +59,9 @@ test-newest: $(VENV_NEWEST)/.installed
 
 # On an NVIDIA GPU machine with jax installed: the suite on the real lowerings (the Metal
 # emulator and the CPU benchmark smoke test belong to `make test`).
+# The fuzzer runs 500 random serving batches per backend here (50 in `make test`).
 gpu-test:
-	python3 -m pytest -q -n 6 -rs --backends=xla,triton,mosaic tests \
+	JPA_FUZZ_CASES=500 python3 -m pytest -q -n 6 -rs --backends=xla,triton,mosaic tests \
 	  --ignore=tests/test_metal_kernels.py --ignore=tests/test_metal_lowering.py \
 	  --ignore=tests/test_metal_sanitizers.py --ignore=tests/test_metal_selftest.py \
 	  --ignore=tests/test_benchmarks_smoke.py
