@@ -1,14 +1,15 @@
 """Direct tests of the Pallas Triton paged-attention and KV-write kernels against float64 NumPy.
 
-Kernel level (plain arrays, no API layer): caches built from a *permuted* block table, every
-unused slot and page NaN, and every block-table entry past a sequence's blocks pointing at an
-all-NaN page, so any read out of range shows up as NaN. On a CPU the kernels run under Pallas's
+Kernel level (plain arrays, no API layer) on the test kit's cases: a *permuted* block table,
+every unused slot and page NaN, and random (mostly out-of-range) ids in every block-table entry
+past a sequence's blocks, so any read out of range shows up as NaN or an error. On a CPU the kernels run under Pallas's
 interpreter; with a GPU present they run compiled
 (``python -m pytest tests/test_triton_kernels.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -16,101 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_paged_attn import KVCache
+from jax_paged_attn.testing import FULL_F32, assert_close, build_case, oracle
 from pallas_kernels.kv_write import triton as kvw
 from pallas_kernels.paged_attention import triton as pa
 from pallas_kernels.paged_attention.tuning import BlockSizes, choose_num_splits
 
 INTERPRET = jax.default_backend() != "gpu"
 FP8 = jnp.dtype(jnp.float8_e4m3fn)
-# |out - ref| <= atol + rtol |ref| against float64 on the dtype-rounded inputs.
-TOL = {
-    jnp.dtype(jnp.float32): (2e-5, 2e-5) if INTERPRET else (1e-4, 1e-4),
-    jnp.dtype(jnp.bfloat16): (2e-2, 2e-2),
-    jnp.dtype(jnp.float16): (4e-3, 4e-3),
-}
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def make_cache(rng, kv_lens, hkv, d, bs, kv_dtype, *, k_scale=None, v_scale=None):
-    """Paged K/V holding random values for each sequence's first kv_lens[i] keys, NaN elsewhere.
-
-    Returns (k_pages, v_pages, block_tables, k_seqs, v_seqs) with k_seqs[i] [L_i, Hkv, D] the
-    float64 values the cache holds (dequantised for float8).
-    """
-    nblocks = [_cdiv(n, bs) for n in kv_lens]
-    mb = max(nblocks + [1]) + 1
-    nb = sum(nblocks) + 2  # + a spare page and the poison page
-    poison = nb - 1
-    ids = rng.permutation(nb - 1)  # the spare page stays unused (NaN)
-    k_pages = np.full((nb, hkv, bs, d), np.nan, np.float32)
-    v_pages = np.full((nb, hkv, bs, d), np.nan, np.float32)
-    bt = np.full((len(kv_lens), mb), poison, np.int32)
-    k_seqs, v_seqs, used = [], [], 0
-    for i, n in enumerate(kv_lens):
-        bt[i, : nblocks[i]] = ids[used : used + nblocks[i]]
-        used += nblocks[i]
-        k = rng.standard_normal((n, hkv, d)).astype(np.float32)
-        v = rng.standard_normal((n, hkv, d)).astype(np.float32)
-        for t in range(n):
-            k_pages[bt[i, t // bs], :, t % bs] = k[t]
-            v_pages[bt[i, t // bs], :, t % bs] = v[t]
-    k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
-    if jnp.dtype(kv_dtype) == FP8:  # store x / scale; NaN stays NaN
-        k_pages = (k_pages / k_scale[None, :, None, None]).astype(FP8)
-        v_pages = (v_pages / v_scale[None, :, None, None]).astype(FP8)
-    else:
-        k_pages, v_pages = k_pages.astype(kv_dtype), v_pages.astype(kv_dtype)
-    kf = np.asarray(k_pages.astype(jnp.float32), np.float64)
-    vf = np.asarray(v_pages.astype(jnp.float32), np.float64)
-    if jnp.dtype(kv_dtype) == FP8:
-        kf = kf * np.asarray(k_scale, np.float64)[None, :, None, None]
-        vf = vf * np.asarray(v_scale, np.float64)[None, :, None, None]
-    for i, n in enumerate(kv_lens):
-        t = np.arange(n)
-        k_seqs.append(kf[bt[i, t // bs], :, t % bs])
-        v_seqs.append(vf[bt[i, t // bs], :, t % bs])
-    return k_pages, v_pages, jnp.asarray(bt), k_seqs, v_seqs
-
-
-def oracle(
-    q, k_seqs, v_seqs, kv_lens, cu, *, scale, softcap=None, window=None, alibi=None, sinks=None
-):
-    """SPEC §3 in float64, one sequence at a time; rows with no visible key are 0."""
-    q = np.asarray(jnp.asarray(q, jnp.float32), np.float64)
-    t_total, h, _ = q.shape
-    out = np.zeros_like(q)
-    for i, ctx in enumerate(kv_lens):
-        n = cu[i + 1] - cu[i]
-        if ctx == 0 or n == 0:
-            continue
-        k, v = k_seqs[i], v_seqs[i]
-        group = h // k.shape[1]
-        kh, vh = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [L, H, D]
-        pos = ctx - n + np.arange(n)  # [n]
-        keys = np.arange(ctx)
-        vis = keys[None, :] <= pos[:, None]
-        if window is not None:
-            vis &= keys[None, :] > pos[:, None] - window
-        s = scale * np.einsum("nhd,thd->nht", q[cu[i] : cu[i + 1]], kh)
-        if softcap is not None:
-            s = softcap * np.tanh(s / softcap)
-        if alibi is not None:
-            s = s + np.asarray(alibi)[None, :, None] * (keys[None, None, :] - pos[:, None, None])
-        s = np.where(vis[:, None, :], s, -np.inf)
-        m = s.max(-1, keepdims=True)
-        if sinks is not None:
-            m = np.maximum(m, np.asarray(sinks, np.float64)[None, :, None])
-        m = np.where(np.isfinite(m), m, 0.0)
-        w = np.exp(s - m)
-        den = w.sum(-1, keepdims=True)
-        if sinks is not None:
-            den = den + np.exp(np.asarray(sinks, np.float64)[None, :, None] - m)
-        o = np.einsum("nht,thd->nhd", w / np.where(den == 0, 1, den), vh)
-        out[cu[i] : cu[i + 1]] = np.where(vis.any(-1)[:, None, None], o, 0.0)
-    return out
 
 
 def run_case(
@@ -131,64 +45,48 @@ def run_case(
     block_sizes=None,
     seed=0,
 ):
-    """seqs: list of (q_len, kv_len). Runs the kernel and compares with the oracle."""
+    """seqs: list of (q_len, kv_len). Runs the kernel on the kit's case (permuted blocks, NaN
+    in every unused page and slot and in padding rows, junk past each sequence's table
+    entries) and compares with the float64 oracle."""
     rng = np.random.default_rng(seed)
-    kv_dtype = dtype if kv_dtype is None else kv_dtype
-    q_lens = [n for n, _ in seqs]
-    kv_lens = [c for _, c in seqs]
-    k_scale = v_scale = None
-    if jnp.dtype(kv_dtype) == FP8:
-        k_scale = jnp.asarray(rng.uniform(0.01, 0.03, hkv), jnp.float32)
-        v_scale = jnp.asarray(rng.uniform(0.01, 0.03, hkv), jnp.float32)
-    k_pages, v_pages, bt, k_seqs, v_seqs = make_cache(
-        rng, kv_lens, hkv, d, bs, kv_dtype, k_scale=k_scale, v_scale=v_scale
+    case = build_case(
+        rng,
+        seqs,
+        num_heads=h,
+        num_kv_heads=hkv,
+        head_dim=d,
+        block_size=bs,
+        dtype=dtype,
+        kv_dtype=kv_dtype,
+        pad_rows=pad_rows,
+        spare_blocks=2,
+        junk_tables=True,
     )
-    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    q = jnp.asarray(rng.standard_normal((int(cu[-1]) + pad_rows, h, d)), dtype)
-    if pad_rows:  # padding rows hold NaN: they must not leak anywhere and come out as 0
-        q = q.at[int(cu[-1]) :].set(jnp.nan)
-    alibi_v = jnp.asarray(rng.uniform(0.05, 0.5, h), jnp.float32) if alibi else None
-    sinks_v = jnp.asarray(rng.uniform(-1.0, 2.0, h), jnp.float32) if sinks else None
-    scale = 1.0 / math.sqrt(d)
-    kw = dict(
-        scale=scale,
+    opts = dict(
+        scale=1.0 / math.sqrt(d),
         softcap=softcap,
         sliding_window=window,
-        alibi_slopes=alibi_v,
-        sinks=sinks_v,
-        k_scale=k_scale,
-        v_scale=v_scale,
+        alibi_slopes=rng.uniform(0.05, 0.5, h).astype(np.float32) if alibi else None,
+        sinks=rng.uniform(-1.0, 2.0, h).astype(np.float32) if sinks else None,
+    )
+    kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
+    kw.update(
+        k_scale=case.cache.k_scale,
+        v_scale=case.cache.v_scale,
         interpret=INTERPRET,
         block_sizes=block_sizes,
     )
-    lens = jnp.asarray(kv_lens, jnp.int32)
+    args = (case.q, case.cache.k, case.cache.v, case.meta.block_tables, case.meta.context_lens)
     if decode:
-        assert all(n == 1 for n in q_lens) and not pad_rows
-        out = pa.paged_decode(q, k_pages, v_pages, bt, lens, **kw)
+        assert all(n == 1 for n, _ in seqs) and not pad_rows
+        out = pa.paged_decode(*args, **kw)
     else:
-        out = pa.paged_attention(q, k_pages, v_pages, bt, lens, jnp.asarray(cu), **kw)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    ref = oracle(
-        q,
-        k_seqs,
-        v_seqs,
-        kv_lens,
-        cu,
-        scale=scale,
-        softcap=softcap,
-        window=window,
-        alibi=None if alibi_v is None else np.asarray(alibi_v),
-        sinks=None if sinks_v is None else np.asarray(sinks_v),
-    )
-    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-    assert np.isfinite(out).all(), f"non-finite at {np.argwhere(~np.isfinite(out))[:4].tolist()}"
-    atol, rtol = TOL[jnp.dtype(dtype)]
-    err = np.abs(out - ref)
-    assert (err <= atol + rtol * np.abs(ref)).all(), (
-        f"max err {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
-    )
-    if pad_rows:
-        assert (out[int(cu[-1]) :] == 0).all()
+        out = pa.paged_attention(*args, case.meta.cu_seqlens_q, **kw)
+    assert out.shape == case.q.shape and out.dtype == case.q.dtype
+    f32 = FULL_F32 if jnp.dtype(dtype) == jnp.float32 else {}
+    assert_close(out, case.reference(**opts), dtype, what="triton kernel", **f32)
+    if pad_rows:  # padding rows hold NaN: they must not leak anywhere and come out as 0
+        assert (np.asarray(out[int(case.cu_seqlens_q[-1]) :]) == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,45 +302,41 @@ def test_paged_attention_decode_shaped(window):
         dict(prefill_prefetch=True, prefill_fold=False, heads_inner=False),
     ],
 )
-def test_experiment_switches(switches, monkeypatch):
-    # Code shapes that are off by default (pa.EXPERIMENT): page-id prefetch, folded scale, grid.
-    monkeypatch.setattr(pa, "EXPERIMENT", dict(pa.EXPERIMENT, **switches))
-    jax.clear_caches()  # the switches are read at trace time, not part of the jit key
-    try:
-        run_case(
-            [(1, c) for c in DECODE_LENS],
-            h=8,
-            hkv=2,
-            decode=True,
-            block_sizes=BlockSizes(block_k=16, num_splits=2),
-        )
-        run_case(
-            [(1, c) for c in DECODE_LENS],
-            h=8,
-            hkv=2,
-            window=20,
-            sinks=True,
-            decode=True,
-            block_sizes=BlockSizes(block_k=32),
-        )
-        run_case(
-            MIXED + [(40, 90)],
-            h=8,
-            hkv=2,
-            pad_rows=2,
-            block_sizes=BlockSizes(block_m=16, block_k=16),
-        )
-        run_case(
-            MIXED,
-            h=8,
-            hkv=2,
-            window=12,
-            alibi=True,
-            softcap=3.0,
-            block_sizes=BlockSizes(block_m=32, block_k=16),
-        )
-    finally:
-        jax.clear_caches()
+def test_code_shape_variants(switches):
+    # Code shapes that are off by default (BlockSizes fields): page-id prefetch, folded scale,
+    # grid order.
+    run_case(
+        [(1, c) for c in DECODE_LENS],
+        h=8,
+        hkv=2,
+        decode=True,
+        block_sizes=BlockSizes(block_k=16, num_splits=2, **switches),
+    )
+    run_case(
+        [(1, c) for c in DECODE_LENS],
+        h=8,
+        hkv=2,
+        window=20,
+        sinks=True,
+        decode=True,
+        block_sizes=BlockSizes(block_k=32, **switches),
+    )
+    run_case(
+        MIXED + [(40, 90)],
+        h=8,
+        hkv=2,
+        pad_rows=2,
+        block_sizes=BlockSizes(block_m=16, block_k=16, **switches),
+    )
+    run_case(
+        MIXED,
+        h=8,
+        hkv=2,
+        window=12,
+        alibi=True,
+        softcap=3.0,
+        block_sizes=BlockSizes(block_m=32, block_k=16, **switches),
+    )
 
 
 def test_prefill_all_padding():
@@ -492,7 +386,7 @@ def test_write_kv(kv_dtype, d, bs):
     scale = None
     if jnp.dtype(kv_dtype) == FP8:
         scale = jnp.asarray([0.004, 0.02], jnp.float32)  # 0.004: some values saturate at 448
-    kp0, vp0 = np.asarray(k_pages.astype(jnp.float32)), np.asarray(v_pages.astype(jnp.float32))
+    want = oracle.write_kv(KVCache(k_pages, v_pages, scale, scale), k, v, slots)
     kp, vp = kvw.write_kv(
         k_pages,
         v_pages,
@@ -504,16 +398,10 @@ def test_write_kv(kv_dtype, d, bs):
         interpret=INTERPRET,
     )
     assert kp.dtype == k_pages.dtype and kp.shape == k_pages.shape
-    for pages, pages0, x in [(kp, kp0, k), (vp, vp0, v)]:
-        want = pages0.copy()
-        xs = np.asarray(x.astype(jnp.float32))  # expected values computed on the host (IEEE /)
-        if scale is not None:
-            xs = np.clip(xs / np.asarray(scale)[None, :, None], -448.0, 448.0)
-        stored = xs.astype(kv_dtype).astype(np.float32)
-        for i, s in enumerate(slots):
-            if s >= 0:
-                want[s // bs, :, s % bs] = stored[i]
-        np.testing.assert_array_equal(np.asarray(pages.astype(jnp.float32)), want)
+    for pages, expected in zip((kp, vp), want):
+        np.testing.assert_array_equal(
+            np.asarray(pages.astype(jnp.float32)), expected.astype(np.float32)
+        )
 
 
 def test_write_kv_donated_in_place():
@@ -576,21 +464,25 @@ def test_lowers_to_triton_ir(d, bs, dtype, kv_dtype):
     bt, lens, vec = sds((s, mb), jnp.int32), sds((s,), jnp.int32), sds((h,), jnp.float32)
     sc = sds((hkv,), jnp.float32) if fp8 else None
     feats = dict(scale=0.1, softcap=5.0, sliding_window=33)
+
+    def decode(q, k, v, bt, l, a, sk, ks, vs, *, splits):
+        return pa.paged_decode(
+            q,
+            k,
+            v,
+            bt,
+            l,
+            alibi_slopes=a,
+            sinks=sk,
+            k_scale=ks,
+            v_scale=vs,
+            block_sizes=BlockSizes(block_k=32, num_splits=splits),
+            **feats,
+        )
+
     for splits in (1, 4):
         _lower_for_h100(
-            lambda q, k, v, bt, l, a, sk, ks, vs: pa.paged_decode(
-                q,
-                k,
-                v,
-                bt,
-                l,
-                alibi_slopes=a,
-                sinks=sk,
-                k_scale=ks,
-                v_scale=vs,
-                block_sizes=BlockSizes(block_k=32, num_splits=splits),
-                **feats,
-            ),
+            functools.partial(decode, splits=splits),
             sds((s, h, d), dtype),
             pages,
             pages,

@@ -26,10 +26,11 @@ from jax_paged_attn.testing.cases import (
     random_paged_kv,
     stored_values,
 )
-from jax_paged_attn.testing.tolerance import TOLERANCE, assert_close, rel_error
+from jax_paged_attn.testing.tolerance import FULL_F32, TOLERANCE, assert_close, rel_error
 
 __all__ = [
     "FP8",
+    "FULL_F32",
     "TOLERANCE",
     "Case",
     "assert_close",

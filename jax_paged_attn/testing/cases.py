@@ -26,12 +26,14 @@ def stored_values(x, dtype, scale=None) -> np.ndarray:
     return oracle.dequantized(x, dtype, scale)
 
 
-def nan_cache(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype, scale=None) -> KVCache:
+def nan_cache(
+    num_blocks, block_size, num_kv_heads, head_dim, kv_dtype, scale=None, v_scale=None
+) -> KVCache:
     """A cache from the API whose every slot holds NaN until written (float8: per-KV-head
-    ``scale`` for both K and V)."""
+    ``scale`` for K, and for V unless ``v_scale`` is given)."""
     kw = {}
     if jnp.dtype(kv_dtype) == FP8:
-        kw = dict(k_scale=scale, v_scale=scale)
+        kw = dict(k_scale=scale, v_scale=scale if v_scale is None else v_scale)
     cache = KVCache.init(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype, **kw)
     nan = jnp.full(cache.k.shape, jnp.nan, cache.dtype)
     return dataclasses.replace(cache, k=nan, v=nan + 0)
@@ -79,6 +81,7 @@ def build_case(
     write_new_only=False,
     num_blocks=None,
     max_blocks=None,
+    junk_tables=False,
 ) -> Case:
     """A batch of sequences ``[(q_len, kv_len), ...]`` over a cache built through the API.
 
@@ -88,7 +91,9 @@ def build_case(
     cache holds only the context *before* this step (for the layer, which writes the rest).
     ``num_blocks`` and ``max_blocks`` fix the cache's and the block table's sizes (default:
     what the batch needs plus ``spare_blocks`` NaN pages, and one entry more than the longest
-    sequence needs), e.g. to keep shapes equal across cases.
+    sequence needs), e.g. to keep shapes equal across cases. With ``junk_tables`` the table
+    entries past each sequence's pages hold random ids, most outside ``[0, num_blocks)`` and
+    some negative (the metadata contract: those entries are never read and may hold anything).
     """
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     num_seqs = len(seqs)
@@ -107,15 +112,18 @@ def build_case(
     # every table entry past a sequence's pages points at one of them.
     perm = rng.permutation(num_blocks)
     used, spare = perm[:used_blocks], perm[used_blocks:]
-    tables = rng.choice(spare, size=(num_seqs, max_blocks)).astype(np.int32)
+    if junk_tables:
+        tables = rng.integers(-5, 10 * num_blocks + 10, (num_seqs, max_blocks)).astype(np.int32)
+    else:
+        tables = rng.choice(spare, size=(num_seqs, max_blocks)).astype(np.int32)
     offset = 0
     for i, n in enumerate(nblk):
         tables[i, :n] = used[offset : offset + n]
         offset += n
-    scale = None
-    if jnp.dtype(kv_dtype) == FP8:
-        scale = rng.uniform(0.004, 0.02, size=num_kv_heads).astype(np.float32)
-    cache = nan_cache(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype, scale)
+    k_scale = v_scale = None
+    if jnp.dtype(kv_dtype) == FP8:  # small enough that the largest draws saturate at +-448
+        k_scale, v_scale = rng.uniform(0.004, 0.02, size=(2, num_kv_heads)).astype(np.float32)
+    cache = nan_cache(num_blocks, block_size, num_kv_heads, head_dim, kv_dtype, k_scale, v_scale)
 
     q_lens = np.array([n for n, _ in seqs], np.int32)
     context_lens = np.array([kv for _, kv in seqs], np.int32)
@@ -131,8 +139,8 @@ def build_case(
         pos = np.arange(ctx)
         # token t -> block tables[i, t // BS], offset t % BS
         seq_slots = tables[i, pos // block_size] * block_size + pos % block_size
-        k_seqs.append(stored_values(k, kv_dtype, scale))
-        v_seqs.append(stored_values(v, kv_dtype, scale))
+        k_seqs.append(stored_values(k, kv_dtype, k_scale))
+        v_seqs.append(stored_values(v, kv_dtype, v_scale))
         # This step's tokens are the last min(n, ctx) of the context (rows with p < 0 have none).
         first_new = max(ctx - n, 0)
         keep = slice(0, first_new) if write_new_only else slice(0, ctx)

@@ -85,6 +85,44 @@ def attention(
     return out
 
 
+def paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    k_scale=None,
+    v_scale=None,
+    **opts,
+) -> np.ndarray:
+    """:func:`attention` over a paged cache as a kernel receives it: ``k_pages, v_pages``
+    ``[NB, Hkv, BS, D]`` (float8: times the per-KV-head scales), token ``t`` of sequence
+    ``i`` in block ``block_tables[i, t // BS]`` at offset ``t % BS``. Only those entries of the
+    tables are read. ``opts``: :func:`attention`'s options."""
+    tables = np.asarray(block_tables)
+    lens = np.asarray(context_lens, np.int64)
+
+    def per_sequence(pages, scale):
+        pages = _f64(pages)
+        if scale is not None:
+            pages = pages * _f64(scale)[None, :, None, None]
+        bs = pages.shape[2]
+        return [
+            pages[tables[i, np.arange(n) // bs], :, np.arange(n) % bs] for i, n in enumerate(lens)
+        ]
+
+    return attention(
+        q,
+        per_sequence(k_pages, k_scale),
+        per_sequence(v_pages, v_scale),
+        lens,
+        cu_seqlens_q,
+        **opts,
+    )
+
+
 def _softmax(x):
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
