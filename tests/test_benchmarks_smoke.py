@@ -273,6 +273,45 @@ def test_timing_helpers():
     assert len(samples) == 3 and len(calls) == 6 and out == 6
 
 
+def test_timing_torch_events():
+    """Device time of torch calls (CUDA events), with a stand-in for torch.cuda."""
+    import types
+
+    from benchmarks import timing
+
+    class Event:
+        clock = [0.0]
+
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = Event.clock[0]
+
+        def elapsed_time(self, end):  # milliseconds
+            return end.t - self.t
+
+    def fn(x):
+        Event.clock[0] += 2.0  # each call takes 2 ms of "device" time
+        return x
+
+    torch = types.SimpleNamespace(cuda=types.SimpleNamespace(Event=Event, synchronize=lambda: None))
+    assert timing.torch_device_time(torch, fn, [(1,), (2,)], 5) == pytest.approx(2e-3)
+    res = timing.measure(
+        fn,
+        [(1,)],
+        iters=3,
+        warmup=1,
+        min_sample_s=0.0,
+        sync=timing.torch_sync(torch),
+        device_calls=4,
+        torch=torch,
+    )
+    assert res["timing"] == "device" and res["device_calls"] == 4
+    assert res["time_s"] == res["device_time_s"] == pytest.approx(2e-3)
+    assert timing.time_torch(torch, fn, 1, iters=3, events=True) == pytest.approx(2e-3)
+
+
 def test_tolerance_from_the_kit():
     import jax.numpy as jnp
 
