@@ -18,54 +18,14 @@ import pytest
 
 pytest.importorskip("metal_plugin")
 import metal_plugin  # noqa: E402
-from jax_paged_attn.testing import oracle  # noqa: E402
+from jax_paged_attn import (
+    KVCache,  # noqa: E402
+    testing,  # noqa: E402
+)
+from jax_paged_attn.testing import FULL_F32, assert_close, oracle  # noqa: E402
 from metal_plugin import specs  # noqa: E402
 
 FP8 = jnp.float8_e4m3fn
-TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
-
-
-# ----------------------------------------------------------------------------- oracle
-def attention_oracle(
-    q,
-    kp,
-    vp,
-    bt,
-    ctx,
-    cu,
-    *,
-    scale,
-    softcap=None,
-    window=None,
-    alibi=None,
-    sinks=None,
-    k_scale=None,
-    v_scale=None,
-):
-    """SPEC §3 in float64 (jax_paged_attn.testing.oracle) on the keys the block tables address."""
-
-    def per_seq(pages, scale_vec):
-        pages = np.asarray(pages.astype(np.float32), np.float64)
-        if scale_vec is not None:
-            pages = pages * np.asarray(scale_vec, np.float64)[None, :, None, None]
-        bs = pages.shape[2]
-        return [
-            pages[bt[i, np.arange(L) // bs], :, np.arange(L) % bs]  # [L, Hkv, D]
-            for i, L in enumerate(np.asarray(ctx))
-        ]
-
-    return oracle.attention(
-        q,
-        per_seq(kp, k_scale),
-        per_seq(vp, v_scale),
-        np.asarray(ctx),
-        np.asarray(cu),
-        scale=scale,
-        softcap=softcap,
-        sliding_window=window,
-        alibi_slopes=alibi,
-        sinks=sinks,
-    )
 
 
 def build_case(
@@ -81,35 +41,36 @@ def build_case(
     pad_rows=1,
     extra_blocks=2,
 ):
-    """seqs: [(q_len, kv_len)]. Returns numpy inputs with NaN-poisoned, permuted pages."""
-    max_blocks = max(1, max(-(-L // block_size) for _, L in seqs)) + 1
-    need = sum(-(-L // block_size) for _, L in seqs)
-    nb = need + extra_blocks
-    kf = np.full((nb, kv_heads, block_size, head_dim), np.nan, np.float32)
-    vf = kf.copy()
-    perm = rng.permutation(nb)
-    bt = rng.integers(-5, 10_000, (len(seqs), max_blocks)).astype(np.int32)  # junk past use
-    used = 0
-    for i, (_, L) in enumerate(seqs):
-        for b in range(-(-L // block_size)):
-            blk = perm[used]
-            used += 1
-            bt[i, b] = blk
-            n = min(block_size, L - b * block_size)
-            kf[blk, :, :n] = rng.standard_normal((kv_heads, n, head_dim))
-            vf[blk, :, :n] = rng.standard_normal((kv_heads, n, head_dim))
-    k_scale = v_scale = None
-    if kv_dtype == "float8_e4m3fn":
-        k_scale = (0.5 + rng.random(kv_heads)).astype(np.float32) / 64
-        v_scale = (0.5 + rng.random(kv_heads)).astype(np.float32) / 64
-        kf = np.clip(kf / k_scale[None, :, None, None], -448, 448)
-        vf = np.clip(vf / v_scale[None, :, None, None], -448, 448)
-    kp = kf.astype(jnp.dtype(kv_dtype))
-    vp = vf.astype(jnp.dtype(kv_dtype))
-    cu = np.concatenate([[0], np.cumsum([n for n, _ in seqs])]).astype(np.int32)
-    q = rng.standard_normal((int(cu[-1]) + pad_rows, heads, head_dim)).astype(jnp.dtype(q_dtype))
-    ctx = np.array([L for _, L in seqs], np.int32)
-    return dict(q=q, kp=kp, vp=vp, bt=bt, ctx=ctx, cu=cu, k_scale=k_scale, v_scale=v_scale)
+    """seqs: [(q_len, kv_len)]. The kit's case (permuted pages, NaN in every unused page, slot
+    and padding row, junk table entries past each sequence) as the NumPy arrays the kernels
+    take."""
+    case = testing.build_case(
+        rng,
+        seqs,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=q_dtype,
+        kv_dtype=kv_dtype,
+        pad_rows=pad_rows,
+        spare_blocks=extra_blocks,
+        junk_tables=True,
+    )
+
+    def host(x):
+        return None if x is None else np.asarray(x)
+
+    return dict(
+        q=host(case.q),
+        kp=host(case.cache.k),
+        vp=host(case.cache.v),
+        bt=host(case.meta.block_tables),
+        ctx=case.context_lens,
+        cu=case.cu_seqlens_q,
+        k_scale=host(case.cache.k_scale),
+        v_scale=host(case.cache.v_scale),
+    )
 
 
 def features(rng, heads, kind):
@@ -152,29 +113,28 @@ def run_attention(c, feat, *, decode=False, partition_size=None):
     return np.asarray(fn(c["q"], c["kp"], c["vp"], c["bt"], c["ctx"], c["cu"]))
 
 
-def oracle_for(c, feat):
-    return attention_oracle(
+def oracle_for(c, feat, cu=None):
+    """The kit's float64 oracle on the pages and tables of case ``c``."""
+    return oracle.paged_attention(
         c["q"],
         c["kp"],
         c["vp"],
         c["bt"],
         c["ctx"],
-        c["cu"],
-        scale=c["q"].shape[-1] ** -0.5,
-        softcap=feat.get("softcap"),
-        window=feat.get("window"),
-        alibi=feat.get("alibi"),
-        sinks=feat.get("sinks"),
+        c["cu"] if cu is None else cu,
         k_scale=c["k_scale"],
         v_scale=c["v_scale"],
+        scale=c["q"].shape[-1] ** -0.5 if feat.get("scale") is None else feat["scale"],
+        softcap=feat.get("softcap"),
+        sliding_window=feat.get("window"),
+        alibi_slopes=feat.get("alibi"),
+        sinks=feat.get("sinks"),
     )
 
 
-def assert_close(out, ref, dtype):
-    out = np.asarray(out, np.float64)
-    assert not np.isnan(out).any(), "NaN in output: a masked or unused slot was read"
-    err = np.abs(out - ref).max()
-    assert err <= TOL[dtype] * max(1.0, np.abs(ref).max()), f"max error {err}"
+def check_close(out, ref, dtype):
+    """The kit's comparison; the emulator computes float32 exactly (FULL_F32 bounds)."""
+    assert_close(out, ref, dtype, **(FULL_F32 if dtype == "float32" else {}))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -189,7 +149,7 @@ def test_mixed_batch_features_f32(feat):
     f = features(rng, 6, feat)
     out = run_attention(c, f)
     ref = oracle_for(c, f)
-    assert_close(out, ref, "float32")
+    check_close(out, ref, "float32")
     # Padding rows and rows with p < 0 (the (2, 1) sequence's first row) are exact zeros.
     assert np.all(out[int(c["cu"][-1]) :] == 0)
     assert np.all(out[int(c["cu"][-2])] == 0)
@@ -219,7 +179,7 @@ def test_prefill_dtypes(q_dtype, kv_dtype, head_dim, block_size, heads, kv_heads
     f = features(rng, heads, "all")
     out = run_attention(c, f)
     assert out.dtype == jnp.dtype(q_dtype)
-    assert_close(out, oracle_for(c, f), q_dtype)
+    check_close(out, oracle_for(c, f), q_dtype)
 
 
 @pytest.mark.parametrize("feat", ["plain", "all"])
@@ -232,7 +192,7 @@ def test_decode_partitioned(feat, partition_size):
     f = features(rng, 4, feat)
     out = run_attention(c, f, decode=True, partition_size=partition_size)
     ref = oracle_for(c, f)
-    assert_close(out, ref, "float32")
+    check_close(out, ref, "float32")
     assert np.all(out[2] == 0)  # inactive sequence
 
 
@@ -252,7 +212,7 @@ def test_decode_fp8_partitioned_bf16():
     )
     f = features(rng, 8, "window_sinks") | {"window": 50}
     out = run_attention(c, f, decode=True, partition_size=64)
-    assert_close(out, oracle_for(c, f), "bfloat16")
+    check_close(out, oracle_for(c, f), "bfloat16")
 
 
 def test_specialisation_names_are_unique_per_header():
@@ -330,17 +290,8 @@ def test_write_kv_exact_and_untouched(src, dst):
     )
     nk, nv = map(np.asarray, fn(k_pages, v_pages, k, v, slots))
 
-    def stored(x):  # the API layer's definition (SPEC §1)
-        x = np.asarray(x, np.float32)
-        if scale is not None:
-            x = np.clip(x / scale[None, :, None], -448, 448)
-        return x.astype(jnp.dtype(dst))
-
-    exp_k, exp_v = k_pages.copy(), v_pages.copy()
-    for i, s in enumerate(slots):
-        if s >= 0:
-            exp_k[s // bs, :, s % bs] = stored(k)[i]
-            exp_v[s // bs, :, s % bs] = stored(v)[i]
+    cache = KVCache(k_pages, v_pages, scale, scale)
+    exp_k, exp_v = oracle.write_kv(cache, k, v, slots)
     # Bitwise: written slots exact, every other byte (NaN) unchanged.
     assert nk.view(np.uint8).tobytes() == exp_k.view(np.uint8).tobytes()
     assert nv.view(np.uint8).tobytes() == exp_v.view(np.uint8).tobytes()
@@ -382,17 +333,6 @@ def test_e4m3_encoding_matches_ml_dtypes_on_every_grid_point():
 
 
 # ----------------------------------------------------------------------------- MoE
-def moe_oracle(x, wgu, wd, w, ids, activation):
-    return oracle.fused_moe(
-        np.asarray(x, np.float64),
-        np.asarray(wgu.astype(np.float32)),
-        np.asarray(wd.astype(np.float32)),
-        np.asarray(w),
-        np.asarray(ids),
-        activation,
-    )
-
-
 @pytest.mark.parametrize(
     "activation,dtype", [("silu", "float32"), ("gelu", "float32"), ("gelu_tanh", "bfloat16")]
 )
@@ -409,8 +349,8 @@ def test_fused_moe_gemv(activation, dtype):
     fn = jax.jit(lambda *a: metal_plugin.fused_moe(*a, activation=activation, interpret=True))
     y = np.asarray(fn(x, wgu, wd, w, ids))
     assert y.dtype == dt
-    ref = moe_oracle(x, wgu, wd, w, ids, activation)
-    assert_close(y, ref, dtype)
+    ref = oracle.fused_moe(x, wgu, wd, w, ids, activation)
+    check_close(y, ref, dtype)
 
 
 # ----------------------------------------------------------------------------- the shim

@@ -21,12 +21,7 @@ import pytest
 
 pytest.importorskip("metal_plugin")
 from metal_plugin import dispatch, emulator, specs  # noqa: E402
-from tests.test_metal_kernels import (
-    assert_close,
-    attention_oracle,  # noqa: E402
-    build_case,
-    features,
-)
+from tests.test_metal_kernels import build_case, check_close, features, oracle_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -239,22 +234,8 @@ def test_emitted_prefill_source_runs_correctly(lowered):
         out_dtypes=[t for _, t in call["out_types"]],
     )
     (out,) = emulator.run(fields, *inputs)
-    ref = attention_oracle(
-        c["q"],
-        c["kp"],
-        c["vp"],
-        c["bt"],
-        c["ctx"],
-        c["cu"],
-        scale=0.088,
-        softcap=30.0,
-        window=64,
-        alibi=f["alibi"],
-        sinks=f["sinks"],
-        k_scale=c["k_scale"],
-        v_scale=c["v_scale"],
-    )
-    assert_close(out, ref, "bfloat16")
+    ref = oracle_for(c, f | {"scale": 0.088})
+    check_close(out, ref, "bfloat16")
 
 
 def test_dispatch_off_this_platform(monkeypatch):

@@ -17,12 +17,7 @@ import pytest
 
 pytest.importorskip("metal_plugin")
 from metal_plugin import emulator, specs  # noqa: E402
-from tests.test_metal_kernels import (
-    assert_close,
-    attention_oracle,  # noqa: E402
-    build_case,
-    features,
-)
+from tests.test_metal_kernels import build_case, check_close, features, oracle_for  # noqa: E402
 
 
 def _has_runtime(sanitizer: str) -> bool:
@@ -65,19 +60,7 @@ def _decode_launch(rng):
         np.array([3, 3, 2, 1, mb, f["window"], 1], np.int32),
         np.array([32**-0.5, f["softcap"]], np.float32),
     ]
-    ref = attention_oracle(
-        c["q"],
-        c["kp"],
-        c["vp"],
-        c["bt"],
-        c["ctx"],
-        np.arange(4),
-        scale=32**-0.5,
-        softcap=f["softcap"],
-        window=f["window"],
-        alibi=f["alibi"],
-        sinks=f["sinks"],
-    )
+    ref = oracle_for(c, f, cu=np.arange(4))
     return spec, inputs, ref
 
 
@@ -87,7 +70,7 @@ def test_thread_sanitizer_clean_and_catches_missing_barrier():
     outs, rc, err = emulator.run_sanitized(spec, *inputs, sanitizer="thread")
     assert rc == 0, err[-3000:]
     assert "WARNING: ThreadSanitizer" not in err
-    assert_close(outs[0], ref, "float32")
+    check_close(outs[0], ref, "float32")
     # Without the barrier after q is staged, lanes read q_sh while others still write it.
     marker = "}\nthreadgroup_barrier(mem_flags::mem_threadgroup);\n\nconst float slope"
     assert marker in spec.source
@@ -105,7 +88,7 @@ def test_address_sanitizer_clean_and_catches_out_of_range_read():
     spec, inputs, ref = _decode_launch(np.random.default_rng(1))
     outs, rc, err = emulator.run_sanitized(spec, *inputs, sanitizer="address")
     assert rc == 0, err[-3000:]
-    assert_close(outs[0], ref, "float32")
+    check_close(outs[0], ref, "float32")
     # An indexing slip that reads the next head's query runs off the end of q at the
     # last (row, head).
     marker = "float(q[(r * uint(H) + h) * HEAD_DIM + d])"
