@@ -1,4 +1,4 @@
-"""Fused-MoE kernels (pallas_kernels/moe) against a numpy float64 oracle.
+"""Fused-MoE kernels (pallas_kernels/moe) against the test kit's float64 oracle.
 
 Runs the Pallas kernels under the interpreter on a CPU and compiled on a GPU
 (``interpret = jax.default_backend() != "gpu"``). Small shapes, T not a multiple of the
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_paged_attn.testing import FULL_F32, assert_close, oracle
 from pallas_kernels.moe import align as moe_align
 from pallas_kernels.moe import common, tuning
 from pallas_kernels.moe import triton as moe_triton
@@ -21,32 +22,6 @@ from pallas_kernels.moe import triton as moe_triton
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
 ACTS = common.ACTIVATIONS
-
-
-def _act(g, activation):
-    if activation == "silu":
-        return g / (1.0 + np.exp(-g))
-    if activation == "gelu":
-        return 0.5 * g * (1.0 + np.vectorize(math.erf)(g / math.sqrt(2.0)))
-    return 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3)))
-
-
-def oracle(x, wgu, wd, tw, ids, activation, h_dtype=None):
-    """float64 y; with ``h_dtype`` the intermediate is rounded to it (same-dtype reference)."""
-    x, wgu, wd = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, wgu, wd))
-    inter = wd.shape[1]
-    y = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if not 0 <= e < wgu.shape[0]:
-                continue
-            g = x[t] @ wgu[e]
-            h = _act(g[:inter], activation) * g[inter:]
-            if h_dtype is not None:
-                h = np.asarray(jnp.asarray(h, h_dtype).astype(jnp.float32), np.float64)
-            y[t] += float(tw[t, j]) * (h @ wd[e])
-    return y
 
 
 def make_case(seed, T, Hd, I, E, k, dtype, p_invalid=0.15):
@@ -63,18 +38,19 @@ def make_case(seed, T, Hd, I, E, k, dtype, p_invalid=0.15):
 
 
 def check(y, x, wgu, wd, tw, ids, activation):
-    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
-    ref = oracle(x, wgu, wd, np.asarray(tw), np.asarray(ids), activation)
-    assert y.shape == ref.shape and np.all(np.isfinite(y))
-    err = np.abs(y - ref).max()
+    """Against the kit's float64 oracle: float32 within FULL_F32; bf16/f16 by FA3's rule, at
+    most twice the error of the same-dtype reference (h and y rounded to x.dtype, f32
+    accumulation) plus a small epsilon."""
+    ref = oracle.fused_moe(x, wgu, wd, tw, ids, activation)
     if x.dtype == jnp.float32:
-        bound = 1e-4 * max(1.0, np.abs(ref).max())
-    else:
-        # FA3's rule: at most twice the error of the same-dtype reference (h and y rounded to
-        # x.dtype, f32 accumulation), plus a small epsilon.
-        same = oracle(x, wgu, wd, np.asarray(tw), np.asarray(ids), activation, h_dtype=x.dtype)
-        same = np.asarray(jnp.asarray(same, x.dtype).astype(jnp.float32), np.float64)
-        bound = 2 * np.abs(same - ref).max() + 1e-3 * np.abs(ref).max()
+        assert_close(y, ref, jnp.float32, what="fused MoE", **FULL_F32)
+        return
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    assert y.shape == ref.shape and np.all(np.isfinite(y))
+    same = oracle.fused_moe(x, wgu, wd, tw, ids, activation, h_dtype=x.dtype)
+    same = np.asarray(jnp.asarray(same, x.dtype).astype(jnp.float32), np.float64)
+    bound = 2 * np.abs(same - ref).max() + 1e-3 * np.abs(ref).max()
+    err = np.abs(y - ref).max()
     assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
 
 
