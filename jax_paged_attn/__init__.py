@@ -1,6 +1,6 @@
 """jax_paged_attn: paged-KV-cache attention, KV-cache ops and fused MoE for LLM serving in JAX.
 
-The public API (see SPEC.md / README.md): ``KVCache``, ``write_kv``, ``copy_blocks``,
+The public API (see docs/contract.md and README.md): ``KVCache``, ``write_kv``, ``copy_blocks``,
 ``gather_blocks``, ``scatter_blocks``, ``update_kv_scales``, ``AttentionMetadata``,
 ``check_metadata``, ``paged_attention``, ``paged_decode``, ``PagedAttention``, ``moe_topk``,
 ``fused_moe``; scale-out with ``shard_map`` in ``jax_paged_attn.sharding``.

@@ -175,7 +175,7 @@ def paged_decode(
 
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
-    """A frozen, hashable attention-layer config (the seed's ``PagedAttention::new``).
+    """A frozen, hashable attention-layer config.
 
     ``layer(q, k, v, cache, meta)`` writes this step's ``k, v`` (``[T, Hkv, D]``) through
     ``meta.slot_mapping``, then attends (write before read: a prefill chunk sees itself), and

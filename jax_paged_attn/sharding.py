@@ -11,7 +11,7 @@ KV-head replication: with fewer KV heads than devices (``Hkv < n``, e.g. Llama-3
 heads on 16 GPUs, or GQA-2 on 8), each KV head is stored ``r = n / Hkv`` times, so the cache has
 ``n`` "replica" heads, one per device: replica ``j`` holds KV head ``j // r``. Device ``d`` owns
 query heads ``d*H/n : (d+1)*H/n``; they all read KV head ``d // r``, which is its replica. The
-replicated cache means *the same* as the original under SPEC §3 (query head ``h`` reads replica
+replicated cache means *the same* as the original under the attention contract (query head ``h`` reads replica
 ``h // (H / n)``, which holds KV head ``h // (H / Hkv)``), so it can be used unsharded too.
 :func:`replicate_kv_heads` builds it (cache or new ``k, v``), :func:`unreplicate_kv_heads`
 undoes it, :func:`kv_head_layout` spells out the mapping. Requires ``H % n == 0`` and either
@@ -20,7 +20,7 @@ undoes it, :func:`kv_head_layout` spells out the mapping. Requires ``H % n == 0`
 Expert parallelism (MoE): ``w_gate_up [E, Hd, 2I]`` and ``w_down [E, I, Hd]`` are sharded
 ``P(axis)`` on the expert axis, so device ``d`` holds experts ``d*E/n : (d+1)*E/n``; tokens,
 router weights and ids are replicated. Each device maps global ids to local ones
-(``ids - d*E/n``); ids outside ``[0, E/n)`` contribute zero (SPEC §4), and a ``psum`` over the
+(``ids - d*E/n``); ids outside ``[0, E/n)`` contribute zero (the MoE contract), and a ``psum`` over the
 axis adds the devices' partial outputs.
 
 >>> import jax, jax.numpy as jnp, numpy as np
