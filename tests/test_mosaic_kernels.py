@@ -1,8 +1,8 @@
-"""Kernel-level tests of the Mosaic GPU paged-attention kernels against a float64 numpy oracle.
+"""Kernel-level tests of the Mosaic GPU paged-attention kernels against the kit's float64 oracle.
 
 On a GPU the real Mosaic GPU lowering runs; on the CPU, Pallas's Mosaic GPU interpreter.
-Caches come from permuted block tables with NaN in every unused slot and page, garbage in
-block-table entries past each context, and NaN in q padding rows.
+Cases come from the test kit: permuted block tables with NaN in every unused slot and page,
+garbage in block-table entries past each context, and NaN in q padding rows.
 
 GPU check + timing (H100):  python -m tests.test_mosaic_kernels --bench
 """
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_paged_attn.testing.oracle import attention as attention_oracle
+from jax_paged_attn.testing import assert_close, build_case, random_paged_kv
 from pallas_kernels.paged_attention import mosaic, mosaic_decode
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -35,70 +35,28 @@ def make_case(
     pad_rows=3,
     seed=0,
 ):
-    """seqs: list of (q_len, kv_len). Returns kernel arguments (jnp) and their f64 copies."""
-    rng = np.random.default_rng(seed)
-    blocks = [-(-kv // block_size) for _, kv in seqs]
-    max_blocks = max(max(blocks), 1) + 1
-    num_pages = sum(blocks) + 3  # spare pages stay NaN
-    k = np.full((num_pages, num_kv_heads, block_size, head_dim), np.nan, np.float32)
-    v = np.full_like(k, np.nan)
-    perm = rng.permutation(num_pages)
-    tables = rng.integers(-5, 10**6, (len(seqs), max_blocks)).astype(np.int32)  # garbage
-    keys, vals = [], []
-    nxt = 0
-    for i, ((_, kv), nb) in enumerate(zip(seqs, blocks)):
-        tables[i, :nb] = perm[nxt : nxt + nb]
-        nxt += nb
-        kk = rng.standard_normal((kv, num_kv_heads, head_dim)).astype(np.float32)
-        vv = rng.standard_normal((kv, num_kv_heads, head_dim)).astype(np.float32)
-        kk = np.array(jnp.asarray(kk, dtype).astype(jnp.float32))
-        vv = np.array(jnp.asarray(vv, dtype).astype(jnp.float32))
-        for t in range(kv):
-            k[tables[i, t // block_size], :, t % block_size] = kk[t]
-            v[tables[i, t // block_size], :, t % block_size] = vv[t]
-        keys.append(kk)
-        vals.append(vv)
-    q_lens = [n for n, _ in seqs]
-    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    rows = int(cu[-1]) + pad_rows
-    q = rng.standard_normal((rows, num_heads, head_dim)).astype(np.float32)
-    q = np.array(jnp.asarray(q, dtype).astype(jnp.float32))
-    q[cu[-1] :] = np.nan
-    return dict(
-        q=jnp.asarray(q, dtype),
-        k_pages=jnp.asarray(k, dtype),
-        v_pages=jnp.asarray(v, dtype),
-        block_tables=jnp.asarray(tables),
-        context_lens=jnp.asarray([kv for _, kv in seqs], jnp.int32),
-        cu_seqlens_q=jnp.asarray(cu),
-    ), dict(q=q, keys=keys, vals=vals, cu=cu, lens=[kv for _, kv in seqs])
-
-
-def oracle(host, *, scale, softcap=None, window=None, alibi=None, sinks=None):
-    """float64 SPEC.md §3 (the kit's oracle, jax_paged_attn.testing)."""
-    return attention_oracle(
-        host["q"],
-        host["keys"],
-        host["vals"],
-        host["lens"],
-        host["cu"],
-        scale=scale,
-        softcap=softcap,
-        sliding_window=window,
-        alibi_slopes=alibi,
-        sinks=sinks,
+    """seqs: list of (q_len, kv_len). Returns the kernel arguments and the kit's case (its
+    ``reference`` is the float64 oracle)."""
+    case = build_case(
+        np.random.default_rng(seed),
+        seqs,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=dtype,
+        pad_rows=pad_rows,
+        junk_tables=True,
     )
-
-
-def check(out, ref, dtype):
-    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
-    assert np.all(np.isfinite(out)), np.argwhere(~np.isfinite(out))[:5]
-    tol = 2e-2 if dtype == jnp.bfloat16 else 4e-3
-    err = np.abs(out - ref)
-    assert err.max() <= tol + tol * np.abs(ref).max(), (
-        err.max(),
-        np.unravel_index(err.argmax(), err.shape),
+    args = dict(
+        q=case.q,
+        k_pages=case.cache.k,
+        v_pages=case.cache.v,
+        block_tables=case.meta.block_tables,
+        context_lens=case.meta.context_lens,
+        cu_seqlens_q=case.meta.cu_seqlens_q,
     )
+    return args, case
 
 
 def _features(name, num_heads):
@@ -113,19 +71,12 @@ def _features(name, num_heads):
 
 
 def _run(kind, seqs, feature="plain", **case_kw):
-    args, host = make_case(seqs, **case_kw)
+    args, case = make_case(seqs, **case_kw)
     dtype = case_kw.get("dtype", jnp.bfloat16)
     num_heads, head_dim = args["q"].shape[1:]
     scale = 1 / math.sqrt(head_dim)
     opts = _features(feature, num_heads)
-    ref = oracle(
-        host,
-        scale=scale,
-        softcap=opts.get("softcap"),
-        window=opts.get("sliding_window"),
-        alibi=opts.get("alibi_slopes"),
-        sinks=opts.get("sinks"),
-    )
+    ref = case.reference(scale=scale, **opts)
     kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
     if kind == "decode":
         n = len(seqs)
@@ -142,7 +93,7 @@ def _run(kind, seqs, feature="plain", **case_kw):
         ref = ref[:n]
     else:
         out = mosaic.paged_attention(**args, scale=scale, interpret=INTERPRET, **kw)
-    check(out, ref, dtype)
+    assert_close(out, ref, dtype, what=f"mosaic {kind}")
 
 
 # (q_len, kv_len): lengths 0, 1, BS±1, chunks at the tail of cached context, n > L.
@@ -162,9 +113,9 @@ def test_prefill_mixed(seqs):
 def test_prefill_persistent_ctas(num_heads, num_kv_heads, num_ctas, feature):
     """Few CTAs, many (tile, heads) items each in snake order: the K/V ring and the two
     warpgroups' turns run on across items, each next q tile loads during an epilogue."""
-    args, host = make_case(MIXED, num_heads=num_heads, num_kv_heads=num_kv_heads, seed=5)
+    args, case = make_case(MIXED, num_heads=num_heads, num_kv_heads=num_kv_heads, seed=5)
     opts = _features(feature, num_heads)
-    ref = oracle(host, scale=0.2, alibi=opts.get("alibi_slopes"), sinks=opts.get("sinks"))
+    ref = case.reference(scale=0.2, **opts)
     kw = {k: jnp.asarray(v) for k, v in opts.items()}
     out = mosaic.paged_attention(
         **args,
@@ -174,7 +125,7 @@ def test_prefill_persistent_ctas(num_heads, num_kv_heads, num_ctas, feature):
         block_sizes=mosaic.BlockSizes(64, 2, 2 if num_heads // num_kv_heads % 2 == 0 else 1),
         **kw,
     )
-    check(out, ref, jnp.bfloat16)
+    assert_close(out, ref, jnp.bfloat16)
 
 
 def test_snake_items_balance_heaviest_first():
@@ -237,8 +188,8 @@ def test_decode_shapes(head_dim, block_size, dtype, num_heads, num_kv_heads):
 @pytest.mark.parametrize("num_ctas", [5, 16])
 def test_decode_stream_k(num_ctas):
     """Stream-K: 6 pairs over 5 or 16 CTAs; a long pair spans several, short ones share one."""
-    args, host = make_case([(1, 500), (1, 3), (1, 0)], num_heads=4, num_kv_heads=2, pad_rows=0)
-    ref = oracle(host, scale=0.2)
+    args, case = make_case([(1, 500), (1, 3), (1, 0)], num_heads=4, num_kv_heads=2, pad_rows=0)
+    ref = case.reference(scale=0.2)
     out = mosaic_decode.paged_decode(
         args["q"],
         args["k_pages"],
@@ -250,7 +201,7 @@ def test_decode_stream_k(num_ctas):
         num_ctas=num_ctas,
         interpret=INTERPRET,
     )
-    check(out, ref, jnp.bfloat16)
+    assert_close(out, ref, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("feature", ["plain", "window", "alibi", "softcap", "sinks"])
@@ -258,16 +209,9 @@ def test_decode_whole_pairs(feature):
     """stream=False: one item per (seq, KV head), normalised in the kernel (sinks: merged in
     jnp)."""
     seqs = [(1, 200), (1, 0), (1, 17), (1, 1)]
-    args, host = make_case(seqs, num_heads=8, num_kv_heads=2, pad_rows=0)
+    args, case = make_case(seqs, num_heads=8, num_kv_heads=2, pad_rows=0)
     opts = _features(feature, 8)
-    ref = oracle(
-        host,
-        scale=0.2,
-        softcap=opts.get("softcap"),
-        window=opts.get("sliding_window"),
-        alibi=opts.get("alibi_slopes"),
-        sinks=opts.get("sinks"),
-    )
+    ref = case.reference(scale=0.2, **opts)
     kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
     out = mosaic_decode.paged_decode(
         args["q"],
@@ -280,7 +224,7 @@ def test_decode_whole_pairs(feature):
         interpret=INTERPRET,
         **kw,
     )
-    check(out, ref, jnp.bfloat16)
+    assert_close(out, ref, jnp.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -297,15 +241,9 @@ def test_decode_persistent_ctas(num_heads, num_kv_heads, stream, num_ctas, featu
     """Few CTAs, many items each: the K/V ring runs on across items; GQA groups of 3 and 5 heads
     sit at every offset of the flat q rows (S H = 132 or 110: q padded to a multiple of 8)."""
     seqs = [(1, n) for n in (40, 0, 17, 1, 100, 33, 16, 64, 5, 2, 80)][: 132 // num_heads]
-    args, host = make_case(seqs, num_heads=num_heads, num_kv_heads=num_kv_heads, pad_rows=0, seed=3)
+    args, case = make_case(seqs, num_heads=num_heads, num_kv_heads=num_kv_heads, pad_rows=0, seed=3)
     opts = _features(feature, num_heads)
-    ref = oracle(
-        host,
-        scale=0.2,
-        alibi=opts.get("alibi_slopes"),
-        sinks=opts.get("sinks"),
-        window=opts.get("sliding_window"),
-    )
+    ref = case.reference(scale=0.2, **opts)
     kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in opts.items()}
     out = mosaic_decode.paged_decode(
         args["q"],
@@ -320,7 +258,7 @@ def test_decode_persistent_ctas(num_heads, num_kv_heads, stream, num_ctas, featu
         interpret=INTERPRET,
         **kw,
     )
-    check(out, ref, jnp.bfloat16)
+    assert_close(out, ref, jnp.bfloat16)
 
 
 def test_decode_rows_cover_each_group():
@@ -456,13 +394,23 @@ def _time(fn, *args, iters=30):
     return float(np.median(times))
 
 
-def _paged_copy(k, block_size, perm):
-    """Contiguous [L, Hkv, D] -> paged [NB, Hkv, BS, D]: block j of the sequence at page perm[j]."""
-    length, hkv, d = k.shape
-    nb = length // block_size
-    pages = jnp.zeros((nb, hkv, block_size, d), k.dtype)
-    pages = pages.at[perm].set(k.reshape(nb, block_size, hkv, d).transpose(0, 2, 1, 3))
-    return pages
+def _contiguous(pages, tables):
+    """[NB, Hkv, BS, D] pages of full-page sequences -> contiguous [S, L, Hkv, D]."""
+    s, mb = tables.shape
+    _, hkv, bs, d = pages.shape
+    return pages[tables].transpose(0, 1, 3, 2, 4).reshape(s, mb * bs, hkv, d)
+
+
+def _prefill_call(tables, lens, cu, scale, interpret):
+    return jax.jit(
+        lambda q, kp, vp: mosaic.paged_attention(
+            q, kp, vp, tables, lens, cu, scale=scale, interpret=interpret
+        )
+    )
+
+
+def _decode_call(kernel, tables, lens, scale, **kw):
+    return jax.jit(lambda q, kp, vp: kernel(q, kp, vp, tables, lens, scale=scale, **kw))
 
 
 def bench(
@@ -475,45 +423,27 @@ def bench(
     iters=30,
 ):
     """Prints max error vs XLA and the median time of each shape (on the CPU: interpreted)."""
-    rng = np.random.default_rng(0)
-    key = jax.random.key(0)
     dt = jnp.bfloat16
-    interp = INTERPRET
+    scale = 1 / math.sqrt(d)
+    kv = dict(num_kv_heads=hkv, head_dim=d, block_size=bs, dtype=dt)
     # 1) one 8192-token causal prefill from the paged cache, vs cuDNN on contiguous KV.
     for batch, cached, new in prefill:
         total = cached + new
-        ks = jax.random.normal(key, (batch, total, hkv, d), dt)
-        vs = jax.random.normal(jax.random.key(1), (batch, total, hkv, d), dt)
+        cache, tables, lens = random_paged_kv(jax.random.key(0), [total] * batch, **kv)
+        ks, vs = _contiguous(cache.k, tables), _contiguous(cache.v, tables)
         q = jax.random.normal(jax.random.key(2), (batch * new, h, d), dt)
-        pages_k, pages_v, tables = [], [], []
-        for b in range(batch):
-            perm = rng.permutation(total // bs)
-            pk = _paged_copy(ks[b], bs, perm)
-            pv = _paged_copy(vs[b], bs, perm)
-            pages_k.append(pk)
-            pages_v.append(pv)
-            tables.append(perm + b * (total // bs))
-        k_pages, v_pages = jnp.concatenate(pages_k), jnp.concatenate(pages_v)
-        tables = jnp.asarray(np.stack(tables), jnp.int32)
-        lens = jnp.full((batch,), total, jnp.int32)
         cu = jnp.arange(batch + 1, dtype=jnp.int32) * new
-        scale = 1 / math.sqrt(d)
-        f = jax.jit(
-            lambda q, kp, vp: mosaic.paged_attention(
-                q, kp, vp, tables, lens, cu, scale=scale, interpret=interp
-            )
-        )
-        out = f(q, k_pages, v_pages)
+        f = _prefill_call(tables, lens, cu, scale, INTERPRET)
+        out = f(q, cache.k, cache.v)
         qb = q.reshape(batch, new, h, d)
-        bias_free = jax.nn.dot_product_attention
         mask = (jnp.arange(new)[:, None] + cached) >= jnp.arange(total)[None, :]
-        ref = bias_free(qb, ks, vs, mask=mask[None, None], implementation="xla")
+        ref = jax.nn.dot_product_attention(qb, ks, vs, mask=mask[None, None], implementation="xla")
         err = float(
             jnp.abs(out.reshape(ref.shape).astype(jnp.float32) - ref.astype(jnp.float32)).max()
         )
         pairs = batch * sum(min(total, cached + j + 1) for j in range(new))
         flops = 4 * pairs * d * h
-        t = _time(f, q, k_pages, v_pages, iters=iters)
+        t = _time(f, q, cache.k, cache.v, iters=iters)
         line = f"prefill {batch}x({cached}+{new}): max err {err:.3g}  {t * 1e3:.3f} ms  {flops / t / 1e12:.1f} TFLOP/s"
         if cached == 0:
             g = jax.jit(
@@ -529,45 +459,24 @@ def bench(
         print(line)
     # 2) decode: batch 64, context 4096, and batch 8 x 32768.
     for batch, ctx in decode:
-        nb = batch * ctx // bs
-        k_pages = jax.random.normal(key, (nb, hkv, bs, d), dt)
-        v_pages = jax.random.normal(jax.random.key(1), (nb, hkv, bs, d), dt)
-        tables = jnp.asarray(rng.permutation(nb).reshape(batch, ctx // bs), jnp.int32)
-        lens = jnp.full((batch,), ctx, jnp.int32)
+        cache, tables, lens = random_paged_kv(jax.random.key(1), [ctx] * batch, **kv)
         q = jax.random.normal(jax.random.key(2), (batch, h, d), dt)
-        f = jax.jit(
-            lambda q, kp, vp: mosaic_decode.paged_decode(
-                q, kp, vp, tables, lens, scale=1 / math.sqrt(d), interpret=interp
-            )
-        )
-        out = f(q, k_pages, v_pages)
-        kk = k_pages[tables].transpose(0, 1, 3, 2, 4).reshape(batch, ctx, hkv, d)
-        vv = v_pages[tables].transpose(0, 1, 3, 2, 4).reshape(batch, ctx, hkv, d)
+        f = _decode_call(mosaic_decode.paged_decode, tables, lens, scale, interpret=INTERPRET)
+        out = f(q, cache.k, cache.v)
+        kk, vv = _contiguous(cache.k, tables), _contiguous(cache.v, tables)
         ref = jax.nn.dot_product_attention(q[:, None], kk, vv, implementation="xla")[:, 0]
         err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
-        t = _time(f, q, k_pages, v_pages, iters=iters)
+        t = _time(f, q, cache.k, cache.v, iters=iters)
         nbytes = 2 * batch * ctx * hkv * d * 2
         line = f"decode {batch}x{ctx}: max err {err:.3g}  {t * 1e6:.1f} us  {nbytes / t / 1e12:.2f} TB/s"
         try:  # the Triton kernel, same run
             from pallas_kernels.paged_attention import triton as tri
 
-            g = jax.jit(
-                lambda q, kp, vp: tri.paged_decode(
-                    q,
-                    kp,
-                    vp,
-                    tables,
-                    lens,
-                    scale=1 / math.sqrt(d),
-                    softcap=None,
-                    sliding_window=None,
-                    alibi_slopes=None,
-                    sinks=None,
-                    k_scale=None,
-                    v_scale=None,
-                )
+            none = dict.fromkeys(("softcap", "sliding_window", "alibi_slopes", "sinks"))
+            g = _decode_call(
+                tri.paged_decode, tables, lens, scale, k_scale=None, v_scale=None, **none
             )
-            tt = _time(g, q, k_pages, v_pages, iters=iters)
+            tt = _time(g, q, cache.k, cache.v, iters=iters)
             line += f" | triton {nbytes / tt / 1e12:.2f} TB/s"
         except Exception as e:  # noqa: BLE001 - report, keep timing the rest
             line += f" | triton failed: {type(e).__name__}: {str(e)[:200]}"
