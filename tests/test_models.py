@@ -1,0 +1,499 @@
+"""jax_paged_attn.models: checkpoints load, the engine serves them, and the logits match.
+
+Two kinds of checkpoints: ones written here from random weights in the Hugging Face layout
+(every family; they prove the loader and check the paged engine against the model's dense
+forward), and the fixtures in tests/fixtures/models made by transformers itself
+(scripts/make_model_fixtures.py), whose stored logits and greedy tokens the engine must match.
+Each engine run mixes chunked prefill across block boundaries (block size 4, 8 rows per step),
+a request that joins while the others decode and reuses a cached prompt prefix, and 10 decode
+steps. Everything runs on the CPU in float32 with the xla backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors", reason="the models extra: pip install -e '.[models]'")
+from safetensors.numpy import save_file  # noqa: E402
+
+from jax_paged_attn import models  # noqa: E402
+from jax_paged_attn.models import (  # noqa: E402
+    BlockAllocator,
+    Engine,
+    SamplingParams,
+    block_hashes,
+    dense_logits,
+    load_model,
+)
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "models"
+TOLERANCE = 1e-4  # max |ours - reference| / max |reference| of the logits, float32
+MAX_NEW = 10
+
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    torch_dtype="float32",
+    eos_token_id=1,
+)
+CONFIGS = {
+    "llama": dict(
+        architectures=["LlamaForCausalLM"],
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        architectures=["Qwen2ForCausalLM"],
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        tie_word_embeddings=True,
+    ),
+    "qwen3": dict(
+        architectures=["Qwen3ForCausalLM"],
+        hidden_size=48,
+        rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32
+        ),
+        tie_word_embeddings=True,
+    ),
+    "mistral": dict(architectures=["MistralForCausalLM"], sliding_window=8),
+    "gemma2": dict(
+        architectures=["Gemma2ForCausalLM"],
+        hidden_size=48,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+        sliding_window=8,
+        hidden_activation="gelu_pytorch_tanh",
+    ),
+    "mixtral": dict(
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=16,
+        sliding_window=None,
+    ),
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+    ),
+}
+
+
+def hf_tensors(hf: dict, rng, *, fused_experts=False) -> dict:
+    """Random weights with transformers' names and shapes ([out, in]) for config ``hf``."""
+    cfg = models.parse_config(hf)
+    h, d, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    fam = cfg.family
+
+    def mat(out, inp):
+        return (rng.standard_normal((out, inp)) / math.sqrt(inp)).astype(np.float32)
+
+    def vec(n, center=0.0):
+        return (center + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    norm_center = 0.0 if fam.gemma else 1.0
+    t = {"model.embed_tokens.weight": rng.standard_normal((v, h)).astype(np.float32)}
+    t["model.norm.weight"] = vec(h, norm_center)
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = mat(v, h)
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}."
+        outs = dict(q=cfg.num_heads * d, k=cfg.num_kv_heads * d, v=cfg.num_kv_heads * d)
+        for name, out in outs.items():
+            t[f"{pre}self_attn.{name}_proj.weight"] = mat(out, h)
+            if fam.qkv_bias:
+                t[f"{pre}self_attn.{name}_proj.bias"] = vec(out)
+        t[f"{pre}self_attn.o_proj.weight"] = mat(h, cfg.num_heads * d)
+        if fam.qk_norm:
+            t[f"{pre}self_attn.q_norm.weight"] = vec(d, 1.0)
+            t[f"{pre}self_attn.k_norm.weight"] = vec(d, 1.0)
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if fam.sandwich_norms:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        for name in norms:
+            t[f"{pre}{name}.weight"] = vec(h, norm_center)
+        if not cfg.moe_layers[i]:
+            n = cfg.intermediate_size
+            t[f"{pre}mlp.gate_proj.weight"], t[f"{pre}mlp.up_proj.weight"] = mat(n, h), mat(n, h)
+            t[f"{pre}mlp.down_proj.weight"] = mat(h, n)
+            continue
+        e, n = cfg.num_experts, cfg.moe_intermediate_size
+        gate = [mat(n, h) for _ in range(e)]
+        up = [mat(n, h) for _ in range(e)]
+        down = [mat(h, n) for _ in range(e)]
+        router = mat(e, h)
+        if fused_experts:  # transformers 5's in-memory layout
+            t[f"{pre}mlp.gate.weight"] = router
+            t[f"{pre}mlp.experts.gate_up_proj"] = np.stack(
+                [np.concatenate([g, u]) for g, u in zip(gate, up)]
+            )
+            t[f"{pre}mlp.experts.down_proj"] = np.stack(down)
+            continue
+        names = models.loader.EXPERT_NAMES[fam.moe]
+        t[pre + names[0]] = router
+        for j in range(e):
+            for name, w in zip(names[1:], (gate[j], up[j], down[j])):
+                t[pre + name.format(e=j)] = w
+    return t
+
+
+def write_checkpoint(path: pathlib.Path, name: str, *, seed=0, sharded=False, fused=False):
+    hf = BASE | CONFIGS[name]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf))
+    tensors = hf_tensors(hf, np.random.default_rng(seed), fused_experts=fused)
+    if not sharded:
+        save_file(tensors, str(path / "model.safetensors"))
+        return path
+    names = sorted(tensors)
+    shards = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in shard}, str(path / file))
+        weight_map.update(dict.fromkeys(shard, file))
+    index = dict(metadata={}, weight_map=weight_map)
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path
+
+
+def prompts_for(vocab: int, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    first = rng.integers(2, vocab, 11).tolist()
+    # the late request shares 8 tokens (2 blocks of 4) with the first: a prefix-cache hit
+    return [
+        first,
+        rng.integers(2, vocab, 6).tolist(),
+        first[:8] + rng.integers(2, vocab, 5).tolist(),
+    ]
+
+
+def run_scenario(model, prompts, *, max_new=MAX_NEW, join_at=3, sampling=None):
+    """Two requests start; the third joins at step ``join_at`` (while they decode). Block size
+    4 and 8 rows per step: prompts are prefilled in chunks that cross block boundaries."""
+    engine = Engine(
+        model, block_size=4, max_seqs=3, token_budget=8, max_model_len=48, backend="xla",
+        keep_logits=True,
+    )  # fmt: skip
+    sp = sampling or SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+    reqs = [engine.add_request(p, sp) for p in prompts[:2]]
+    steps, kinds = 0, []
+    while engine.has_work():
+        if steps == join_at:
+            assert all(r.computed >= len(r.prompt) for r in reqs), "joins while the others decode"
+            reqs.append(engine.add_request(prompts[2], sp))
+        plan_sizes = [len(r.logits) for r in reqs]
+        engine.step()
+        kinds.append([len(r.logits) - n for r, n in zip(reqs, plan_sizes)])
+        steps += 1
+    assert any(k[0] > 4 for k in kinds), "no prefill chunk crossed a block boundary"
+    assert reqs[2].cached_tokens == 8, "the late request did not reuse the cached prefix"
+    assert engine.stats["steps"] >= max_new + 1
+    assert engine.allocator.refs.sum() == 0, "blocks leaked"
+    return reqs
+
+
+def check_logits(req, want: np.ndarray):
+    positions = sorted(req.logits)
+    assert positions == list(range(req.cached_tokens, len(req.tokens) - 1))
+    got = np.stack([req.logits[p] for p in positions])
+    ref = want[positions]
+    err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+    assert err <= TOLERANCE, f"request {req.request_id}: relative logit error {err:.2e}"
+
+
+# -- self-built checkpoints: loader + paged engine vs the dense forward ------------------------
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_engine_matches_dense_forward(tmp_path, name):
+    sharded, fused = name == "llama", name == "mixtral"  # the index path; fused experts
+    model = load_model(write_checkpoint(tmp_path / name, name, sharded=sharded, fused=fused))
+    assert model.config.name == name
+    reqs = run_scenario(model, prompts_for(model.config.vocab_size))
+    for req in reqs:
+        want = np.asarray(dense_logits(model, req.tokens))
+        check_logits(req, want)
+        n = len(req.prompt)
+        assert req.output == [int(np.argmax(want[n - 1 + j])) for j in range(MAX_NEW)]
+
+
+def test_config_semantics():
+    ropes = {}
+    for name in CONFIGS:
+        cfg = models.parse_config(BASE | CONFIGS[name])
+        ropes[name] = cfg.ropes[0]
+        if name == "gemma2":
+            assert cfg.windows == (8, None)  # even layers slide
+            assert cfg.attn_scale == 24**-0.5 and cfg.embed_scale == math.sqrt(48)
+            assert (cfg.attn_softcap, cfg.final_softcap) == (2.0, 3.0)
+            assert cfg.tie_word_embeddings and cfg.activation == "gelu_tanh"
+        if name == "qwen2":
+            assert cfg.windows == (None, 8)  # layers >= max_window_layers slide
+        if name == "mistral":
+            assert cfg.windows == (8, 8)
+        if name == "qwen3_moe":
+            assert cfg.moe_layers == (True, False, True) and not cfg.moe_renormalize
+    base = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(ropes["mistral"].inv_freq, base, rtol=1e-6)
+    llama3 = np.asarray(ropes["llama"].inv_freq)
+    wavelen = 2 * np.pi / base
+    np.testing.assert_allclose(llama3[wavelen < 16], base[wavelen < 16], rtol=1e-6)
+    np.testing.assert_allclose(llama3[wavelen > 64], base[wavelen > 64] / 8, rtol=1e-6)
+    assert ropes["qwen3"].scaling == pytest.approx(0.1 * math.log(4) + 1)
+    assert ropes["qwen3"].inv_freq[0] == pytest.approx(1.0) and ropes["qwen3"].inv_freq[-1] == (
+        pytest.approx(base[-1] / 4, rel=1e-6)
+    )
+    qwen = BASE | CONFIGS["qwen2"] | dict(use_sliding_window=False)
+    assert models.parse_config(qwen).windows == (None, None)
+    typed = BASE | CONFIGS["mistral"] | dict(layer_types=["full_attention", "sliding_attention"])
+    assert models.parse_config(typed).windows == (None, 8)
+
+
+# -- transformers fixtures: logits and greedy tokens as transformers computes them ------------
+
+
+def _fixture_dirs():
+    if not FIXTURES.is_dir():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{FIXTURES} is absent"))]
+    return [pytest.param(p, id=p.name) for p in sorted(FIXTURES.iterdir()) if p.is_dir()]
+
+
+@pytest.mark.parametrize("path", _fixture_dirs())
+def test_transformers_parity(path):
+    expected = np.load(path / "expected.npz")
+    model = load_model(path)
+    assert model.config.dtype == "float32"
+    prompts = [expected[f"prompt_{i}"].tolist() for i in range(3)]
+    max_new = int(expected["max_new_tokens"])
+    reqs = run_scenario(model, prompts, max_new=max_new)
+    for i, req in enumerate(reqs):
+        assert req.output == expected[f"greedy_{i}"].tolist(), f"{path.name} prompt {i}"
+        check_logits(req, expected[f"logits_{i}"])
+
+
+def test_fixture_families_cover_the_supported_architectures():
+    if not FIXTURES.is_dir():
+        pytest.skip(f"{FIXTURES} is absent")
+    archs = {
+        json.loads((p / "config.json").read_text())["architectures"][0]
+        for p in FIXTURES.iterdir()
+        if p.is_dir()
+    }
+    assert archs == set(models.FAMILIES)
+    assert any((p / "model.safetensors.index.json").exists() for p in FIXTURES.iterdir())
+    size = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
+    assert size < 2 * 2**20, f"fixtures take {size} bytes"
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    with pytest.raises(models.UnsupportedArchitectureError, match="LlamaForCausalLM") as e:
+        models.parse_config(BASE | dict(architectures=["GPT2LMHeadModel"]))
+    assert "GPT2LMHeadModel" in str(e.value) and "Qwen3MoeForCausalLM" in str(e.value)
+    with pytest.raises(models.UnsupportedArchitectureError, match="not supported yet") as e:
+        models.parse_config(BASE | dict(architectures=["GptOssForCausalLM"]))
+    assert "swigluoai" in str(e.value) and "MixtralForCausalLM" in str(e.value)
+    (tmp_path / "config.json").write_text(json.dumps(BASE))
+    with pytest.raises(models.UnsupportedArchitectureError, match="names no architecture"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "rope type 'dynamic'"),
+        (dict(quantization_config=dict(quant_method="mxfp4")), "quantized.*mxfp4"),
+        (dict(hidden_act="relu2"), "hidden_act 'relu2'"),
+        (dict(layer_types=["chunked_attention"] * 2), "chunked_attention"),
+    ],
+)
+def test_unsupported_config_feature_is_named(extra, match):
+    with pytest.raises(models.UnsupportedConfigError, match=match):
+        models.parse_config(BASE | CONFIGS["llama"] | extra)
+
+
+def test_missing_and_misshapen_tensors_are_named(tmp_path):
+    path = write_checkpoint(tmp_path / "m", "qwen2")
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    del tensors["model.norm.weight"]
+    tensors["model.layers.0.mlp.down_proj.weight"] = np.zeros((64, 31), np.float32)
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(models.MissingTensorError) as e:
+        load_model(path)
+    msg = str(e.value)
+    assert "model.layers.1.self_attn.k_proj.bias" in msg and "model.norm.weight" in msg
+    assert "model.layers.0.mlp.down_proj.weight: shape (64, 31), expected (64, 32)" in msg
+    (path / "model.safetensors").unlink()
+    with pytest.raises(models.ModelError, match="no \\*.safetensors"):
+        load_model(path)
+
+
+def test_engine_rejects_requests_it_cannot_hold(tmp_path):
+    model = load_model(write_checkpoint(tmp_path / "l", "mistral"))
+    with pytest.raises(ValueError, match="token_budget"):
+        Engine(model, max_seqs=8, token_budget=4)
+    engine = Engine(model, block_size=4, max_seqs=2, token_budget=8, max_model_len=16)
+    with pytest.raises(ValueError, match="exceeds max_model_len 16"):
+        engine.add_request(list(range(2, 12)), SamplingParams(max_new_tokens=8))
+    with pytest.raises(ValueError, match="outside"):
+        engine.add_request([5, 500])
+
+
+# -- allocator and prefix cache -------------------------------------------------------------
+
+
+def test_block_hashes_chain_the_prefix():
+    a = block_hashes(list(range(10)), 4)
+    assert len(a) == 2  # the partial third block has no hash
+    assert block_hashes(list(range(8)) + [99], 4) == a
+    b = block_hashes([7] + list(range(1, 10)), 4)
+    assert b[0] != a[0] and b[1] != a[1]  # same tokens in block 1, different prefix
+
+
+def test_allocator_refcounts_caches_and_evicts():
+    alloc = BlockAllocator(3)
+    h = block_hashes(list(range(12)), 4)
+    first = [alloc.allocate(), alloc.allocate()]
+    for block, hh in zip(first, h):
+        alloc.register(block, hh)
+    assert alloc.lookup(h) == first and alloc.refs[first].tolist() == [2, 2]
+    alloc.release(first)
+    alloc.release(first)  # both users done: cached but evictable
+    assert alloc.num_available == 3
+    other = alloc.allocate()  # the never-used block first
+    assert other not in first
+    assert alloc.lookup(h[:1]) == first[:1]  # a hit takes the block off the evictable list
+    evicted = alloc.allocate()  # evicts the least recently used cached block
+    assert evicted == first[1] and alloc.lookup(h[1:2]) == []
+    with pytest.raises(models.OutOfBlocksError):
+        alloc.allocate()
+    alloc.release([other, evicted, first[0]])
+    with pytest.raises(RuntimeError, match="released more often"):
+        alloc.release([other])
+    off = BlockAllocator(2, prefix_caching=False)
+    off.register(off.allocate(), h[0])
+    assert off.lookup(h) == []
+
+
+def test_engine_frees_blocks_and_reuses_prefix_across_requests(tmp_path):
+    model = load_model(write_checkpoint(tmp_path / "q", "qwen3"))
+    engine = Engine(
+        model, block_size=4, max_seqs=2, token_budget=8, max_model_len=40, backend="xla"
+    )
+    prompt = list(range(2, 20))
+    first = engine.generate([prompt], SamplingParams(max_new_tokens=3), progress=False)[0]
+    assert engine.allocator.refs.sum() == 0 and first.cached_tokens == 0
+    again = engine.generate([prompt], SamplingParams(max_new_tokens=3), progress=False)[0]
+    assert again.cached_tokens == 16 and again.output == first.output
+    assert engine.stats["cached_tokens"] == 16
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+def _draw(logits, temperature, top_p, seed, counters):
+    s = len(counters)
+    return np.asarray(
+        models.sample(
+            jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (s, len(logits))),
+            jnp.full(s, temperature, jnp.float32),
+            jnp.full(s, top_p, jnp.float32),
+            jnp.full(s, seed, jnp.uint32),
+            jnp.asarray(counters, jnp.uint32),
+        )
+    )
+
+
+def test_sampler_greedy_topp_and_seeds():
+    logits = np.log(np.array([0.1, 0.2, 0.4, 0.3]))
+    assert _draw(logits, 0.0, 1.0, 0, range(5)).tolist() == [2] * 5
+    assert set(_draw(logits, 1.0, 0.01, 0, range(50)).tolist()) == {2}  # nucleus of one
+    assert set(_draw(logits, 1.0, 0.6, 0, range(300)).tolist()) == {2, 3}  # 0.4 + 0.3
+    a = _draw(logits, 1.0, 1.0, 7, range(64))
+    assert np.array_equal(a, _draw(logits, 1.0, 1.0, 7, range(64)))
+    assert not np.array_equal(a, _draw(logits, 1.0, 1.0, 8, range(64)))
+    freq = np.bincount(_draw(logits, 1.0, 1.0, 3, range(4000)), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.1, 0.2, 0.4, 0.3], atol=0.03)
+    hot = np.bincount(_draw(logits, 0.25, 1.0, 3, range(2000)), minlength=4) / 2000
+    assert hot[2] > 0.6  # a low temperature sharpens towards the argmax
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tmp_path):
+    model = load_model(write_checkpoint(tmp_path / "g", "gemma2"))
+    sp = SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    prompts = prompts_for(model.config.vocab_size, seed=2)
+    alone = Engine(model, block_size=4, max_seqs=1, token_budget=8, max_model_len=32, backend="xla")
+    solo = alone.generate(prompts[:1], sp, progress=False)[0].output
+    together = Engine(
+        model, block_size=4, max_seqs=3, token_budget=8, max_model_len=32, backend="xla"
+    )
+    reqs = together.generate(prompts, sp, progress=False)
+    assert reqs[0].output == solo
+    streamed = []
+    late = together.add_request(prompts[0], sp, on_token=lambda r, t: streamed.append(t))
+    events = list(together.stream())
+    assert [e.token for e in events] == streamed == late.output == solo
+    assert events[-1].finished and late.finish_reason == "length"
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_cli_streams_tokens_and_reports_speed(tmp_path, capsys):
+    from jax_paged_attn import serve
+
+    path = write_checkpoint(tmp_path / "c", "mixtral")
+    code = serve.main(
+        ["--model", str(path), "--prompt-ids", "3,4,5,6,7", "--max-new-tokens", "5",
+         "--block-size", "4", "--backend", "xla", "--ignore-eos"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "tokens/s" in out
+    ids = [line for line in out.splitlines() if line.startswith("ids:")][0].split()[1:]
+    reference = Engine(load_model(path), block_size=4, max_seqs=1, token_budget=8, backend="xla")
+    sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    assert [int(t) for t in ids] == reference.generate([[3, 4, 5, 6, 7]], sp, progress=False)[
+        0
+    ].output
+    with pytest.raises(SystemExit):  # a text prompt needs the checkpoint's tokenizer.json
+        serve.main(["--model", str(path), "--prompt", "hello"])
+    assert "tokenizer.json" in capsys.readouterr().err
