@@ -7,8 +7,12 @@ once per tile, not once per row. The tiles are enumerated on the device from
 ``cu_seqlens_q`` (a prefix sum of ``ceil(n_i / q_tile)``) under a static bound, so nothing
 syncs with the host and a new batch composition does not recompile.
 
-The fused MoE sorts the (token, expert) pairs by expert and runs two grouped matmuls
-(``lax.ragged_dot``): each token meets only the experts it was routed to.
+The fused MoE sorts the (token, expert) pairs by expert and cuts each expert's run into tiles of
+``block`` rows; a loop over the tiles in use runs the two matmuls of one expert per tile. Each
+token meets only the experts it was routed to, so an expert no token selects is never read
+(NaN or Inf in its weights cannot reach an output), and the memory is the ``T * k`` routed rows
+plus one tile, never ``E x T`` (a dense-over-experts ``lax.ragged_dot`` lowering needs that).
+float32 matmuls run at ``Precision.HIGHEST`` (not TF32 on GPUs).
 """
 
 from __future__ import annotations
@@ -47,14 +51,17 @@ def _tiles(cu_seqlens_q, context_lens, num_tokens: int, q_tile: int):
     return seq, rows, pos
 
 
-def _varying_like(x, tree):
-    """Inside ``shard_map`` (check_vma), loop carries must vary over the axes ``x`` varies over."""
-    aval = jax.typeof(x)
-    axis_type = getattr(aval, "manual_axis_type", None)  # jax 0.11; older: aval.vma
-    vma = tuple(sorted(axis_type.varying if axis_type is not None else getattr(aval, "vma", ())))
+def _varying_like(xs, tree):
+    """Inside ``shard_map`` (check_vma), loop carries must vary over the axes the inputs ``xs``
+    (an array or a tuple of arrays) vary over."""
+    vma = set()
+    for x in xs if isinstance(xs, tuple) else (xs,):
+        aval = jax.typeof(x)
+        axis_type = getattr(aval, "manual_axis_type", None)  # jax 0.11; older: aval.vma
+        vma.update(axis_type.varying if axis_type is not None else getattr(aval, "vma", ()))
     if not vma:
         return tree
-    return jax.tree.map(lambda a: lax.pcast(a, vma, to="varying"), tree)
+    return jax.tree.map(lambda a: lax.pcast(a, tuple(sorted(vma)), to="varying"), tree)
 
 
 def paged_attention(
@@ -87,7 +94,7 @@ def paged_attention(
     by default the loop covers only the blocks some row sees.
     """
     num_tokens, num_heads, head_dim = q.shape
-    _, num_kv_heads, block_size, _ = k_pages.shape
+    num_blocks, num_kv_heads, block_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     max_blocks = block_tables.shape[1]
     if q_tile is None:  # one row per tile when the batch looks like decode
@@ -138,6 +145,7 @@ def paged_attention(
         m, l, acc = carry  # [NT, Hkv, G, QT](,D)
         blk = first_block + i * blocks_per_step + jnp.arange(blocks_per_step)
         ids = block_tables[seq][:, jnp.minimum(blk, max_blocks - 1)]  # [NT, BPS]
+        ids = jnp.clip(ids, 0, num_blocks - 1)  # ids outside the cache read a real page
         k = dequant(k_pages[ids], k_scale)  # [NT, Hkv, K, D]
         v = dequant(v_pages[ids], v_scale)
         if static_loop:
@@ -184,7 +192,10 @@ def paged_attention(
         num_steps = -(-max_blocks // blocks_per_step)
     m, l, acc = lax.fori_loop(0, num_steps, step, init)
     if sinks is not None:
-        sink = sinks.reshape(num_kv_heads, group)[None, :, :, None]
+        # Finite: a +inf sink takes the whole weight (rows exactly 0), -inf none (no sink),
+        # without inf - inf.
+        fmax = float(jnp.finfo(jnp.float32).max)
+        sink = jnp.clip(sinks.reshape(num_kv_heads, group), -fmax, fmax)[None, :, :, None]
         m_fin = jnp.maximum(m, sink)
         l = l * jnp.exp(m - m_fin) + jnp.exp(sink - m_fin)
         acc = acc * jnp.exp(m - m_fin)[..., None]
@@ -242,25 +253,137 @@ ACTIVATIONS = {
 }
 
 
-def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation: str, interpret=False):
-    """Fused MoE (``interfaces.MoEKernels``): expert-sorted tokens through two grouped matmuls."""
-    del interpret
+def _moe_block(num_pairs: int, num_experts: int) -> int:
+    """Rows per tile: twice the mean rows per selected expert, so most experts fit one tile
+    (their weights are read about once), a power of two in [8, 256]."""
+    mean = -(-num_pairs // max(1, min(num_experts, num_pairs)))
+    return min(256, max(8, 1 << max(0, 2 * mean - 1).bit_length()))
+
+
+def _moe_tiles(topk_ids, num_experts: int, block: int):
+    """The pairs ``s = t * k + j`` in expert order, cut into tiles of ``block`` rows of one expert.
+
+    Returns ``order`` i32[N] (pairs sorted by expert; ids outside [0, E) last), per tile
+    ``expert``, ``first`` (its first position in ``order``) and ``rows`` (i32[NT] each), and the
+    number of tiles in use (the tiles past it are never run). ``NT`` is a static bound:
+    ``sum_e ceil(n_e / block) <= ceil(N / block) + min(E, N)``.
+    """
+    num_pairs = topk_ids.size
+    flat = topk_ids.reshape(-1)
+    key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    counts = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    starts = jnp.cumsum(counts) - counts
+    tiles = (counts + block - 1) // block
+    tile_end = jnp.cumsum(tiles)
+    num_tiles = -(-num_pairs // block) + min(num_experts, num_pairs)
+    i = jnp.arange(num_tiles, dtype=jnp.int32)
+    expert = jnp.searchsorted(tile_end, i, side="right", method="compare_all").astype(jnp.int32)
+    expert = jnp.minimum(expert, num_experts - 1)
+    offset = (i - (tile_end[expert] - tiles[expert])) * block  # rank of the tile's first row
+    rows = jnp.clip(counts[expert] - offset, 0, block)
+    return order, expert, starts[expert] + offset, rows, tile_end[-1]
+
+
+def _moe_tile_fn(activation: str, dtype):
+    """y0 = act(xs @ Wg) * (xs @ Wu) @ Wd for one tile, f32 accumulation; the intermediate
+    passes through ``dtype`` as in the kernels."""
+    precision = _HI if jnp.dtype(dtype) == jnp.float32 else None
+    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
+
+    def tile(xs, w_gate_up, w_down):
+        h = dot(xs, w_gate_up)
+        inter = w_down.shape[0]
+        a = ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]
+        return dot(a.astype(dtype), w_down)
+
+    return tile
+
+
+def _moe_loop(x, w_gate_up, w_down, topk_weights, topk_ids, activation, body, init):
+    """Runs ``carry = body(carry, tile, xs, w_gate_up[e], w_down[e], w, rows_ok, token, pair, e)``
+    over the tiles in use, from ``init``: ``xs`` the tile's rows of x (0 past its rows), ``w``
+    their routing weights, ``tile`` the tile's math (``_moe_tile_fn``)."""
     num_tokens, _ = x.shape
-    num_experts, _, inter2 = w_gate_up.shape
-    inter = inter2 // 2
+    num_experts = w_gate_up.shape[0]
     top_k = topk_ids.shape[1]
-    ids = topk_ids.reshape(-1)
-    valid = (ids >= 0) & (ids < num_experts)
-    key = jnp.where(valid, ids, num_experts)  # other devices' experts sort last
-    order = jnp.argsort(key, stable=True)
-    token = order // top_k
-    group_sizes = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    xs = x[token]  # [T*k, Hd] in expert order
-    h = lax.ragged_dot(xs, w_gate_up, group_sizes, preferred_element_type=jnp.float32)
-    a = ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]
-    y = lax.ragged_dot(a.astype(x.dtype), w_down, group_sizes, preferred_element_type=jnp.float32)
-    w = topk_weights.reshape(-1)[order].astype(jnp.float32)
-    # Rows past sum(group_sizes) belong to no local expert: they contribute exactly zero.
-    y = jnp.where(valid[order][:, None], y * w[:, None], 0.0)
-    out = jnp.zeros((num_tokens, x.shape[1]), jnp.float32).at[token].add(y)
+    num_pairs = num_tokens * top_k
+    block = _moe_block(num_pairs, num_experts)
+    order, expert, first, rows, used = _moe_tiles(topk_ids, num_experts, block)
+    weights = topk_weights.reshape(-1).astype(jnp.float32)
+    tile = _moe_tile_fn(activation, x.dtype)
+    r = jnp.arange(block, dtype=jnp.int32)
+
+    def step(i, carry):
+        ok = r < rows[i]
+        pair = order[jnp.minimum(first[i] + r, num_pairs - 1)]
+        token = pair // top_k
+        xs = jnp.where(ok[:, None], x[token], jnp.zeros((), x.dtype))
+        e = expert[i]
+        w = jnp.where(ok, weights[pair], 0.0)
+        return body(carry, tile, xs, w_gate_up[e], w_down[e], w, ok, token, pair, e)
+
+    init = _varying_like((x, w_gate_up, w_down, topk_weights), init)
+    return lax.fori_loop(0, used, step, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, activation):
+    num_tokens, hidden = x.shape
+
+    def body(out, tile, xs, wg, wd, w, ok, token, pair, e):
+        y = tile(xs, wg, wd) * w[:, None]
+        return out.at[jnp.where(ok, token, num_tokens)].add(y, mode="drop")
+
+    init = jnp.zeros((num_tokens, hidden), jnp.float32)
+    out = _moe_loop(x, w_gate_up, w_down, topk_weights, topk_ids, activation, body, init)
     return out.astype(x.dtype)
+
+
+def _fused_moe_fwd(x, w_gate_up, w_down, topk_weights, topk_ids, activation):
+    out = _fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, activation)
+    return out, (x, w_gate_up, w_down, topk_weights, topk_ids)
+
+
+def _fused_moe_bwd(activation, residuals, cotangent):
+    """The same tile loop, each tile's VJP: an expert no token selects gets a zero gradient."""
+    x, w_gate_up, w_down, topk_weights, topk_ids = residuals
+    num_tokens, _ = x.shape
+    num_pairs = topk_ids.size
+    dy = jnp.asarray(cotangent, jnp.float32)
+
+    def body(grads, tile, xs, wg, wd, w, ok, token, pair, e):
+        dx, dwg, dwd, dw = grads
+        y0, vjp = jax.vjp(tile, xs, wg, wd)
+        dy_rows = jnp.where(ok[:, None], dy[token], 0.0)
+        dxs, dwg_e, dwd_e = vjp(dy_rows * w[:, None])
+        dx = dx.at[jnp.where(ok, token, num_tokens)].add(dxs.astype(jnp.float32), mode="drop")
+        dwg = dwg.at[e].add(dwg_e.astype(jnp.float32))
+        dwd = dwd.at[e].add(dwd_e.astype(jnp.float32))
+        dw = dw.at[jnp.where(ok, pair, num_pairs)].add(jnp.sum(y0 * dy_rows, axis=1), mode="drop")
+        return dx, dwg, dwd, dw
+
+    f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
+    init = (f32(x.shape), f32(w_gate_up.shape), f32(w_down.shape), f32((num_pairs,)))
+    dx, dwg, dwd, dw = _moe_loop(
+        x, w_gate_up, w_down, topk_weights, topk_ids, activation, body, init
+    )
+    return (
+        dx.astype(x.dtype),
+        dwg.astype(w_gate_up.dtype),
+        dwd.astype(w_down.dtype),
+        dw.reshape(topk_weights.shape).astype(topk_weights.dtype),
+        None,
+    )
+
+
+_fused_moe.defvjp(_fused_moe_fwd, _fused_moe_bwd)
+
+
+def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation: str, interpret=False):
+    """Fused MoE (``interfaces.MoEKernels``): a loop over expert-sorted tiles of routed rows."""
+    del interpret
+    if x.shape[0] == 0 or topk_ids.shape[1] == 0:
+        return jnp.zeros(x.shape, x.dtype)
+    topk_ids = topk_ids.astype(jnp.int32)
+    return _fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, activation)
