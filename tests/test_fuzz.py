@@ -2,7 +2,8 @@
 
 Each case is a fresh batch: a random number of sequences mixing decode rows (q_len 1), prefill
 chunks (q_len up to the context) and inactive sequences (context 0), contexts on and around
-block boundaries, permuted block tables, NaN in every unused page, slot and padding query row.
+block boundaries, permuted block tables (entries past each sequence: spare pages or random,
+mostly out-of-range ids), NaN in every unused page, slot and padding query row.
 A quarter of the cases are decode-only batches for ``paged_decode``.
 
 Static shapes are fixed (rows, sequences, table width, cache size), so one compilation per
@@ -129,6 +130,7 @@ class FuzzCase:
     kind: str
     seqs: list
     opts: dict  # the array options (alibi_slopes, sinks) as float32 NumPy
+    junk_tables: bool
 
     def describe(self, backend: str, config: Config, cases: int) -> str:
         opts = {k: np.round(v.astype(np.float64), 4).tolist() for k, v in self.opts.items()}
@@ -136,7 +138,8 @@ class FuzzCase:
             f"case {self.index} ({self.kind}) on backend={backend}: {config}\n"
             f"  (q_len, context_len) per sequence: {self.seqs}\n"
             f"  rows {NUM_ROWS}, head_dim {HEAD_DIM}, block_size {BLOCK_SIZE}, "
-            f"table width {MAX_BLOCKS}, {NUM_BLOCKS} blocks; array options {opts}\n"
+            f"table width {MAX_BLOCKS}, {NUM_BLOCKS} blocks; junk table entries "
+            f"{self.junk_tables}; array options {opts}\n"
             f"  replay: JPA_SEED={SEED} JPA_FUZZ_CASES={cases} JPA_FUZZ_ONLY={self.index} "
             f"python -m pytest -q -n 0 tests/test_fuzz.py --backends={backend}"
         )
@@ -151,6 +154,7 @@ def draw_case(backend: str, config: Config, index: int):
     if config.sinks:
         opts["sinks"] = rng.uniform(-2.0, 4.0, config.num_heads).astype(np.float32)
     rows = sum(n for n, _ in seqs)
+    junk = bool(rng.random() < 0.5)  # table entries past each sequence: any id, else spare pages
     case = build_case(
         rng,
         seqs,
@@ -163,11 +167,12 @@ def draw_case(backend: str, config: Config, index: int):
         pad_rows=0 if kind == "decode" else NUM_ROWS - rows,
         num_blocks=NUM_BLOCKS,
         max_blocks=MAX_BLOCKS,
+        junk_tables=junk,
     )
     if kind == "decode":  # rows of inactive sequences are padding too: NaN
         idle = np.array([ctx == 0 for _, ctx in seqs])
         case.q = case.q.at[np.flatnonzero(idle)].set(jnp.nan)
-    return FuzzCase(index, kind, seqs, opts), case
+    return FuzzCase(index, kind, seqs, opts, junk), case
 
 
 @functools.cache

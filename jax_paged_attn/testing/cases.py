@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_paged_attn import AttentionMetadata, KVCache, write_kv
+from jax_paged_attn import AttentionMetadata, KVCache
 from jax_paged_attn.testing import oracle
 
 FP8 = jnp.float8_e4m3fn
@@ -66,6 +66,19 @@ class Case:
         )
 
 
+def _place(cache: KVCache, k, v, slots) -> KVCache:
+    """``write_kv`` with the oracle's rounding: token ``i`` lands in block ``slots[i] // BS`` at
+    offset ``slots[i] % BS`` as ``oracle.stored`` (exact IEEE division for float8), so the cache
+    holds exactly what the oracle reads whatever the library's own write rounds to (XLA turns a
+    division by a broadcast scale into a multiply by its reciprocal)."""
+    block, offset = slots // cache.block_size, slots % cache.block_size
+    pages = []
+    for old, x, scale in ((cache.k, k, cache.k_scale), (cache.v, v, cache.v_scale)):
+        new = oracle.stored(x, cache.dtype, None if scale is None else np.asarray(scale))
+        pages.append(old.at[block, :, offset].set(jnp.asarray(new)))
+    return dataclasses.replace(cache, k=pages[0], v=pages[1])
+
+
 def build_case(
     rng: np.random.Generator,
     seqs,
@@ -83,7 +96,7 @@ def build_case(
     max_blocks=None,
     junk_tables=False,
 ) -> Case:
-    """A batch of sequences ``[(q_len, kv_len), ...]`` over a cache built through the API.
+    """A batch of sequences ``[(q_len, kv_len), ...]`` over a cache from the API.
 
     Blocks are a random permutation of the cache; block-table entries past each context and
     every unused page and slot hold NaN pages, so any read out of range shows up as NaN.
@@ -151,13 +164,7 @@ def build_case(
         new_k[rows], new_v[rows] = k[first_new:], v[first_new:]
         step_slots[rows] = seq_slots[first_new:]
     if slots and sum(len(s) for s in slots):
-        cache = write_kv(
-            cache,
-            jnp.asarray(np.concatenate(ks)),
-            jnp.asarray(np.concatenate(vs)),
-            jnp.asarray(np.concatenate(slots)),
-            backend="xla",
-        )
+        cache = _place(cache, np.concatenate(ks), np.concatenate(vs), np.concatenate(slots))
     q = rng.standard_normal((num_tokens, num_heads, head_dim)).astype(np.float32)
     q[int(cu[-1]) :] = np.nan
     meta = AttentionMetadata(

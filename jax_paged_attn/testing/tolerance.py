@@ -46,6 +46,7 @@ def assert_close(out, ref, dtype, what="", *, atol=None, rtol=None, rel=None):
     assert np.all(np.isfinite(out)), (
         f"{what}: non-finite values at {np.argwhere(~np.isfinite(out))[:5].tolist()}"
     )
+    assert np.all(np.isfinite(ref)), f"{what}: the reference is not finite"
     tol = dict(TOLERANCE[jnp.dtype(dtype)])
     tol.update({k: v for k, v in (("atol", atol), ("rtol", rtol), ("rel", rel)) if v is not None})
     err = np.abs(out - ref)
