@@ -95,7 +95,7 @@ def run_kw(backend: str) -> dict:
     return dict(backend=backend, interpret=backend != "xla" and on_cpu())
 
 
-# Fresh inputs on every run; JPA_SEED=<n> replays a run (the seed is in the report header).
+# Fresh inputs on every run; JPA_SEED=<n> replays a run (the report header prints its value).
 SEED = int(os.environ.get("JPA_SEED", np.random.SeedSequence().entropy % (2**31)))
 
 

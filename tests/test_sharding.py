@@ -95,7 +95,7 @@ def test_kv_head_layout(heads, kv_heads, n, want):
     assert {k: getattr(layout, k) for k in want} == want
     group = heads // kv_heads
     for d in range(n):
-        # Every query head of device d reads (SPEC: h // group) a KV head the device holds.
+        # Every query head h of device d reads KV head h // group, which the device holds.
         needed = {h // group for h in range(d * layout.local_heads, (d + 1) * layout.local_heads)}
         assert needed == set(layout.device_kv_heads(d))
 
