@@ -103,15 +103,29 @@ def test_all_experts_foreign_gives_zero(backend, rng):
     assert np.all(np.asarray(out) == 0)
 
 
+def _matmuls(jaxpr):
+    """(primitive, operand shapes) of every matmul in ``jaxpr`` and the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        if "dot" in eqn.primitive.name:
+            yield eqn.primitive.name, [v.aval.shape for v in eqn.invars]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _matmuls(inner)
+
+
 def test_xla_path_is_grouped_not_dense():
-    # The xla backend must not run every expert on every token: two grouped matmuls.
+    # The xla backend must not run every expert on every token: each matmul multiplies routed
+    # rows by one expert's weight matrix (2-D), never the stacked [E, ...] weights.
     x = jnp.ones((16, 32))
-    wgu = jnp.ones((8, 32, 64))
-    wd = jnp.ones((8, 32, 32))
-    w, ids = jpa.moe_topk(jnp.ones((16, 8)), 2)
-    jaxpr = str(jax.make_jaxpr(lambda *a: jpa.fused_moe(*a, backend="xla"))(x, wgu, wd, w, ids))
-    assert jaxpr.count("= ragged_dot_general[") == 2
-    assert "= dot_general[" not in jaxpr
+    wgu = jnp.ones((5, 32, 48))
+    wd = jnp.ones((5, 24, 32))
+    w, ids = jpa.moe_topk(jnp.ones((16, 5)), 2)
+    jaxpr = jax.make_jaxpr(lambda *a: jpa.fused_moe(*a, backend="xla"))(x, wgu, wd, w, ids)
+    matmuls = list(_matmuls(jaxpr.jaxpr))
+    assert {name for name, _ in matmuls} == {"dot_general"}, matmuls
+    assert {shapes[1] for _, shapes in matmuls} == {(32, 48), (24, 32)}, matmuls
 
 
 def test_tolerance_table_covers_dtypes():
