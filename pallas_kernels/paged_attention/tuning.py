@@ -44,8 +44,11 @@ class BlockSizes:
     {decode,prefill}_prefetch: the block-table ids of tile j + 1 are loaded in iteration j and
         carried, so the K/V gathers depend on a loop-carried value rather than on a load of the
         same iteration (Triton's pipeliner then gives K/V num_stages - 1 buffers).
-    {decode,prefill}_fold: unmasked tiles take the row max of the raw q.k and compute
-        exp2(s * c - m) (the scale multiply leaves the max path).
+    {decode,prefill}_fold: without softcap and ALiBi, the softmax runs in units of the raw
+        q.k (the scale multiply leaves the max path) and computes exp2((s - m) * c), exact for
+        logits of any size (triton_common: "raw" domain). Off: logits are scaled first; on a
+        GPU the compiler may then contract the scale multiply and the max subtraction into one
+        FMA, which overflows for logits beyond ~2^31 in log2 units. On by default in both.
     heads_inner: prefill grid (Hkv, tiles) instead of (tiles, Hkv).
     """
 
@@ -56,7 +59,7 @@ class BlockSizes:
     num_splits: int | None = None
     decode_prefetch: bool = False
     prefill_prefetch: bool = False
-    decode_fold: bool = False
+    decode_fold: bool = True
     prefill_fold: bool = True
     heads_inner: bool = True
 
