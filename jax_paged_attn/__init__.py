@@ -3,7 +3,7 @@
 The public API (see docs/contract.md and README.md): ``KVCache``, ``write_kv``, ``copy_blocks``,
 ``gather_blocks``, ``scatter_blocks``, ``update_kv_scales``, ``AttentionMetadata``,
 ``check_metadata``, ``paged_attention``, ``paged_decode``, ``PagedAttention``, ``moe_topk``,
-``fused_moe``; scale-out with ``shard_map`` in ``jax_paged_attn.sharding``.
+``fused_moe``, ``merge_attention_states``; scale-out with ``shard_map`` in ``jax_paged_attn.sharding``.
 """
 
 from jax_paged_attn import sharding
@@ -32,6 +32,7 @@ from jax_paged_attn.sharding import (
     shard_paged_decode,
     unreplicate_kv_heads,
 )
+from jax_paged_attn.states import merge_attention_states
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "copy_blocks",
     "fused_moe",
     "gather_blocks",
+    "merge_attention_states",
     "metadata_checks",
     "moe_topk",
     "paged_attention",
