@@ -97,7 +97,7 @@ def _attention(
     partition_size,
 ):
     rows, heads, head_dim = q.shape
-    _, kv_heads, block_size, _ = k_pages.shape
+    num_blocks, kv_heads, block_size, _ = k_pages.shape
     num_seqs, max_blocks = block_tables.shape
     check_supported(
         head_dim=head_dim, block_size=block_size, q_dtype=q.dtype, kv_dtype=k_pages.dtype
@@ -132,7 +132,9 @@ def _attention(
         q,
         _raw(k_pages),
         _raw(v_pages),
-        block_tables.astype(jnp.int32),
+        # Block ids outside the cache (bad metadata) read a real page, not memory past it:
+        # the kernel has no buffer sizes, so the [S, MB] table is clamped here.
+        jnp.clip(block_tables.astype(jnp.int32), 0, num_blocks - 1),
         context_lens.astype(jnp.int32),
         cu_seqlens_q.astype(jnp.int32),
         alibi,

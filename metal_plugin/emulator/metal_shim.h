@@ -5,6 +5,7 @@
 // Limits: accepts some C++ Metal rejects; no threadgroup-memory size or pipeline limits;
 // precise math; says nothing about speed.
 #pragma once
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -2,7 +2,10 @@
 // Threadgroup (x, y, z) = (partition, query head, query row); NSG simdgroups of 32 lanes.
 // Row r belongs to sequence i with cu[i] <= r < cu[i+1] (binary search); it sits at
 // p = L - n + (r - cu[i]) and sees keys max(0, p-W+1) <= t <= p: the per-query causal
-// mask inside a chunk. Partition x covers keys [x*PART, (x+1)*PART).
+// mask inside a chunk. Rows before cu[0] or at or past cu[S] see no key (zeros). L is at
+// most what the block-table row holds (MB * BLOCK_SIZE); block ids arrive clamped into the
+// cache (ops.py), so bad metadata never reads outside it. Partition x covers keys
+// [x*PART, (x+1)*PART).
 // Each simdgroup takes chunks of 32 keys (chunk c = sg, sg+NSG, ...): lane j scores key
 // base+j against q (held in threadgroup memory), one simd_max per chunk drives the online
 // softmax, then every lane accumulates its HEAD_DIM/32 output dims over the chunk's keys.
@@ -34,10 +37,10 @@ threadgroup float sg_m[NSG];
 threadgroup float sg_l[NSG];
 threadgroup float sg_acc[NSG][HEAD_DIM];
 
-// Which sequence owns row r; rows at or past cu[S] are padding (no keys).
+// Which sequence owns row r; rows before cu[0] or at or past cu[S] are padding (no keys).
 int seq = -1;
 int qpos = -1;
-if (int(r) < cu_seqlens_q[S]) {
+if (int(r) >= cu_seqlens_q[0] && int(r) < cu_seqlens_q[S]) {
   int lo = 0, hi = S - 1;                   // first i with cu[i+1] > r
   while (lo < hi) {
     int mid = (lo + hi) / 2;
@@ -45,7 +48,7 @@ if (int(r) < cu_seqlens_q[S]) {
   }
   seq = lo;
   const int n = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
-  qpos = context_lens[seq] - n + (int(r) - cu_seqlens_q[seq]);
+  qpos = min(context_lens[seq], MB * BLOCK_SIZE) - n + (int(r) - cu_seqlens_q[seq]);
 }
 // Visible keys of this partition: [k_lo, k_hi], empty when k_lo > k_hi.
 int k_lo = max(int(part) * PART, (W > 0) ? qpos - W + 1 : 0);
@@ -130,9 +133,10 @@ float lsum = 0.0f;
 for (int g = 0; g < NSG; ++g) if (sg_l[g] > 0.0f) lsum += sg_l[g] * exp(sg_m[g] - M);
 #if DIRECT_OUT
 // The sink joins the denominator only; rows without keys still come out as exact zeros.
+// Clamped finite: -inf is no sink, +inf takes the whole weight (the row is exactly 0).
 float rescale = 1.0f;
 if (has_sinks != 0 && lsum > 0.0f) {
-  const float sk = sinks[h];
+  const float sk = clamp(sinks[h], -FLT_MAX, FLT_MAX);
   const float M2 = max(M, sk);
   rescale = exp(M - M2);
   lsum = lsum * rescale + exp(sk - M2);

@@ -19,7 +19,7 @@ for (int j = 0; j < NUM_PARTS; ++j) {
   denom += w[j];
 }
 if (has_sinks != 0 && denom > 0.0f) {
-  const float sk = sinks[h];
+  const float sk = clamp(sinks[h], -FLT_MAX, FLT_MAX);  // +inf: the row is exactly 0
   const float M2 = max(M, sk);
   const float c = exp(M - M2);
   for (int j = 0; j < NUM_PARTS; ++j) w[j] *= c;
