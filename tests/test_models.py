@@ -58,7 +58,7 @@ CONFIGS = {
             factor=8.0,
             low_freq_factor=1.0,
             high_freq_factor=4.0,
-            original_max_position_embeddings=64,
+            original_max_position_embeddings=16,
         ),
         tie_word_embeddings=False,
     ),
@@ -73,7 +73,7 @@ CONFIGS = {
         architectures=["Qwen3ForCausalLM"],
         hidden_size=48,
         rope_parameters=dict(
-            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64
         ),
         tie_word_embeddings=True,
     ),
@@ -83,7 +83,7 @@ CONFIGS = {
         hidden_size=48,
         query_pre_attn_scalar=24,
         attn_logit_softcapping=2.0,
-        final_logit_softcapping=3.0,
+        final_logit_softcapping=10.0,
         sliding_window=8,
         hidden_activation="gelu_pytorch_tanh",
     ),
@@ -255,7 +255,7 @@ def test_config_semantics():
         if name == "gemma2":
             assert cfg.windows == (8, None)  # even layers slide
             assert cfg.attn_scale == 24**-0.5 and cfg.embed_scale == math.sqrt(48)
-            assert (cfg.attn_softcap, cfg.final_softcap) == (2.0, 3.0)
+            assert (cfg.attn_softcap, cfg.final_softcap) == (2.0, 10.0)
             assert cfg.tie_word_embeddings and cfg.activation == "gelu_tanh"
         if name == "qwen2":
             assert cfg.windows == (None, 8)  # layers >= max_window_layers slide
@@ -267,8 +267,11 @@ def test_config_semantics():
     np.testing.assert_allclose(ropes["mistral"].inv_freq, base, rtol=1e-6)
     llama3 = np.asarray(ropes["llama"].inv_freq)
     wavelen = 2 * np.pi / base
-    np.testing.assert_allclose(llama3[wavelen < 16], base[wavelen < 16], rtol=1e-6)
-    np.testing.assert_allclose(llama3[wavelen > 64], base[wavelen > 64] / 8, rtol=1e-6)
+    np.testing.assert_allclose(llama3[wavelen < 4], base[wavelen < 4], rtol=1e-6)
+    np.testing.assert_allclose(llama3[wavelen > 16], base[wavelen > 16] / 8, rtol=1e-6)
+    medium = (wavelen >= 4) & (wavelen <= 16)  # smoothed between the two
+    assert medium.any() and np.all(llama3[medium] < base[medium])
+    assert np.all(llama3[medium] > base[medium] / 8)
     assert ropes["qwen3"].scaling == pytest.approx(0.1 * math.log(4) + 1)
     assert ropes["qwen3"].inv_freq[0] == pytest.approx(1.0) and ropes["qwen3"].inv_freq[-1] == (
         pytest.approx(base[-1] / 4, rel=1e-6)
@@ -311,6 +314,11 @@ def test_fixture_families_cover_the_supported_architectures():
     }
     assert archs == set(models.FAMILIES)
     assert any((p / "model.safetensors.index.json").exists() for p in FIXTURES.iterdir())
+    names = set().union(
+        *(models.Checkpoint(p).weight_map for p in FIXTURES.iterdir() if p.is_dir())
+    )
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names  # fused experts (transformers 5)
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in names  # per expert
     size = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
     assert size < 2 * 2**20, f"fixtures take {size} bytes"
 

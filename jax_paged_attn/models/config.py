@@ -301,14 +301,15 @@ def parse_config(hf: dict) -> ModelConfig:
     moe_layers = (False,) * num_layers
     if family.moe == "mixtral":
         moe = dict(
-            num_experts=int(hf["num_local_experts"]),
+            num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 0))),
             top_k=int(hf["num_experts_per_tok"]),
             moe_intermediate_size=int(hf["intermediate_size"]),
             moe_renormalize=True,
         )
         moe_layers = (True,) * num_layers
     elif family.moe == "qwen3_moe":
-        experts = int(hf.get("num_experts", 0))
+        # transformers 5 writes num_local_experts; released Qwen3-MoE configs say num_experts
+        experts = int(hf.get("num_experts", hf.get("num_local_experts", 0)))
         step = int(hf.get("decoder_sparse_step", 1))
         dense = set(hf.get("mlp_only_layers") or [])
         moe_layers = tuple(
