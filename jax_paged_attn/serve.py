@@ -118,8 +118,9 @@ def main(argv=None) -> int:
             print(text[len(shown) :], end="", flush=True)
             shown = text
     wall = time.perf_counter() - start
-    print()
-    if not single:
+    if single:
+        print()
+    else:
         for i, req in enumerate(requests):
             text = tokenizer.decode(req.output) if tokenizer else " ".join(map(str, req.output))
             print(f"[{i}] {text}")

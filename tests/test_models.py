@@ -11,9 +11,11 @@ steps. Everything runs on the CPU in float32 with the xla backend.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import pathlib
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,7 @@ from jax_paged_attn import models  # noqa: E402
 from jax_paged_attn.models import (  # noqa: E402
     BlockAllocator,
     Engine,
+    Progress,
     SamplingParams,
     block_hashes,
     dense_logits,
@@ -429,6 +432,41 @@ def test_engine_frees_blocks_and_reuses_prefix_across_requests(tmp_path):
     again = engine.generate([prompt], SamplingParams(max_new_tokens=3), progress=False)[0]
     assert again.cached_tokens == 16 and again.output == first.output
     assert engine.stats["cached_tokens"] == 16
+
+
+def test_bfloat16_weights_and_stop_tokens(tmp_path):
+    path = write_checkpoint(tmp_path / "b", "qwen3_moe")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))
+    f32, bf16 = load_model(path), load_model(path, dtype="bfloat16")
+    assert f32.config.eos_token_ids == (1, 7)
+    assert bf16.params["layers"][0]["w_gate_up"].dtype == jnp.bfloat16
+    assert bf16.params["layers"][0]["attn_in_norm"].dtype == jnp.float32
+    engine = Engine(
+        bf16, block_size=4, max_seqs=2, token_budget=8, max_model_len=32, backend="xla",
+        keep_logits=True, prefix_caching=False,
+    )  # fmt: skip
+    prompt = prompts_for(128)[0]
+    sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    req = engine.generate([prompt], sp, progress=False)[0]
+    want = np.asarray(dense_logits(f32, req.tokens))
+    got = np.stack([req.logits[p] for p in sorted(req.logits)])
+    assert np.max(np.abs(got - want[: len(got)])) / np.max(np.abs(want)) < 5e-2
+    sp = SamplingParams(max_new_tokens=4, stop_token_ids=(req.output[0],), ignore_eos=True)
+    stop = engine.generate([prompt], sp, progress=False)[0]
+    assert stop.output == req.output[:1] and stop.finish_reason == "stop"
+
+
+def test_progress_line_without_tqdm(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ImportError
+    out = io.StringIO()
+    bar = Progress(4, stream=out)
+    req = models.Request(0, [3], SamplingParams(max_new_tokens=4))
+    req.output = [5]
+    bar.update(models.TokenEvent(req, 5, False))
+    req.output = [5, 6]
+    bar.update(models.TokenEvent(req, 6, True))  # finished early: counts the rest as done
+    bar.close()
+    assert bar.bar is None and "4/4 tokens, 1 requests done" in out.getvalue()
 
 
 # -- sampling -------------------------------------------------------------------------------

@@ -145,7 +145,14 @@ def load_config(path) -> ModelConfig:
         path = path / "config.json"
     if not path.exists():
         raise ModelError(f"no config.json at {path}")
-    return parse_config(json.loads(path.read_text()))
+    cfg = parse_config(json.loads(path.read_text()))
+    generation = path.parent / "generation_config.json"
+    if generation.exists():  # instruct checkpoints list more end-of-turn tokens here
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        merged = tuple(dict.fromkeys([*cfg.eos_token_ids, *(int(t) for t in eos)]))
+        cfg = dataclasses.replace(cfg, eos_token_ids=merged)
+    return cfg
 
 
 def _architecture(hf: dict) -> str:
@@ -322,7 +329,9 @@ def parse_config(hf: dict) -> ModelConfig:
             moe_renormalize=bool(hf.get("norm_topk_prob", False)),
         )
     eos = hf.get("eos_token_id")
-    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+    eos = (
+        () if eos is None else tuple(int(t) for t in eos) if isinstance(eos, list) else (int(eos),)
+    )
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     return ModelConfig(
         architecture=arch,

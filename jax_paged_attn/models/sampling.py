@@ -53,6 +53,10 @@ def sample(logits, temperature, top_p, seeds, counters):
     """Next tokens ``i32[S]`` from float logits ``[S, V]``; ``temperature, top_p: f32[S]``,
     ``seeds, counters: u32[S]`` (counter = tokens the request has generated so far)."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
-    drawn = jax.vmap(_sample_one)(logits, temperature, top_p, seeds, counters)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):  # sorts the vocabulary: skipped when every request is greedy
+        drawn = jax.vmap(_sample_one)(logits, temperature, top_p, seeds, counters)
+        return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
