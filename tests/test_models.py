@@ -501,6 +501,8 @@ def test_sampler_greedy_topp_and_seeds():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=-1)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(tmp_path):

@@ -254,6 +254,8 @@ class Engine:
         self._admit()
         plan = self._schedule()
         if not plan:
+            if self.has_work():  # add_request's checks make this unreachable; never spin
+                raise RuntimeError("no request could be scheduled: the KV cache is too small")
             return []
         batch = jax.tree.map(jnp.asarray, self._batch(plan))
         start = time.perf_counter()
