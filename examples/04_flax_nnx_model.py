@@ -144,7 +144,7 @@ class Decoder(nnx.Module):
         block_def, block_params = nnx.split(self.blocks)
         x = self.embed(tokens)
         for i in range(cfg.layers):
-            x = nnx.merge(block_def, jax.tree.map(lambda a: a[i], block_params)).dense(x)
+            x = nnx.merge(block_def, jax.tree.map(lambda a, i=i: a[i], block_params)).dense(x)
         return self.head(self.norm(x))
 
 
