@@ -99,16 +99,18 @@ def validated(
 
 
 def metadata_checks(cache, meta: AttentionMetadata, num_tokens: int | None = None) -> None:
-    """The value checks of :func:`check_metadata` as ``checkify.check`` calls.
+    """The value checks of :func:`check_metadata` as ``checkify.check`` calls (the same
+    conditions, from the same masks); a checkified function reports the first that fails.
 
     Call it inside a function you transform with ``checkify.checkify`` (jit-compatible).
     """
     meta = validated(meta)
-    nb, bs = cache.num_blocks, cache.block_size
-    cu, lens, tables = meta.cu_seqlens_q, meta.context_lens, meta.block_tables
-    max_blocks = tables.shape[1]
+    v = _violations(cache, meta)
+    cu = meta.cu_seqlens_q
+    checkify.check(~jnp.any(v["bad_ids"]), "meta.block_tables: a block id in use is outside "
+                   "[0, {})", jnp.int32(cache.num_blocks))  # fmt: skip
     checkify.check(cu[0] == 0, "meta.cu_seqlens_q[0] must be 0, got {}", cu[0])
-    checkify.check(jnp.all(cu[1:] >= cu[:-1]), "meta.cu_seqlens_q must be non-decreasing")
+    checkify.check(~jnp.any(v["decreasing_cu"]), "meta.cu_seqlens_q must be non-decreasing")
     if num_tokens is not None:
         checkify.check(
             cu[-1] <= num_tokens,
@@ -116,36 +118,24 @@ def metadata_checks(cache, meta: AttentionMetadata, num_tokens: int | None = Non
             cu[-1],
             jnp.int32(num_tokens),
         )
-    checkify.check(jnp.all(lens >= 0), "meta.context_lens must be >= 0")
+    checkify.check(~jnp.any(v["negative_lens"]), "meta.context_lens must be >= 0")
     checkify.check(
-        jnp.all(lens <= max_blocks * bs),
-        "meta.context_lens: a context of {} tokens is longer than its block-table "
-        "row holds ({} blocks of {})",
-        jnp.max(lens),
-        jnp.int32(max_blocks),
-        jnp.int32(bs),
+        ~jnp.any(v["long_lens"]),
+        "meta.context_lens: a context is longer than its block-table row holds ({} tokens)",
+        jnp.int32(meta.block_tables.shape[1] * cache.block_size),
     )
-    n_q = cu[1:] - cu[:-1]
     checkify.check(
-        jnp.all((n_q <= lens) | (lens == 0) | (n_q == 0)),
-        "meta: a sequence has more query rows than context tokens "
-        "(context_lens[i] < cu_seqlens_q[i+1] - cu_seqlens_q[i]); its first rows "
-        "see no key",
-    )
-    used = jnp.arange(max_blocks)[None, :] < ((lens + bs - 1) // bs)[:, None]
-    in_range = (tables >= 0) & (tables < nb)
-    checkify.check(
-        jnp.all(in_range | ~used),
-        "meta.block_tables: a block id in use is outside [0, {})",
-        jnp.int32(nb),
+        ~jnp.any(v["rows_without_keys"]),
+        "meta.cu_seqlens_q: a sequence has more query rows than context tokens "
+        "(its first rows see no key)",
     )
     if meta.slot_mapping is not None:
-        slots = meta.slot_mapping
         checkify.check(
-            jnp.all(slots < nb * bs),
+            ~jnp.any(v["big_slots"]),
             "meta.slot_mapping: a slot is >= num_blocks * block_size = {}",
-            jnp.int32(nb * bs),
+            jnp.int32(cache.num_blocks * cache.block_size),
         )
+        checkify.check(~jnp.any(v["dup_slots"]), "meta.slot_mapping: duplicate slots")
 
 
 @jax.jit

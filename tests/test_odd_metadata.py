@@ -167,3 +167,18 @@ def test_non_positive_options_say_what_none_means(kwargs, message):
     meta = _meta([[1, 2]], [5], [0, 1])
     with pytest.raises(ValueError, match=message):
         jpa.paged_attention(jnp.zeros((1, 4, 64)), cache, meta, backend="xla", **kwargs)
+
+
+def test_metadata_checks_under_checkify_catch_duplicate_slots():
+    from jax.experimental import checkify
+
+    cache = _cache(nb=4, hkv=1, d=8)
+    meta = _meta([[1, 2]], [20], [0, 2], [5, 5, 6, -1])
+
+    @jax.jit
+    def run(cache, meta):
+        jpa.metadata_checks(cache, meta, num_tokens=4)
+
+    err, _ = checkify.checkify(run)(cache, meta)
+    with pytest.raises(checkify.JaxRuntimeError, match="duplicate slots"):
+        err.throw()
