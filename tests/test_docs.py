@@ -48,11 +48,17 @@ def test_api_docstring_examples():
     import jax_paged_attn.metadata
     import jax_paged_attn.moe
     import jax_paged_attn.sharding
+    import jax_paged_attn.states
+    import jax_paged_attn.testing
+    import jax_paged_attn.testing.cases
 
     for module in (
         jax_paged_attn.attention,
         jax_paged_attn.cache,
         jax_paged_attn.metadata,
+        jax_paged_attn.states,
+        jax_paged_attn.testing,
+        jax_paged_attn.testing.cases,
         jax_paged_attn.moe,
         jax_paged_attn.sharding,
     ):
