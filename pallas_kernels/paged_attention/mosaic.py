@@ -10,17 +10,19 @@ Structure (FA3, as ``jax.experimental.pallas.ops.gpu.attention_mgpu``): one CTA 
 tiles of the CTA's items: a tile of ``block_kv`` keys is ``block_kv // BS`` TMA copies of
 whole pages (one page of one KV head is a contiguous [BS, D] tile), or one slice of a page when
 BS > block_kv, into a ``num_stages``-deep ring guarded by barriers. Compute warpgroups run
-QK^T and PV on wgmma with an f32 online softmax (log2 domain).
+QK^T and PV on wgmma with an f32 online softmax (base 2; raw q.k units without softcap and
+ALiBi, see ``mosaic_plan.logit_factor``).
 
 Work comes in items, and the grid is a list of CTAs that each run one or more items
-(``_for_each_item``; all bounds static, from shapes). The memory warpgroup's ring runs on from
+(``mosaic_items.for_each_item``; all bounds static, from shapes). The memory warpgroup's ring runs on from
 one item to the next, and a CTA loads the next item's q during an item's epilogue.
 * prefill / mixed: an item is one 64-row q tile for ``num_wgs`` query heads; items
   ``(H / num_wgs) x NT``. The q rows (all sequences packed) are cut into tiles of 64 rows that
   never cross a sequence; ``plan_tiles`` enumerates them heaviest first in jnp with a prefix
-  sum over ``cu_seqlens_q`` (plus one pseudo-sequence with L = 0 for the padding rows past
-  ``cu_seqlens_q[S]``, so they come out as zeros). Tiles start on multiples of 8 rows (TMA into
-  the tiled q buffer); NT = cdiv(T + 70 (S + 1), 64) bounds the count; spare tiles store
+  sum over ``cu_seqlens_q`` (plus two pseudo-sequences with L = 0 for the rows before
+  ``cu_seqlens_q[0]`` and past ``cu_seqlens_q[S]``, so they come out as zeros). Tiles start on
+  multiples of 8 rows (TMA into the tiled q buffer); NT = cdiv(T + 70 (S + 2), 64) bounds the
+  count; spare tiles store
   nothing. GQA: the ``num_wgs`` warpgroups of a CTA are query heads sharing one KV head, so
   each K/V page is loaded once for them. Each row is stored exactly once (a logarithmic ladder
   of TMA stores, as ``ragged_dot_mgpu``, writes only the tile's rows). By default one item per
@@ -34,9 +36,16 @@ Static: head_dim, block_size, the block sizes, scale, softcap, window, which of 
 Masking: the KV loop of a tile ends at its last row's diagonal and starts at its first row's
 window, runs unmasked where every key is visible to every row, and masks elsewhere with -inf
 logits; the running max starts at a finite ``MASK`` (an -inf max would give NaN in
-exp2(m_old - m_new) for a row that has seen nothing yet). Unused cache slots may hold NaN, and
-0 * NaN = NaN in PV, so the V rows past the last visible key are zeroed in shared memory before
-the final PV.
+exp2(m_old - m_new) for a row that has seen nothing yet). Without softcap and ALiBi the max and
+the logits stay in raw q.k units and p = exp2((s - m) * c): the largest logit weighs exactly 1
+at any scale (a folded exp2(s * c - m), one FMA, overflows once |m| >~ 2^31: scale 1e6 with
+|q.k| ~ 1e4; ``mosaic_plan.logit_factor``). Sinks start the running max, clamped finite (+inf:
+the row is exactly 0). Unused cache slots may hold NaN, and 0 * NaN = NaN in PV, so the V rows
+past the last visible key are zeroed in shared memory before the final PV.
+
+Bad metadata never reads outside the cache: page ids are clamped into [0, NB) where the memory
+warpgroup reads them, contexts to what their block-table row holds (``plan_tiles``,
+``mosaic_items.decode_item``); results for such a sequence are unspecified.
 
 Interpreter (``interpret=True``): Pallas's Mosaic GPU interpreter lacks wgmma with a register
 lhs and ``pl.run_state`` of accumulators, so there (only) P goes through shared memory and the
@@ -54,6 +63,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.paged_attention.mosaic_items import Item, for_each_item
 from pallas_kernels.paged_attention.mosaic_plan import (
     BLOCK_Q,
     LOG2E,
@@ -69,12 +79,16 @@ from pallas_kernels.paged_attention.mosaic_plan import (
     check_supported,
     ctas_per_sm,
     decode_rows,
+    idiv,
+    irem,
     kv_steps,
+    logit_factor,
     make_static,
     num_items,
     num_sms,
     partial_dtype,
     plan_tiles,
+    sink_start,
     snake_items,
     stream_ctas,
 )
@@ -96,13 +110,17 @@ __all__ = [
     "check_supported",
     "ctas_per_sm",
     "decode_rows",
+    "idiv",
+    "irem",
     "kv_steps",
+    "logit_factor",
     "make_static",
     "num_items",
     "num_sms",
     "paged_attention",
     "partial_dtype",
     "plan_tiles",
+    "sink_start",
     "snake_items",
     "stream_ctas",
 ]
@@ -126,123 +144,6 @@ def _pv(acc, p16, v_ref, p_smem, after_issue, interpret):
         after_issue()
 
     return pl.run_state(body)(plgpu.ACC.init(acc))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Item:
-    """One unit of a CTA's work: a 64-row q tile against one KV head's tiles [begin, end)."""
-
-    seq: jax.Array
-    kv_head: jax.Array
-    kv_len: jax.Array
-    begin: jax.Array
-    end: jax.Array
-    full_lo: jax.Array
-    full_hi: jax.Array
-    kv_end: jax.Array
-    row0: jax.Array  # first q row of the tile (a multiple of 8; load_q tells Mosaic)
-    pos0: jax.Array  # position of tile row 0 (decode: of every row)
-    # prefill: rows [lo, hi) are the tile's, head0 its first query head
-    lo: jax.Array | None = None
-    hi: jax.Array | None = None
-    head0: jax.Array | None = None
-    # decode: rows [r_off, r_off + G) are the group's, q_start = its first flat q row
-    split: jax.Array | None = None
-    r_off: jax.Array | None = None
-    q_start: jax.Array | None = None
-
-
-def _prefill_item(st: Static, info_ref, k) -> _Item:
-    """Item k = tile * (H / num_wgs) + hp: the tiles come heaviest first (``plan_tiles``)."""
-    heads_per_cta = st.num_groups * st.num_kv_heads // st.bs.num_wgs
-    tile, hp = lax.div(k, heads_per_cta), lax.rem(k, heads_per_cta)
-    per_kv = st.num_groups // st.bs.num_wgs
-    kv_head = lax.div(hp, per_kv)
-    row = lambda c: info_ref[tile, c]
-    return _Item(
-        seq=row(Info.SEQ),
-        kv_head=kv_head,
-        kv_len=row(Info.LEN),
-        begin=row(Info.BEGIN),
-        end=row(Info.END),
-        full_lo=row(Info.FULL_LO),
-        full_hi=row(Info.FULL_HI),
-        kv_end=row(Info.KV_END),
-        row0=row(Info.ROW0),
-        pos0=row(Info.POS0),
-        lo=row(Info.LO),
-        hi=row(Info.HI),
-        head0=kv_head * st.num_groups + lax.rem(hp, per_kv) * st.bs.num_wgs,
-    )
-
-
-def _decode_item(st: Static, lens_ref, pair, split=0, share=None) -> _Item:
-    """Tiles [begin + share[0], begin + share[1]) of pair = seq * Hkv + kv_head (all: share None),
-    whose partial goes to slot ``split``."""
-    kv_head, seq = lax.rem(pair, st.num_kv_heads), lax.div(pair, st.num_kv_heads)
-    kv_len = lens_ref[seq]
-    p_row = kv_len - 1  # every row (a query head) sits at L - 1
-    begin, end, full_lo, full_hi, kv_end = kv_steps(p_row, p_row, kv_len, st.window, st.bs.block_kv)
-    if share is not None:
-        begin, end = jnp.minimum(begin + share[0], end), jnp.minimum(begin + share[1], end)
-    row0, r_off, q_start = decode_rows(seq, kv_head, st.num_kv_heads, st.num_groups, st.q_rows)
-    return _Item(
-        seq=seq,
-        kv_head=kv_head,
-        kv_len=kv_len,
-        begin=begin,
-        end=end,
-        full_lo=full_lo,
-        full_hi=full_hi,
-        kv_end=kv_end,
-        row0=row0,
-        pos0=p_row,
-        split=split,
-        r_off=r_off,
-        q_start=q_start,
-    )
-
-
-def _for_each_item(st: Static, info_ref, body, with_next=False):
-    """Runs ``body(item, g) -> g`` over this CTA's items (``with_next``: ``body(j, item,
-    next_item, has_next, g)``, ``next_item()`` building the next item where it is called), g
-    counting the KV tiles streamed so far (the ring slot of a tile is g % stages). CTAs are
-    persistent: the K/V stream of one item follows the last one's without a pipeline refill.
-    Items: ``snake_items`` order, or (stream-K decode) the pairs that overlap the CTA's share of
-    the flat tiles. Returns the CTA's tile count."""
-    cta = lax.axis_index("cta")
-    if st.stream_tiles:
-        t, num_pairs = st.stream_tiles, info_ref.shape[0] * st.num_kv_heads
-        lo = lax.div(cta * (num_pairs * t), st.num_ctas)
-        hi = lax.div((cta + 1) * (num_pairs * t), st.num_ctas)
-        p0 = lax.div(lo, t)
-        count = lax.div(hi - 1, t) - p0 + 1
-
-        def item(j):
-            pair = p0 + j
-            first, _ = stream_ctas(pair, t, num_pairs, st.num_ctas, lax.div)
-            share = (jnp.maximum(lo - pair * t, 0), jnp.minimum(hi - pair * t, t))
-            return _decode_item(st, info_ref, pair, cta - first, share)
-    else:
-        items = num_items(st, info_ref.shape[0])
-        make = _decode_item if st.decode else _prefill_item
-        if st.num_ctas == items:  # one item per CTA: straight-line code, the hardware schedules
-            it = make(st, info_ref, cta)
-            return body(it, 0) if not with_next else body(0, it, None, False, 0)
-        rounds = -(-items // st.num_ctas)
-        last_pos = cta if (rounds - 1) % 2 == 0 else st.num_ctas - 1 - cta
-        count = (rounds - 1) + (last_pos < items - (rounds - 1) * st.num_ctas).astype(jnp.int32)
-
-        def item(j):
-            pos = jnp.where(lax.rem(j, 2) == 0, cta, st.num_ctas - 1 - cta)
-            return make(st, info_ref, jnp.minimum(j * st.num_ctas + pos, items - 1))
-
-    def step(j, g):
-        if not with_next:
-            return body(item(j), g)
-        return body(j, item(j), lambda: item(j + 1), j + 1 < count, g)
-
-    return lax.fori_loop(0, count, step, jnp.int32(0))
 
 
 def _kernel(*refs, st: Static):
@@ -272,7 +173,7 @@ def _kernel(*refs, st: Static):
     q_bar, k_bar, v_bar, k_free, v_free = refs[:5]
     sched_bar = refs[5] if nw == 2 else None
 
-    wg = lax.axis_index("wg")
+    wg = lax.axis_index("wg").astype(jnp.int32)  # int64 in the interpreter under x64
 
     def sched():
         if nw == 2:  # FA3 ping-pong: the two warpgroups take turns on the tensor cores
@@ -286,10 +187,11 @@ def _kernel(*refs, st: Static):
         q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
         p_smem = p_smem2.at[wg] if st.interpret else None
         wgmma_layout = plgpu.Layout.WGMMA
+        c_raw = logit_factor(st)  # static: the raw domain's factor, None in log2 units
         row_layout = wgmma_layout.reduce(1)
         shape = (BLOCK_Q, bk)
 
-        def load_q(it: _Item):
+        def load_q(it: Item):
             """Issues the item's q tile (decode: and its rows' ALiBi slopes) on q_bar."""
             row0 = pl.multiple_of(it.row0, 8)
             if st.decode:
@@ -303,7 +205,7 @@ def _kernel(*refs, st: Static):
                     q_ref.at[pl.ds(row0, BLOCK_Q), it.head0 + wg], q_smem, q_bar.at[wg]
                 )
 
-        def attend(j, it: _Item, next_item, has_next, g0):
+        def attend(j, it: Item, next_item, has_next, g0):
             """Item j's KV loop and epilogue; its first tile sits in ring slot g0 % stages. The next
             item's q is loaded during this one's epilogue."""
             begin, end, kv_end = it.begin, it.end, it.kv_end
@@ -327,12 +229,12 @@ def _kernel(*refs, st: Static):
             m_init = jnp.full((BLOCK_Q,), MASK, jnp.float32)
             l_init = jnp.full((BLOCK_Q,), 0.0, jnp.float32)
             if st.has_sinks and not st.decode:  # the sink is one more logit with no value
-                m_init = jnp.full((BLOCK_Q,), sinks_ref[head] * LOG2E, jnp.float32)
+                m_init = jnp.full((BLOCK_Q,), sink_start(sinks_ref[head], c_raw), jnp.float32)
                 l_init = l_init + 1.0
             m_i = plgpu.layout_cast(m_init, row_layout)
             l_i = plgpu.layout_cast(l_init, row_layout)
             acc = plgpu.layout_cast(jnp.full((BLOCK_Q, d), 0, jnp.float32), wgmma_layout)
-            slot_of = lambda step: lax.rem(g0 + step - begin, stages)
+            slot_of = lambda step: irem(g0 + step - begin, stages)
 
             @pl.when(begin < end)
             def _():
@@ -354,14 +256,14 @@ def _kernel(*refs, st: Static):
                 plgpu.barrier_arrive(k_free.at[slot])
 
                 # Logits in log2 units are s * c. Without softcap or ALiBi, c = scale·log2(e) stays
-                # out of s: max(s · c) = max(s) · c (c > 0), and s · c - m is one FMA per logit.
+                # out of s (raw q.k units, c_raw): p = exp2((s - m) * c), exact at any scale.
                 key = cols + step * bk
-                c = st.scale * LOG2E
+                c = c_raw
                 if st.softcap is not None:  # c·tanh(scale·s / c), in log2 units
-                    s, c = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * LOG2E), None
+                    s = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * LOG2E)
                 if st.has_alibi:
-                    s = s * c if c is not None else s
-                    s, c = s + slope * (key - pos).astype(jnp.float32), None
+                    s = s * (st.scale * LOG2E) if st.softcap is None else s
+                    s = s + slope * (key - pos).astype(jnp.float32)
                 if masked:
                     visible = key <= pos
                     if st.window is not None:
@@ -369,13 +271,13 @@ def _kernel(*refs, st: Static):
                     # -inf is safe here: m starts finite (MASK), so m_new is finite.
                     s = jnp.where(visible, s, -jnp.inf)
 
+                m_new = jnp.maximum(m_i, s.max(axis=1))
                 if c is None:
-                    m_new = jnp.maximum(m_i, s.max(axis=1))
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
-                else:
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * c)
-                    p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, shape, [0]))
-                alpha = jnp.exp2(m_i - m_new)
+                    alpha = jnp.exp2(m_i - m_new)
+                else:  # one subtraction and one multiply per logit (see logit_factor)
+                    p = jnp.exp2((s - lax.broadcast_in_dim(m_new, shape, [0])) * c)
+                    alpha = jnp.exp2((m_i - m_new) * c)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha
                 p16 = p.astype(q_smem.dtype)
@@ -439,7 +341,7 @@ def _kernel(*refs, st: Static):
                 plgpu.copy_smem_to_gmem(
                     o_smem.at[pl.ds(it.r_off, grp)], o_ref.at[pl.ds(it.q_start, grp)]
                 )
-            elif st.decode:  # unnormalised partials; mosaic_decode merges the splits
+            elif st.decode:  # unnormalised partials (m in the kernel's units); merged in jnp
                 o_smem[...] = acc.astype(o_smem.dtype)
                 ml_smem[0] = m_i
                 ml_smem[1] = l_i
@@ -471,7 +373,7 @@ def _kernel(*refs, st: Static):
             # The next item overwrites the o / ml staging only after this returns.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        _for_each_item(st, info_ref, attend, with_next=True)
+        for_each_item(st, info_ref, attend, with_next=True)
 
     @pl.when(wg == nw)
     def _memory():
@@ -480,7 +382,7 @@ def _kernel(*refs, st: Static):
         copies = max(1, bk // page)
         rows_per_copy = min(bk, page)
 
-        def stream(it: _Item, g0):
+        def stream(it: Item, g0):
             """Issues the item's K/V tiles into ring slots g0, g0 + 1, ... (mod stages)."""
             num_pages = cdiv(it.kv_len, page)
 
@@ -489,12 +391,12 @@ def _kernel(*refs, st: Static):
                 for c in range(copies):
                     key0 = step * bk + c * rows_per_copy
                     # Pages past the context hold anything: load a real page instead (masked anyway).
-                    idx = jnp.minimum(lax.div(key0, page), num_pages - 1)
+                    idx = jnp.minimum(idiv(key0, page), num_pages - 1)
                     ids.append(jnp.clip(bt_ref[it.seq, idx], 0, st.num_pages - 1))
                 return ids
 
             def issue(src_ref, dst, bar, step, ids):
-                off = 0 if page <= bk else lax.rem(step, page // bk) * bk  # provably bk-aligned
+                off = 0 if page <= bk else irem(step, page // bk) * bk  # provably bk-aligned
                 for c, pid in enumerate(ids):
                     plgpu.copy_gmem_to_smem(
                         src_ref.at[pid, it.kv_head, pl.ds(off, rows_per_copy)],
@@ -505,7 +407,7 @@ def _kernel(*refs, st: Static):
             @pl.loop(0, it.end - it.begin)
             def _(i):
                 g = g0 + i
-                slot = lax.rem(g, stages)
+                slot = irem(g, stages)
                 # The page ids are read once for K and V, before waiting for the slot: their latency
                 # overlaps the wait instead of delaying the copies.
                 ids = page_ids(it.begin + i)
@@ -531,12 +433,12 @@ def _kernel(*refs, st: Static):
         def _(warp):
             @pl.when(warp == 0)
             def _():
-                total = _for_each_item(st, info_ref, stream)
+                total = for_each_item(st, info_ref, stream)
 
                 # Observe the last releases too, so no barrier phase is left unobserved at exit.
                 @pl.loop(jnp.maximum(total - stages, 0), total)
                 def _(g):
-                    slot = lax.rem(g, stages)
+                    slot = irem(g, stages)
                     plgpu.barrier_wait(k_free.at[slot])
                     plgpu.barrier_wait(v_free.at[slot])
 
@@ -629,7 +531,14 @@ def paged_attention(
     )
     padded = max(-(-num_rows // 8) * 8, BLOCK_Q)  # see plan_tiles; pads only odd/tiny T
     qp = q if padded == num_rows else jnp.pad(q, ((0, padded - num_rows), (0, 0), (0, 0)))
-    info = plan_tiles(cu_seqlens_q, context_lens, padded, st.window, st.bs.block_kv)
+    info = plan_tiles(
+        cu_seqlens_q,
+        context_lens,
+        padded,
+        st.window,
+        st.bs.block_kv,
+        max_context=st.max_blocks * st.block_size,
+    )
     args = [info, block_tables.astype(jnp.int32), qp, k_pages, v_pages]
     if alibi_slopes is not None:
         args.append(alibi_slopes.astype(jnp.float32))

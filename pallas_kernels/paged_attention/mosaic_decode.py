@@ -59,26 +59,28 @@ def stream_plan(num_pairs, tiles, num_ctas):
     return slots, np.arange(slots)[None, :] <= (last - first)[:, None]
 
 
-def _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, dtype):
-    """Slots -> one output: o f32[S, Hkv, P, G, D], ml f32[S, Hkv, P, 2, 64] (log2 domain),
-    valid bool[S, Hkv, P] (the slots some CTA wrote; the others are never read); the group's
-    rows of ml start at r_off[S, Hkv] (``mosaic.decode_rows``)."""
+def _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, dtype, c):
+    """Slots -> one output: o f32[S, Hkv, P, G, D], ml f32[S, Hkv, P, 2, 64] (the kernel's units:
+    ``c`` is the raw domain's factor to log2 units, None in log2 units, as
+    ``mosaic.logit_factor``), valid bool[S, Hkv, P] (the slots some CTA wrote; the others are
+    never read); the group's rows of ml start at r_off[S, Hkv] (``mosaic.decode_rows``)."""
     s, hkv, _, grp, d = o.shape
     rows = (r_off[:, :, None] + jnp.arange(grp))[:, :, None, None, :]  # [S, Hkv, 1, 1, G]
     ml = jnp.take_along_axis(ml, rows, axis=4)
     keep = valid[..., None]
-    m = jnp.where(keep, ml[:, :, :, 0], -jnp.inf)  # [S, Hkv, P, G]
+    m = jnp.where(keep, ml[:, :, :, 0], mosaic.MASK)  # [S, Hkv, P, G]
     l = jnp.where(keep, ml[:, :, :, 1], 0.0)
     m_all = m.max(axis=2)  # [S, Hkv, G]
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(1, hkv, grp) * mosaic.LOG2E
+    scale = 1.0 if c is None else c  # the slots weigh as the kernel weighs its tiles
+    if sinks is not None:  # clamped finite: +inf gives w = 0, den = 1, rows exactly 0
+        sink = mosaic.sink_start(sinks.astype(jnp.float32).reshape(1, hkv, grp), c)
         m_all = jnp.maximum(m_all, sink)
-    w = jnp.exp2(m - m_all[:, :, None])
+    w = jnp.exp2((m - m_all[:, :, None]) * scale)
     # Elementwise + reductions only (as the Triton merge), so XLA fuses the merge into few kernels.
     num = jnp.sum(w[..., None] * jnp.where(keep[..., None], o.astype(jnp.float32), 0), axis=2)
     den = (w * l).sum(axis=2)
     if sinks is not None:
-        den = den + jnp.exp2(sink - m_all)
+        den = den + jnp.exp2((sink - m_all) * scale)
     seen = (context_lens > 0)[:, None, None] & (den > 0)
     out = jnp.where(seen[..., None], num / jnp.where(seen, den, 1.0)[..., None], 0.0)
     return out.reshape(s, num_heads, d).astype(dtype)
@@ -192,4 +194,6 @@ def paged_decode(
     seqs, heads = jnp.meshgrid(jnp.arange(num_seqs), jnp.arange(num_kv_heads), indexing="ij")
     _, r_off, _ = mosaic.decode_rows(seqs, heads, num_kv_heads, grp, q_rows)
     valid = jnp.asarray(valid.reshape(num_seqs, num_kv_heads, p))
-    return _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, q.dtype)
+    return _merge(
+        o, ml, valid, r_off, context_lens, sinks, num_heads, q.dtype, mosaic.logit_factor(st)
+    )

@@ -22,7 +22,10 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BLOCK_Q = 64  # rows per compute warpgroup = the wgmma M
-MASK = -1e30  # initial running max (log2 units), see the docstring
+# The running max starts below every finite logit (any units): finite, so a row that has seen
+# nothing has exp2(MASK - MASK) = 1, not NaN. Its negation bounds a sink from above (+inf: the
+# row is exactly 0).
+MASK = -float(np.finfo(np.float32).max)
 LOG2E = math.log2(math.e)
 SMEM_BYTES = 232448  # H100 dynamic shared memory per CTA (227 KiB)
 _H100_SMS = 132
@@ -130,8 +133,47 @@ class Static:
     q_rows: int = BLOCK_Q  # decode: rows of the flat q [S * H (padded), D]
 
 
+def _i32(x):
+    return jnp.asarray(x, jnp.int32)
+
+
+def idiv(a, b):
+    """Truncating int32 division; Python ints become int32 constants (under jax_enable_x64 they
+    would be int64, which ``lax.div`` refuses next to int32)."""
+    return lax.div(_i32(a), _i32(b))
+
+
+def irem(a, b):
+    return lax.rem(_i32(a), _i32(b))
+
+
 def cdiv(a, b):
-    return lax.div(a + (b - 1), b)  # a >= 0 everywhere it is used
+    return idiv(a + (b - 1), b)  # a >= 0 everywhere it is used
+
+
+def logit_factor(st: Static) -> float | None:
+    """Softmax domain (base 2) of the kernel. Without softcap and ALiBi: the raw domain, the
+    running max and the logits stay in units of q.k and ``c = scale * log2(e)`` multiplies
+    ``s - m`` (returned). Else None: logits are in log2 units before the max.
+
+    Raw units keep the max element at exactly ``exp2(0) = 1`` however large the logits: a
+    folded ``exp2(s * c - m)`` (one FMA per logit) compares the unrounded product with the
+    rounded ``m = max(s) * c``, off by up to half an ulp of ``m``, which overflows ``exp2`` (inf,
+    then NaN) once ``|m| >~ 2^31`` (scale 1e6 with |q.k| ~ 1e4). The price is one more FP32 op
+    per logit (a subtraction and a multiply instead of the FMA), on the CUDA cores while the
+    other warpgroup's wgmma runs."""
+    if st.softcap is None and not st.has_alibi and st.scale > 0:
+        return st.scale * LOG2E
+    return None
+
+
+def sink_start(sinks, c: float | None):
+    """The running max a sink (natural units) starts a row at, in the kernel's units (see
+    ``logit_factor``), clamped finite: -inf is no sink, +inf zeroes the row."""
+    m0 = sinks * LOG2E
+    if c is not None:
+        m0 = m0 / c
+    return jnp.clip(m0, MASK, -MASK)
 
 
 def kv_steps(p_first, p_last, kv_len, window, block_kv):
@@ -143,11 +185,11 @@ def kv_steps(p_first, p_last, kv_len, window, block_kv):
     kv_end = jnp.clip(p_last + 1, 0, kv_len)
     first_key = jnp.zeros_like(kv_end) if window is None else jnp.maximum(p_first - window + 1, 0)
     first_key = jnp.minimum(first_key, kv_end)
-    begin = lax.div(first_key, block_kv)
+    begin = idiv(first_key, block_kv)
     end = jnp.maximum(cdiv(kv_end, block_kv), begin)
     full_lo = begin if window is None else cdiv(jnp.maximum(p_last - window + 1, 0), block_kv)
     full_lo = jnp.clip(full_lo, begin, end)
-    full_hi = jnp.clip(lax.div(jnp.maximum(p_first + 1, 0), block_kv), full_lo, end)
+    full_hi = jnp.clip(idiv(jnp.maximum(p_first + 1, 0), block_kv), full_lo, end)
     return begin, end, full_lo, full_hi, kv_end
 
 
@@ -158,20 +200,28 @@ class Info:
     SEQ, LEN, ROW0, LO, HI, POS0, BEGIN, END, FULL_LO, FULL_HI, KV_END = range(11)
 
 
-def plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv):
+def plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv, max_context=None):
     """i32[NT, 11]: the 64-row query tiles of every sequence (heaviest first).
 
     Tile rows are q rows [row0, row0 + 64) with valid rows [row0 + lo, row0 + hi); row r sits
     at position pos0 + r. row0 is a multiple of 8 (a TMA into the (8, 64)-tiled q buffer must
     start on a tile row) and at most num_rows - 64 (num_rows is a multiple of 8 and >= 64), so
-    loads never leave q. Tiles of a segment start at its first row rounded down to 8.
+    loads never leave q. Tiles of a segment start at its first row rounded down to 8. The rows
+    are S + 2 segments: the rows before cu[0] and those past cu[S] are two pseudo-sequences of
+    context 0 (their rows come out as zeros), the S sequences in between. ``max_context``
+    (MB * BS) bounds each context: a longer one (bad metadata, result unspecified) must not
+    make the kernel read past its block-table row.
     """
     num_seqs = context_lens.shape[0]
-    num_tiles = -(-(num_rows + 70 * (num_seqs + 1)) // BLOCK_Q)  # >= sum cdiv(n_s + 7, 64)
+    num_tiles = -(-(num_rows + 70 * (num_seqs + 2)) // BLOCK_Q)  # >= sum cdiv(n_s + 7, 64)
+    zero, end = jnp.zeros((1,), jnp.int32), jnp.full((1,), num_rows, jnp.int32)
     cu = jnp.clip(cu_seqlens_q.astype(jnp.int32), 0, num_rows)
-    cu = jnp.concatenate([cu, jnp.array([num_rows], jnp.int32)])  # + padding segment
+    cu = jnp.concatenate([zero, cu, end])  # + the segments before cu[0] and past cu[S]
     cu = jnp.maximum(cu, lax.cummax(cu))  # non-decreasing
-    lens = jnp.concatenate([context_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
+    lens = context_lens.astype(jnp.int32)
+    if max_context is not None:
+        lens = jnp.minimum(lens, max_context)
+    lens = jnp.concatenate([zero, lens, zero])
     n = cu[1:] - cu[:-1]
     first = cu[:-1] - cu[:-1] % 8
     tiles = jnp.where(n > 0, (cu[1:] - first + BLOCK_Q - 1) // BLOCK_Q, 0)
@@ -180,7 +230,7 @@ def plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv):
     # compare_all is one fused reduction; the default binary search is a while loop, kernel
     # launches per step on a GPU (15-18 us per call on an H100, NOTES.md Session 4).
     seg = jnp.searchsorted(tile_end, b, side="right", method="compare_all")
-    seg = jnp.minimum(seg, num_seqs).astype(jnp.int32)
+    seg = jnp.minimum(seg, num_seqs + 1).astype(jnp.int32)
     real = b < tile_end[-1]
     r_tile = first[seg] + (b - (tile_end[seg] - tiles[seg])) * BLOCK_Q
     row0 = jnp.clip(r_tile, 0, num_rows - BLOCK_Q)
@@ -189,7 +239,7 @@ def plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv):
     kv_len = jnp.where(real, lens[seg], 0)
     pos0 = kv_len - n[seg] + (row0 - cu[seg])
     steps = kv_steps(pos0 + lo, pos0 + hi - 1, kv_len, window, block_kv)
-    seq = jnp.minimum(seg, num_seqs - 1)  # the padding segment reads no page (L = 0)
+    seq = jnp.clip(seg - 1, 0, num_seqs - 1)  # the pseudo-sequences read no page (L = 0)
     info = jnp.stack([seq, kv_len, row0, lo, hi, pos0, *steps], axis=1).astype(jnp.int32)
     return info[::-1]  # causal: the longest KV loops start first
 
@@ -199,14 +249,14 @@ def decode_rows(seq, kv_head, num_kv_heads, num_groups, q_rows):
     are flat rows [q_start, q_start + G) of q [S * H, D]; the kernel loads the 64 rows from row0
     (a multiple of 8, for the tiled q buffer; at most q_rows - 64), so they sit at r_off."""
     q_start = (seq * num_kv_heads + kv_head) * num_groups
-    row0 = jnp.minimum(q_start - lax.rem(q_start, 8), q_rows - BLOCK_Q)
+    row0 = jnp.minimum(q_start - irem(q_start, 8), q_rows - BLOCK_Q)
     return row0, q_start - row0, q_start
 
 
 def stream_ctas(pair, tiles, num_pairs, num_ctas, div=lambda a, b: a // b):
     """Stream-K decode: CTA c takes the flat tiles [c T / C, (c + 1) T / C) of T = num_pairs x
     tiles (pair-major). Returns the first and last CTA that take tiles of ``pair`` (ints or
-    jnp scalars; ``div`` is floor division, lax.div in the kernel); all values >= 0."""
+    jnp scalars; ``div`` is floor division, ``idiv`` in the kernel); all values >= 0."""
     total = num_pairs * tiles
     containing = lambda x: div((x + 1) * num_ctas + total - 1, total) - 1  # CTA of flat tile x
     return containing(pair * tiles), containing(pair * tiles + tiles - 1)
@@ -224,7 +274,8 @@ def snake_items(num_items: int, num_ctas: int):
 
     Round j gives CTA c item j C + c (j even) or j C + C - 1 - c (j odd): with items ordered
     heaviest first (prefill's causal tiles), the CTAs' totals stay within about one item.
-    The kernel computes the same order (``_for_each_item``); the decode planner uses this one.
+    The kernel computes the same order (``mosaic_items.for_each_item``); the decode planner uses
+    this one.
     """
     rounds = -(-num_items // num_ctas)
     k = np.arange(rounds * num_ctas).reshape(rounds, num_ctas)
