@@ -304,44 +304,53 @@ def test_write_kv_slots_outside_cache_write_nothing(backend, rng):
 # ------------------------------------------------------------------------------------------
 
 
-def test_int64_metadata_under_x64(backend, rng):
+@pytest.fixture
+def x64():
+    """jax_enable_x64 for the test, set globally: the Mosaic GPU interpreter runs kernels on
+    worker threads, which a ``jax.enable_x64`` context (thread-local) would not reach."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
+def test_int64_metadata_under_x64(backend, rng, x64):
     dtype = suite_dtype(backend)
     case = build_case(rng, [(1, 50), (20, 45), (6, 6)], pad_rows=1, dtype=dtype)
     want = case.reference()
+    bt, lens, cu = (
+        jnp.asarray(np.asarray(a), jnp.int64)
+        for a in (case.meta.block_tables, case.meta.context_lens, case.meta.cu_seqlens_q)
+    )
+    assert bt.dtype == jnp.int64
+    api = _attention(backend, case, meta=jpa.AttentionMetadata(bt, lens, cu))
+    assert_close(api, want, dtype, what="api")
+    # The kernel entry points, called as the API would not (with int64 metadata).
     impl = backends.TABLE[backend].ops
     opts = dict(scale=1 / 8, softcap=None, sliding_window=None, alibi_slopes=None, sinks=None)
-    kv = dict(k_scale=None, v_scale=None, interpret=run_kw(backend)["interpret"])
-    with jax.enable_x64(True):
-        bt, lens, cu = (
-            jnp.asarray(np.asarray(a), jnp.int64)
-            for a in (case.meta.block_tables, case.meta.context_lens, case.meta.cu_seqlens_q)
-        )
-        meta = jpa.AttentionMetadata(bt, lens, cu)
-        api = _attention(backend, case, meta=meta)
-        kernel = impl["attention"].paged_attention(
-            case.q, case.cache.k, case.cache.v, bt, lens, cu, **opts, **kv
-        )
-        q_dec = case.q[jnp.asarray(case.cu_seqlens_q[1:] - 1)]
-        dec = impl["decode"].paged_decode(q_dec, case.cache.k, case.cache.v, bt, lens, **opts, **kv)
-    assert_close(api, want, dtype, what="api")
+    opts.update(k_scale=None, v_scale=None, interpret=run_kw(backend)["interpret"])
+    pages = (case.cache.k, case.cache.v)
+    kernel = impl["attention"].paged_attention(case.q, *pages, bt, lens, cu, **opts)
     assert_close(kernel, want, dtype, what="kernel")
-    assert_close(dec, want[case.cu_seqlens_q[1:] - 1], dtype, what="decode kernel")
+    last = np.asarray(case.cu_seqlens_q[1:]) - 1  # the last row of each sequence: at L - 1
+    dec = impl["decode"].paged_decode(case.q[last], *pages, bt, lens, **opts)
+    assert_close(dec, want[last], dtype, what="decode kernel")
 
 
-def test_int64_ids_and_slots_under_x64(backend, rng):
+def test_int64_ids_and_slots_under_x64(backend, rng, x64):
     dtype = suite_dtype(backend)
     x, wgu, wd, w, ids, want = _moe_case(rng, 9, 8, 2, 32, 48, dtype, bad_experts=())
+    ids = jnp.asarray(np.asarray(ids), jnp.int64)
+    assert_close(jpa.fused_moe(x, wgu, wd, w, ids, **run_kw(backend)), want, dtype, what="moe")
     cache = jpa.KVCache.init(4, 16, 2, 64, jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 2, 64)), jnp.float32)
     slots = np.array([5, -1, 40])
-    with jax.enable_x64(True):
-        out = jpa.fused_moe(
-            x, wgu, wd, w, jnp.asarray(np.asarray(ids), jnp.int64), **run_kw(backend)
-        )
-        write = "kv_write" in backends.TABLE[backend].ops
-        if write:
-            new = jpa.write_kv(cache, k, k, jnp.asarray(slots, jnp.int64), **run_kw(backend))
-    assert_close(out, want, dtype, what="moe int64 ids")
-    if write:
-        want_k, _ = oracle.write_kv(cache, np.asarray(k), np.asarray(k), slots)
-        np.testing.assert_array_equal(np.asarray(new.k), want_k)
+    if "kv_write" not in backends.TABLE[backend].ops:
+        with pytest.raises(NotImplementedError, match="backends that implement kv_write"):
+            jpa.write_kv(cache, k, k, jnp.asarray(slots, jnp.int64), **run_kw(backend))
+        return
+    new = jpa.write_kv(cache, k, k, jnp.asarray(slots, jnp.int64), **run_kw(backend))
+    want_k, _ = oracle.write_kv(cache, np.asarray(k), np.asarray(k), slots)
+    np.testing.assert_array_equal(np.asarray(new.k), want_k)
