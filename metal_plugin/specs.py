@@ -28,7 +28,7 @@ MAX_BUFFERS = 31  # Metal buffer slots
 
 PREFILL_SIMDGROUPS = 2  # 64 threads per (row, head)
 DECODE_SIMDGROUPS = 4  # 128 threads per (partition, head, sequence)
-DECODE_PARTITION = 512  # keys per decode partition (attention.rs's v2 split)
+DECODE_PARTITION = 512  # keys per decode partition (a split-KV decode's usual size)
 MOE_THREADS = 64
 
 # MLX's names for the dtypes it writes into kernel signatures.

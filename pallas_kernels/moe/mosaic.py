@@ -293,7 +293,7 @@ def fused_moe(
     interpret: bool = False,
     blocks: MosaicBlocks | None = None,
 ):
-    """Fused MoE (SPEC.md section 4) on the Mosaic GPU lowering (bf16/f16, Hopper)."""
+    """Fused MoE (docs/contract.md) on the Mosaic GPU lowering (bf16/f16, Hopper)."""
     num_tokens, hidden = x.shape
     num_experts, _, two_inter = w_gate_up.shape
     inter, top_k = two_inter // 2, topk_ids.shape[1]

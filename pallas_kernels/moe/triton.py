@@ -327,7 +327,7 @@ def fused_moe(
     interpret: bool = False,
     blocks: MoeBlocks | None = None,
 ):
-    """Fused MoE (SPEC.md section 4) on the Triton lowering.
+    """Fused MoE (docs/contract.md) on the Triton lowering.
 
     x [T, Hd] bf16|f16|f32, w_gate_up [E, Hd, 2I], w_down [E, I, Hd], topk_weights f32[T, k],
     topk_ids i32[T, k] (ids outside [0, E) contribute zero) -> y [T, Hd] in x.dtype.
