@@ -94,6 +94,9 @@ def paged_attention(
     by default the loop covers only the blocks some row sees.
     """
     num_tokens, num_heads, head_dim = q.shape
+    block_tables, context_lens, cu_seqlens_q = (
+        x.astype(jnp.int32) for x in (block_tables, context_lens, cu_seqlens_q)
+    )
     num_blocks, num_kv_heads, block_size, _ = k_pages.shape
     group = num_heads // num_kv_heads
     max_blocks = block_tables.shape[1]
@@ -240,6 +243,7 @@ def _write_pages(pages, x, scale, slot_mapping):
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale, v_scale, interpret=False):
     """KV write by slot mapping (``interfaces.KVWriteKernels``) as one XLA scatter per tensor."""
     del interpret
+    slot_mapping = slot_mapping.astype(jnp.int32)
     return (
         _write_pages(k_pages, k, k_scale, slot_mapping),
         _write_pages(v_pages, v, v_scale, slot_mapping),
