@@ -255,11 +255,11 @@ def _kernel(*refs, st: Static):
                 s = pl.run_scoped(compute_qk, plgpu.ACC(shape, jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
 
-                # Logits in log2 units are s * c. Without softcap or ALiBi, c = scale·log2(e) stays
-                # out of s (raw q.k units, c_raw): p = exp2((s - m) * c), exact at any scale.
+                # Logits in log2 units are s * scale·log2(e). Without softcap or ALiBi that factor
+                # (c_raw) stays out of s and m (raw q.k units): p = exp2((s - m) * c_raw), exact
+                # at any scale (logit_factor). Else s is taken to log2 units first.
                 key = cols + step * bk
-                c = c_raw
-                if st.softcap is not None:  # c·tanh(scale·s / c), in log2 units
+                if st.softcap is not None:  # softcap·tanh(scale·s / softcap), in log2 units
                     s = jnp.tanh(s * (st.scale / st.softcap)) * (st.softcap * LOG2E)
                 if st.has_alibi:
                     s = s * (st.scale * LOG2E) if st.softcap is None else s
@@ -272,12 +272,12 @@ def _kernel(*refs, st: Static):
                     s = jnp.where(visible, s, -jnp.inf)
 
                 m_new = jnp.maximum(m_i, s.max(axis=1))
-                if c is None:
+                if c_raw is None:
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
                     alpha = jnp.exp2(m_i - m_new)
                 else:  # one subtraction and one multiply per logit (see logit_factor)
-                    p = jnp.exp2((s - lax.broadcast_in_dim(m_new, shape, [0])) * c)
-                    alpha = jnp.exp2((m_i - m_new) * c)
+                    p = jnp.exp2((s - lax.broadcast_in_dim(m_new, shape, [0])) * c_raw)
+                    alpha = jnp.exp2((m_i - m_new) * c_raw)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha
                 p16 = p.astype(q_smem.dtype)
