@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 import jax_paged_attn as jpa
 from jax_paged_attn.models.config import ModelConfig, Rope
@@ -44,8 +45,15 @@ def rope(x, positions, r: Rope):
     return x * cos + rotated * sin
 
 
+def _dot(x, w):
+    """``x @ w``; float32 models compute in true float32 (GPUs would round to TF32 by default),
+    as the library's ops do."""
+    precision = lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
+    return jnp.matmul(x, w, precision=precision)
+
+
 def _linear(x, w, b=None):
-    y = x @ w
+    y = _dot(x, w)
     return y if b is None else y + b
 
 
@@ -58,7 +66,7 @@ def _mlp(cfg: ModelConfig, p, h):
 
 
 def _moe(cfg: ModelConfig, p, h, valid, backend):
-    weights, ids = jpa.moe_topk(h @ p["router"], cfg.top_k, renormalize=cfg.moe_renormalize)
+    weights, ids = jpa.moe_topk(_dot(h, p["router"]), cfg.top_k, renormalize=cfg.moe_renormalize)
     ids = jnp.where(valid[:, None], ids, cfg.num_experts)  # padding rows go to no expert
     weights = weights.astype(h.dtype)  # transformers rounds the routing weights to the model dtype
     return jpa.fused_moe(
@@ -107,7 +115,7 @@ def forward(cfg: ModelConfig, params, tokens, positions, attend, *, valid=None, 
 def lm_logits(cfg: ModelConfig, params, hidden):
     """Float32 logits ``[N, vocab]`` of hidden states ``[N, H]`` (final softcap applied)."""
     head = params.get("lm_head")
-    logits = hidden @ head if head is not None else hidden @ params["embed"].T
+    logits = _dot(hidden, head if head is not None else params["embed"].T)
     logits = logits.astype(jnp.float32)
     if cfg.final_softcap is not None:
         logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
@@ -157,7 +165,8 @@ def _dense_attend(cfg: ModelConfig):
         group = cfg.num_heads // cfg.num_kv_heads
         k = jnp.repeat(k, group, axis=1).astype(jnp.float32)
         v = jnp.repeat(v, group, axis=1).astype(jnp.float32)
-        s = jnp.einsum("qhd,khd->hqk", q.astype(jnp.float32), k) * cfg.attn_scale
+        s = jnp.einsum("qhd,khd->hqk", q.astype(jnp.float32), k, precision="highest")
+        s = s * cfg.attn_scale
         if cfg.attn_softcap is not None:
             s = cfg.attn_softcap * jnp.tanh(s / cfg.attn_softcap)
         pos = jnp.arange(n)
@@ -165,7 +174,7 @@ def _dense_attend(cfg: ModelConfig):
         if cfg.windows[i] is not None:
             mask &= pos[None, :] > pos[:, None] - cfg.windows[i]
         p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-        return jnp.einsum("hqk,khd->qhd", p, v).astype(q.dtype)
+        return jnp.einsum("hqk,khd->qhd", p, v, precision="highest").astype(q.dtype)
 
     return attend
 
