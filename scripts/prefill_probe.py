@@ -52,7 +52,8 @@ ap.add_argument(
 ap.add_argument(
     "--blocks",
     default="",
-    help="also these block sizes, e.g. 128x3x2,64x4x2 (block_kv x stages x warpgroups)",
+    help="also these block sizes, e.g. 128x3x2,64x4x2 (block_kv x stages x warpgroups), "
+    "optionally x the softmax form (128x2x2xraw)",
 )
 args = ap.parse_args()
 T0 = time.perf_counter()
@@ -140,7 +141,8 @@ def run_shape(name, batch, cached, new, H=32, Hkv=8, D=128, BS=16):
             )
         )
     for spec in filter(None, args.blocks.split(",")):
-        bs = mosaic.BlockSizes(*map(int, spec.split("x")))
+        sizes, softmax = spec.split("x")[:3], spec.split("x")[3:]  # e.g. 128x2x2xraw
+        bs = mosaic.BlockSizes(*map(int, sizes), *softmax)
         rows.append((f"mosaic {spec}", mosaic_row(block_sizes=bs), (q, k_pages, v_pages)))
     if BASE is not None:
         rows.append(

@@ -79,6 +79,7 @@ from pallas_kernels.paged_attention.mosaic_plan import (
     check_supported,
     ctas_per_sm,
     decode_rows,
+    fold_max,
     idiv,
     irem,
     kv_steps,
@@ -88,6 +89,7 @@ from pallas_kernels.paged_attention.mosaic_plan import (
     num_sms,
     partial_dtype,
     plan_tiles,
+    raw_factor,
     sink_start,
     snake_items,
     stream_ctas,
@@ -120,6 +122,7 @@ __all__ = [
     "paged_attention",
     "partial_dtype",
     "plan_tiles",
+    "raw_factor",
     "sink_start",
     "snake_items",
     "stream_ctas",
@@ -187,7 +190,9 @@ def _kernel(*refs, st: Static):
         q_smem, o_smem = q_smem2.at[wg], o_smem2.at[wg]
         p_smem = p_smem2.at[wg] if st.interpret else None
         wgmma_layout = plgpu.Layout.WGMMA
-        c_raw = logit_factor(st)  # static: the raw domain's factor, None in log2 units
+        c = logit_factor(st)  # static: c = scale·log2(e) kept out of s, or None
+        c_raw = raw_factor(st)  # m in raw q.k units ("raw" softmax), or None: log2 units
+        fold = c is not None and c_raw is None
         row_layout = wgmma_layout.reduce(1)
         shape = (BLOCK_Q, bk)
 
@@ -271,11 +276,17 @@ def _kernel(*refs, st: Static):
                     # -inf is safe here: m starts finite (MASK), so m_new is finite.
                     s = jnp.where(visible, s, -jnp.inf)
 
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                if c_raw is None:
+                if fold:  # one FMA and a min per logit, m in log2 units (see logit_factor)
+                    m_new = jnp.maximum(m_i, fold_max(s.max(axis=1) * c))
+                    t = s * c - lax.broadcast_in_dim(m_new, shape, [0])
+                    p = jnp.exp2(jnp.minimum(t, 0.0))
+                    alpha = jnp.exp2(m_i - m_new)
+                elif c_raw is None:
+                    m_new = jnp.maximum(m_i, s.max(axis=1))
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
                     alpha = jnp.exp2(m_i - m_new)
                 else:  # one subtraction and one multiply per logit (see logit_factor)
+                    m_new = jnp.maximum(m_i, s.max(axis=1))
                     p = jnp.exp2((s - lax.broadcast_in_dim(m_new, shape, [0])) * c_raw)
                     alpha = jnp.exp2((m_i - m_new) * c_raw)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])

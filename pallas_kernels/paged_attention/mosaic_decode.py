@@ -62,7 +62,7 @@ def stream_plan(num_pairs, tiles, num_ctas):
 def _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, dtype, c):
     """Slots -> one output: o f32[S, Hkv, P, G, D], ml f32[S, Hkv, P, 2, 64] (the kernel's units:
     ``c`` is the raw domain's factor to log2 units, None in log2 units, as
-    ``mosaic.logit_factor``), valid bool[S, Hkv, P] (the slots some CTA wrote; the others are
+    ``mosaic.raw_factor``), valid bool[S, Hkv, P] (the slots some CTA wrote; the others are
     never read); the group's rows of ml start at r_off[S, Hkv] (``mosaic.decode_rows``)."""
     s, hkv, _, grp, d = o.shape
     rows = (r_off[:, :, None] + jnp.arange(grp))[:, :, None, None, :]  # [S, Hkv, 1, 1, G]
@@ -195,5 +195,5 @@ def paged_decode(
     _, r_off, _ = mosaic.decode_rows(seqs, heads, num_kv_heads, grp, q_rows)
     valid = jnp.asarray(valid.reshape(num_seqs, num_kv_heads, p))
     return _merge(
-        o, ml, valid, r_off, context_lens, sinks, num_heads, q.dtype, mosaic.logit_factor(st)
+        o, ml, valid, r_off, context_lens, sinks, num_heads, q.dtype, mosaic.raw_factor(st)
     )

@@ -38,8 +38,14 @@ class BlockSizes:
     block_kv: int = 128
     num_stages: int = 2
     num_wgs: int = 2
+    # How the softmax exponent is formed without softcap and ALiBi (see ``logit_factor``):
+    # "fold": exp2(min(s * c - m, 0)), one FMA and a min per logit, m rounded down per row;
+    # "raw": exp2((s - m) * c), m in q.k units, a subtraction and a multiply per logit.
+    softmax: str = "raw"
 
     def __post_init__(self):
+        if self.softmax not in ("fold", "raw"):
+            raise ValueError(f"{self.softmax=} must be 'fold' or 'raw'")
         if self.block_kv % 64 or not 64 <= self.block_kv <= 256:
             raise ValueError(f"{self.block_kv=} must be 64, 128, 192 or 256")
         if self.num_stages < 2:
@@ -152,24 +158,40 @@ def cdiv(a, b):
 
 
 def logit_factor(st: Static) -> float | None:
-    """Softmax domain (base 2) of the kernel. Without softcap and ALiBi: the raw domain, the
-    running max and the logits stay in units of q.k and ``c = scale * log2(e)`` multiplies
-    ``s - m`` (returned). Else None: logits are in log2 units before the max.
+    """``c = scale * log2(e)`` when it can stay out of the logits (no softcap, no ALiBi), else
+    None (logits are taken to log2 units first).
 
-    Raw units keep the max element at exactly ``exp2(0) = 1`` however large the logits: a
-    folded ``exp2(s * c - m)`` (one FMA per logit) compares the unrounded product with the
-    rounded ``m = max(s) * c``, off by up to half an ulp of ``m``, which overflows ``exp2`` (inf,
-    then NaN) once ``|m| >~ 2^31`` (scale 1e6 with |q.k| ~ 1e4). The price is one more FP32 op
-    per logit (a subtraction and a multiply instead of the FMA), on the CUDA cores while the
-    other warpgroup's wgmma runs."""
+    With ``c``, either softmax form keeps the largest logit at weight exactly 1 and every
+    weight finite however large the logits. A plain folded ``exp2(s * c - m)`` (one FMA per
+    logit, ``m = max(s) * c`` rounded) compares the unrounded product with the rounded max, off
+    by up to half an ulp of ``m``, which overflows ``exp2`` (inf, then NaN) once ``|m| >~ 2^31``
+    (scale 1e6 with |q.k| ~ 1e4). "fold" (``BlockSizes.softmax``) rounds ``m`` down per row
+    (``fold_max``), so the row max's exponent is >= 0, and clamps exponents at 0: the max
+    weighs 1, near-ties at that magnitude 1 too. "raw" keeps ``m`` in q.k units and computes
+    ``exp2((s - m) * c)``, exact for the max by Sterbenz. Both cost one more op per logit than
+    the plain fold."""
     if st.softcap is None and not st.has_alibi and st.scale > 0:
         return st.scale * LOG2E
     return None
 
 
+def raw_factor(st: Static) -> float | None:
+    """The factor from the kernel's units for the running max and the partials' ``m`` to log2
+    units: ``c`` with the "raw" softmax (q.k units), else None (log2 units)."""
+    return logit_factor(st) if st.bs.softmax == "raw" else None
+
+
+def fold_max(x):
+    """``x`` (a row max in log2 units, rounded to nearest) moved down past the exact value it
+    rounds: ``x - |x| 2^-22`` is below ``x·(1 - 2^-24)``, so ``s * c - fold_max(max(s) * c) >= 0``
+    for the row's largest ``s``, however large."""
+    return x - jnp.abs(x) * (2.0**-22)
+
+
 def sink_start(sinks, c: float | None):
-    """The running max a sink (natural units) starts a row at, in the kernel's units (see
-    ``logit_factor``), clamped finite: -inf is no sink, +inf zeroes the row."""
+    """The running max a sink (natural units) starts a row at, in the kernel's units (``c``:
+    raw q.k units, see ``logit_factor``; None: log2 units), clamped finite: -inf is no sink,
+    +inf zeroes the row."""
     m0 = sinks * LOG2E
     if c is not None:
         m0 = m0 / c
