@@ -41,7 +41,7 @@ class BlockSizes:
     # How the softmax exponent is formed without softcap and ALiBi (see ``logit_factor``):
     # "fold": exp2(min(s * c - m, 0)), one FMA and a min per logit, m rounded down per row;
     # "raw": exp2((s - m) * c), m in q.k units, a subtraction and a multiply per logit.
-    softmax: str = "raw"
+    softmax: str = "fold"
 
     def __post_init__(self):
         if self.softmax not in ("fold", "raw"):
