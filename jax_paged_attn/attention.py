@@ -55,15 +55,27 @@ def _options(num_heads, head_dim, scale, softcap, sliding_window, alibi_slopes, 
     )
 
 
-def _run(kind, q, cache, block_tables, context_lens, cu_seqlens_q, opts, backend, interpret):
+def _run(
+    kind, q, cache, block_tables, context_lens, cu_seqlens_q, opts, backend, interpret, return_lse
+):
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     if q.shape[0] == 0 or block_tables.shape[0] == 0 or block_tables.shape[1] == 0:
-        return jnp.zeros(q.shape, q.dtype)  # no rows, or no sequence any row could belong to
+        out = jnp.zeros(q.shape, q.dtype)  # no rows, or no sequence any row could belong to
+        return (out, jnp.full(q.shape[:2], -jnp.inf, jnp.float32)) if return_lse else out
     op = "decode" if kind == "decode" else "attention"
     config = dict(
         head_dim=cache.head_dim, block_size=cache.block_size, q_dtype=q.dtype, kv_dtype=cache.dtype
     )
+    if return_lse:  # only then: a backend without the lse output stays eligible otherwise
+        config["return_lse"] = True
     impl = backends.implementation(op, backend, interpret=interpret, config=config)
-    static = dict(scale=opts.scale, softcap=opts.softcap, sliding_window=opts.sliding_window)
+    static = dict(
+        scale=opts.scale,
+        softcap=opts.softcap,
+        sliding_window=opts.sliding_window,
+        return_lse=return_lse,
+    )
 
     def call(impl, q, k, v, tables, lens, cu, alibi, sinks, k_scale, v_scale, **extra):
         kw = dict(static, alibi_slopes=alibi, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
@@ -73,7 +85,8 @@ def _run(kind, q, cache, block_tables, context_lens, cu_seqlens_q, opts, backend
         return impl.paged_attention(q, k, v, tables, lens, cu, **kw)
 
     # Kernels have no autodiff rules, and the xla forward loops over a data-dependent number
-    # of KV steps: every backend differentiates through the xla path with a static loop.
+    # of KV steps: every backend differentiates through the xla path with a static loop. With
+    # return_lse both outputs are differentiable (the xla path returns (out, lse) as well).
     run = _grad.with_xla_backward(
         functools.partial(call, impl), functools.partial(call, xla, static_loop=True)
     )
@@ -103,14 +116,18 @@ def paged_attention(
     sinks=None,
     backend: str = "auto",
     interpret: bool = False,
-) -> jax.Array:
+    return_lse: bool = False,
+):
     """Attention of ``q`` (``[T, H, D]``) over the paged cache; returns ``[T, H, D]``.
 
     Query row ``j`` of sequence ``i`` (``n`` rows, context ``L``) sits at position
     ``p = L - n + j`` and sees keys ``0 <= t <= p`` (and ``t > p - sliding_window``). Logits are
     ``scale * q.k`` (default ``1/sqrt(D)``), then ``softcap * tanh(logit / softcap)``, then
     ``+ alibi_slopes[h] * (t - p)``; ``sinks[h]`` joins the softmax denominator. Softmax and
-    accumulation are float32; rows with no visible key are zeros.
+    accumulation are float32; rows with no visible key are zeros. ``return_lse=True`` returns
+    ``(out, lse)``: ``lse`` f32 ``[T, H]``, the natural log of the softmax denominator (the
+    sink's term included), ``-inf`` for rows with no visible key (and no finite sink), ``+inf``
+    for heads whose sink is ``+inf``; see :func:`merge_attention_states`.
 
     >>> import jax, jax.numpy as jnp
     >>> from jax_paged_attn import KVCache, AttentionMetadata, write_kv
@@ -140,6 +157,7 @@ def paged_attention(
         opts,
         backend,
         interpret,
+        return_lse,
     )
 
 
@@ -156,10 +174,12 @@ def paged_decode(
     sinks=None,
     backend: str = "auto",
     interpret: bool = False,
-) -> jax.Array:
+    return_lse: bool = False,
+):
     """One query per sequence: ``q`` is ``[S, H, D]``; the same meaning as
     :func:`paged_attention` with ``cu_seqlens_q = arange(S + 1)``, on decode kernels (the KV
-    is split across programs when sequences are few and contexts long)."""
+    is split across programs when sequences are few and contexts long). ``return_lse=True``
+    returns ``(out, lse)``, ``lse`` f32 ``[S, H]``."""
     cache = validated_cache(cache)
     q = _validated_q(q, cache)
     block_tables = _checks.int_array("block_tables", block_tables, ndim=2)
@@ -170,7 +190,9 @@ def paged_decode(
         )
     context_lens = _checks.int_array("context_lens", context_lens, ndim=1, shape=(q.shape[0],))
     opts = _options(q.shape[1], q.shape[2], scale, softcap, sliding_window, alibi_slopes, sinks)
-    return _run("decode", q, cache, block_tables, context_lens, None, opts, backend, interpret)
+    return _run(
+        "decode", q, cache, block_tables, context_lens, None, opts, backend, interpret, return_lse
+    )
 
 
 @dataclasses.dataclass(frozen=True)

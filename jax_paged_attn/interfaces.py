@@ -23,9 +23,12 @@ import jax
 class AttentionKernels(Protocol):
     """Paged attention over any mix of decode rows and prefill chunks."""
 
-    def check_supported(self, *, head_dim: int, block_size: int, q_dtype, kv_dtype) -> None:
+    def check_supported(
+        self, *, head_dim: int, block_size: int, q_dtype, kv_dtype, return_lse: bool = False
+    ) -> None:
         """Raise ``NotImplementedError`` naming what is supported (and suggesting
-        ``backend="xla"``) for a configuration these kernels cannot run."""
+        ``backend="xla"``) for a configuration these kernels cannot run; ``return_lse=True``
+        is passed only when the caller asks for the lse output."""
 
     def paged_attention(
         self,
@@ -44,7 +47,10 @@ class AttentionKernels(Protocol):
         k_scale: jax.Array | None,  # f32[Hkv]: float8 caches hold x / scale
         v_scale: jax.Array | None,  # f32[Hkv]
         interpret: bool = False,
+        return_lse: bool = False,
     ) -> jax.Array:  # [T, H, D] in q.dtype; rows that see no key are 0
+        # return_lse: (out, lse f32[T, H]), lse = log of the softmax denominator (sink
+        # included), -inf for rows that see nothing, written once per row in the epilogue
         ...
 
 
@@ -53,7 +59,9 @@ class DecodeKernels(Protocol):
     """One query row per sequence (``cu_seqlens_q == arange(S + 1)``), on kernels that split the
     KV of long contexts across programs."""
 
-    def check_supported(self, *, head_dim: int, block_size: int, q_dtype, kv_dtype) -> None: ...
+    def check_supported(
+        self, *, head_dim: int, block_size: int, q_dtype, kv_dtype, return_lse: bool = False
+    ) -> None: ...
 
     def paged_decode(
         self,
@@ -71,7 +79,8 @@ class DecodeKernels(Protocol):
         k_scale: jax.Array | None,
         v_scale: jax.Array | None,
         interpret: bool = False,
-    ) -> jax.Array:  # [S, H, D] in q.dtype
+        return_lse: bool = False,
+    ) -> jax.Array:  # [S, H, D] in q.dtype; return_lse: (out, lse f32[S, H])
         ...
 
 

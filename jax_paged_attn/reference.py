@@ -83,9 +83,12 @@ def paged_attention(
     kv_chunk: int | None = None,
     interpret: bool = False,
     static_loop: bool = False,
+    return_lse: bool = False,
 ):
     """Attention over a paged cache (``interfaces.AttentionKernels``; ``interpret`` is accepted
-    for the common signature and ignored: this path runs on every platform).
+    for the common signature and ignored: this path runs on every platform). With
+    ``return_lse`` it returns ``(out, lse)``, ``lse`` f32 ``[T, H]`` the log of the softmax
+    denominator (sink included; ``-inf`` for rows that see nothing, ``+inf`` under a +inf sink).
 
     ``q_tile`` query rows share each KV gather; ``kv_chunk`` keys are processed per step
     (rounded to whole blocks). ``static_loop`` runs the KV loop over every block of the block
@@ -194,6 +197,13 @@ def paged_attention(
     if static_loop:
         num_steps = -(-max_blocks // blocks_per_step)
     m, l, acc = lax.fori_loop(0, num_steps, step, init)
+    if return_lse:  # keys only, then the sink: logaddexp keeps -inf / +inf sinks exact
+        seen = l > 0
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+        if sinks is not None:
+            lse = jnp.logaddexp(lse, sinks.reshape(num_kv_heads, group)[None, :, :, None])
+        lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(num_tiles * q_tile, num_heads)
+        lse = jnp.full((num_tokens, num_heads), -jnp.inf).at[rows.reshape(-1)].set(lse, mode="drop")
     if sinks is not None:
         # Finite: a +inf sink takes the whole weight (rows exactly 0), -inf none (no sink),
         # without inf - inf.
@@ -205,7 +215,8 @@ def paged_attention(
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(num_tiles * q_tile, num_heads, head_dim)
     result = jnp.zeros((num_tokens, num_heads, head_dim), q.dtype)
-    return result.at[rows.reshape(-1)].set(out.astype(q.dtype), mode="drop")
+    result = result.at[rows.reshape(-1)].set(out.astype(q.dtype), mode="drop")
+    return (result, lse) if return_lse else result
 
 
 def paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs):

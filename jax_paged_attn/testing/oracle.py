@@ -35,7 +35,8 @@ def attention(
     sliding_window=None,
     alibi_slopes=None,
     sinks=None,
-) -> np.ndarray:
+    return_lse=False,
+):
     """Causal attention of a batch of sequences, one sequence at a time.
 
     ``q`` ``[T, H, D]``; ``k_seqs[i]``, ``v_seqs[i]`` ``[L_i, Hkv, D]``: sequence ``i``'s keys
@@ -45,7 +46,11 @@ def attention(
     ``h // (H // Hkv)``. Logits: ``scale * q.k``, then ``softcap * tanh(. / softcap)``, then
     ``+ alibi_slopes[h] * (t - p)``; a sink adds ``exp(sinks[h])`` to the softmax denominator.
     Rows with no visible key (padding rows past ``cu_seqlens_q[S]``, inactive sequences,
-    ``p < 0``) are zero.
+    ``p < 0``) are zero. ``return_lse=True`` returns ``(out, lse)``, ``lse`` float64 ``[T, H]``
+    the natural log of the softmax denominator: ``log(exp(sinks[h]) + sum of exp(logit))`` over
+    the visible keys (the sink term only with ``sinks``), ``-inf`` for rows of a sequence with no
+    key and no sink (or a -inf sink), ``+inf`` for a +inf sink, and ``-inf`` for every row
+    outside the sequences.
     """
     q = _f64(q)
     num_tokens, num_heads, head_dim = q.shape
@@ -53,9 +58,12 @@ def attention(
     alibi, sink = _opt(alibi_slopes), _opt(sinks)
     cu = np.asarray(cu_seqlens_q, np.int64)
     out = np.zeros_like(q)
+    lse = np.full((num_tokens, num_heads), -np.inf)
     for i, ctx in enumerate(np.asarray(context_lens, np.int64)):
         start, end = int(cu[i]), int(cu[i + 1])
         n = end - start
+        if n > 0 and sink is not None:  # rows that see no key: the sink alone
+            lse[start:end] = sink[None, :]
         if ctx == 0 or n == 0:
             continue
         k, v = _f64(k_seqs[i])[:ctx], _f64(v_seqs[i])[:ctx]
@@ -82,7 +90,14 @@ def attention(
             denom = denom + np.exp(sink[None, :, None] - m)
         o = np.einsum("nht,thd->nhd", w / np.where(denom == 0, 1.0, denom), v)
         out[start:end] = np.where(visible.any(-1)[:, None, None], o, 0.0)
-    return out
+        s_max = s.max(-1)  # [n, H]: -inf for rows that see no key
+        safe = np.where(np.isfinite(s_max), s_max, 0.0)
+        with np.errstate(divide="ignore"):
+            keys_lse = np.log(np.exp(s - safe[..., None]).sum(-1)) + safe
+        if sink is not None:
+            keys_lse = np.logaddexp(keys_lse, sink[None, :])
+        lse[start:end] = keys_lse
+    return (out, lse) if return_lse else out
 
 
 def paged_attention(

@@ -88,7 +88,7 @@ def _prefill_kernel(
     v_scale_ref,  # f32[Hkv] | None
     # outputs
     o_ref,  # [T * H, D]
-    *,
+    *lse_refs,  # f32[T * H] (return_lse only)
     num_seqs: int,
     num_tokens: int,
     num_kv_heads: int,
@@ -188,7 +188,7 @@ def _prefill_kernel(
         ranges = [(c0, c1, False), (c1, hi_blk, True)]
         if window is not None:
             ranges.insert(0, (lo_blk, c0, True))
-        acc, _, l = tc.kv_loop(
+        acc, m, l = tc.kv_loop(
             bt_ref,
             k_ref,
             v_ref,
@@ -212,10 +212,23 @@ def _prefill_kernel(
         if v_scale_ref is not None:
             inv = inv * v_scale_ref[h_kv]
         plgpu.store(o_ref.at[o_idx], (acc * inv[:, None]).astype(o_ref.dtype), mask=o_mask)
+        if lse_refs:  # epilogue only: once per row, nothing in the KV loop
+            sink = None if sinks_ref is None else plgpu.load(sinks_ref.at[head])
+            lse = tc.lse_epilogue(m, l, c, raw, sink)
+            lse = jnp.where(real, lse, -jnp.inf)  # rows outside every sequence
+            plgpu.store(lse_refs[0].at[tok * (num_kv_heads * group) + head], lse, mask=row_ok)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "softcap", "sliding_window", "interpret", "block_sizes")
+    jax.jit,
+    static_argnames=(
+        "scale",
+        "softcap",
+        "sliding_window",
+        "interpret",
+        "block_sizes",
+        "return_lse",
+    ),
 )
 def paged_attention(
     q,
@@ -234,8 +247,10 @@ def paged_attention(
     v_scale,
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
+    return_lse: bool = False,
 ):
-    """Attention of packed queries ``q`` [T, H, D] over the paged cache (interfaces.AttentionKernels)."""
+    """Attention of packed queries ``q`` [T, H, D] over the paged cache (interfaces.AttentionKernels).
+    ``return_lse``: ``(out, lse f32[T, H])``, the lse written in the kernel's epilogue."""
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, num_kv_heads, block_size, _ = k_pages.shape
     num_seqs = context_lens.shape[0]
@@ -243,7 +258,8 @@ def paged_attention(
         head_dim=head_dim, block_size=block_size, q_dtype=q.dtype, kv_dtype=k_pages.dtype
     )
     if num_tokens == 0 or num_seqs == 0:
-        return jnp.zeros(q.shape, q.dtype)
+        out = jnp.zeros(q.shape, q.dtype)
+        return (out, jnp.full(q.shape[:2], -jnp.inf, jnp.float32)) if return_lse else out
     group = num_heads // num_kv_heads
     if block_sizes is None and num_tokens <= 2 * num_seqs:
         # Decode-shaped batch (about one query per sequence): a tile of one token's head group, so
@@ -280,10 +296,13 @@ def paged_attention(
         fold_scale=bs.prefill_fold,
         prefetch=bs.prefill_prefetch,
     )
+    out_shape = jax.ShapeDtypeStruct((num_tokens * num_heads, head_dim), q.dtype)
+    if return_lse:
+        out_shape = (out_shape, jax.ShapeDtypeStruct((num_tokens * num_heads,), jnp.float32))
     out = pl.pallas_call(
         tc.bind_optional(kernel, 6, present),
         grid=(num_kv_heads, num_tiles) if bs.heads_inner else (num_tiles, num_kv_heads),
-        out_shape=jax.ShapeDtypeStruct((num_tokens * num_heads, head_dim), q.dtype),
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
         name=f"paged_prefill_d{head_dim}_bs{block_size}_m{block_m}_k{bs.block_k}",
@@ -296,4 +315,6 @@ def paged_attention(
         tc.pages_as_rows(v_pages),
         *optional,
     )
+    if return_lse:
+        return out[0].reshape(q.shape), out[1].reshape(q.shape[:2])
     return out.reshape(q.shape)

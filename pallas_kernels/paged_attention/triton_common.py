@@ -36,6 +36,7 @@ SUPPORTED_Q_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype
 SUPPORTED_KV_DTYPES = SUPPORTED_Q_DTYPES + (jnp.dtype(jnp.float8_e4m3fn),)
 
 LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 # Finite, not -inf: a row that has seen no visible key yet has m == MASK_VALUE, and
 # exp2(MASK_VALUE - MASK_VALUE) = 1 where (-inf) - (-inf) would be NaN. Masked probabilities
 # are additionally zeroed with `where`, so such rows keep l == 0 and come out as exact zeros.
@@ -44,8 +45,10 @@ LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
-    """Raises NotImplementedError for a configuration these kernels cannot run."""
+def check_supported(*, head_dim, block_size, q_dtype, kv_dtype, return_lse=False) -> None:
+    """Raises NotImplementedError for a configuration these kernels cannot run (every kernel
+    writes the lse when asked: ``return_lse`` is always supported)."""
+    del return_lse
     hint = '; use backend="xla" for other configurations'
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(
@@ -248,6 +251,19 @@ def sink_start(sink, c, raw):
     if raw:
         m0 = m0 / c
     return jnp.clip(m0, MASK_VALUE, -MASK_VALUE)
+
+
+def lse_epilogue(m, l, c, raw, sink):
+    """The natural-log softmax denominator of rows from the loop's final ``(m, l)`` (once per
+    row, after the KV loop): ``m`` in the loop's units (``c`` its factor to log2 units when
+    ``raw``), ``sink`` the rows' natural-unit sinks or None. ``-inf`` where nothing was seen
+    (``l == 0``, or only a -inf sink: ``m`` stayed at MASK_VALUE), ``+inf`` under a +inf sink."""
+    m2 = m * c if raw else m
+    lse = (m2 + jnp.log2(jnp.where(l > 0.0, l, 1.0))) * LN2
+    lse = jnp.where((l == 0.0) | (m <= MASK_VALUE), -jnp.inf, lse)
+    if sink is not None:
+        lse = jnp.where(sink == jnp.inf, jnp.inf, lse)
+    return lse
 
 
 def pages_as_rows(pages):

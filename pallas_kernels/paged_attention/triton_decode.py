@@ -36,7 +36,8 @@ def _decode_kernel(
     v_scale_ref,  # f32[Hkv] | None
     # outputs
     o_ref,  # [S * H, D] (one split) | f32[NSPLIT * S * H, D] unnormalised partials
-    *split_refs,  # f32[NSPLIT * S * H] running max (loop units) and sum (splits only)
+    *extra_refs,  # one split: f32[S * H] lse (return_lse only); splits: f32[NSPLIT * S * H]
+    # running max (loop units) and sum
     num_seqs: int,
     num_kv_heads: int,
     num_blocks: int,
@@ -132,18 +133,25 @@ def _decode_kernel(
             (acc * inv[:, None]).astype(o_ref.dtype),
             mask=row_mask,
         )
+        if extra_refs:  # return_lse: the epilogue writes each row's lse once
+            plgpu.store(
+                extra_refs[0].at[row],
+                tc.lse_epilogue(m, l, c, raw, None if sinks_ref is None else sink),
+                mask=row_ok,
+            )
     else:
-        m_ref, l_ref = split_refs
+        m_ref, l_ref = extra_refs
         part = split * (num_seqs * num_kv_heads * group) + row
         plgpu.store(o_ref.at[part[:, None], d[None, :]], acc * vs, mask=row_mask)
         plgpu.store(m_ref.at[part], m, mask=row_ok)
         plgpu.store(l_ref.at[part], l, mask=row_ok)
 
 
-def _merge_splits(o, m, l, sinks, c, raw, out_dtype):
+def _merge_splits(o, m, l, sinks, c, raw, out_dtype, return_lse=False):
     """Combines split partials: o f32[NS, S, H, D] (unnormalised), m, l f32[NS, S, H]; m in the
     loop's units, ``c`` f32[H] its factor to log2 units (raw domain; else 1), so the merge
-    weighs the splits exactly as the loop weighs tiles."""
+    weighs the splits exactly as the loop weighs tiles. ``return_lse``: also the rows' lse
+    f32[S, H], from the merged max and sum (no pass over the KV)."""
     m_max = jnp.max(m, axis=0)
     if sinks is not None:
         sink = tc.sink_start(sinks.astype(jnp.float32), c, raw)[None, :]
@@ -153,11 +161,22 @@ def _merge_splits(o, m, l, sinks, c, raw, out_dtype):
     if sinks is not None:  # a +inf sink: m_max = -MASK_VALUE, w = 0, l_tot = 1: rows are 0
         l_tot = l_tot + jnp.exp2((sink - m_max) * c)
     out = jnp.sum(w[..., None] * o, axis=0) / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+    if return_lse:  # m_max * c: log2 units in both domains (c == 1 outside the raw domain)
+        sink = None if sinks is None else sinks.astype(jnp.float32)[None, :]
+        return out.astype(out_dtype), tc.lse_epilogue(m_max, l_tot, c, True, sink)
     return out.astype(out_dtype)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "softcap", "sliding_window", "interpret", "block_sizes")
+    jax.jit,
+    static_argnames=(
+        "scale",
+        "softcap",
+        "sliding_window",
+        "interpret",
+        "block_sizes",
+        "return_lse",
+    ),
 )
 def paged_decode(
     q,
@@ -175,15 +194,18 @@ def paged_decode(
     v_scale,
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
+    return_lse: bool = False,
 ):
-    """Decode attention: ``q`` [S, H, D], one query per sequence at position L - 1."""
+    """Decode attention: ``q`` [S, H, D], one query per sequence at position L - 1.
+    ``return_lse``: ``(out, lse f32[S, H])``, from the single split's epilogue or the merge."""
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, num_kv_heads, block_size, _ = k_pages.shape
     check_supported(
         head_dim=head_dim, block_size=block_size, q_dtype=q.dtype, kv_dtype=k_pages.dtype
     )
     if num_seqs == 0:
-        return jnp.zeros(q.shape, q.dtype)
+        out = jnp.zeros(q.shape, q.dtype)
+        return (out, jnp.full(q.shape[:2], -jnp.inf, jnp.float32)) if return_lse else out
     group = num_heads // num_kv_heads
     bs = tuning.get_block_sizes(head_dim, q.dtype, k_pages.dtype, "decode", block_sizes)
     max_context = block_tables.shape[1] * block_size
@@ -198,6 +220,8 @@ def paged_decode(
     rows_out = num_seqs * num_heads
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((rows_out, head_dim), q.dtype)
+        if return_lse:
+            out_shape = (out_shape, jax.ShapeDtypeStruct((rows_out,), jnp.float32))
     else:
         out_shape = (
             jax.ShapeDtypeStruct((num_splits * rows_out, head_dim), jnp.float32),  # o parts
@@ -240,6 +264,8 @@ def paged_decode(
         *optional,
     )
     if num_splits == 1:
+        if return_lse:
+            return res[0].reshape(q.shape), res[1].reshape(q.shape[:2])
         return res.reshape(q.shape)
     o, m, l = res
     parts = (num_splits, num_seqs, num_heads)
@@ -250,5 +276,12 @@ def paged_decode(
         if k_scale is not None:
             c = c * jnp.repeat(k_scale.astype(jnp.float32), group)
     return _merge_splits(
-        o.reshape(*parts, head_dim), m.reshape(parts), l.reshape(parts), sinks, c, raw, q.dtype
+        o.reshape(*parts, head_dim),
+        m.reshape(parts),
+        l.reshape(parts),
+        sinks,
+        c,
+        raw,
+        q.dtype,
+        return_lse,
     )
