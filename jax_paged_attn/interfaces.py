@@ -110,7 +110,16 @@ class MoEKernels(Protocol):
     """Fused mixture of experts: gate-up GEMM, activation, down GEMM, weighted top-k combine."""
 
     def check_supported(
-        self, *, dtype, num_tokens=None, top_k=None, num_experts=None, hidden=None, inter=None
+        self,
+        *,
+        dtype,
+        num_tokens=None,
+        top_k=None,
+        num_experts=None,
+        hidden=None,
+        inter=None,
+        activation: str = "silu",
+        bias: bool = False,  # whether the call has b_gate_up or b_down
     ) -> None: ...
 
     def fused_moe(
@@ -121,7 +130,11 @@ class MoEKernels(Protocol):
         topk_weights: jax.Array,  # f32[T, k]
         topk_ids: jax.Array,  # i32[T, k]: ids outside [0, E) contribute zero
         *,
-        activation: str,  # "silu" | "gelu" | "gelu_tanh"
+        activation: str,  # "silu" | "gelu" | "gelu_tanh" | "swigluoai"
+        b_gate_up: jax.Array | None = None,  # [E, 2I], weights' dtype or f32: GEMM epilogue
+        b_down: jax.Array | None = None,  # [E, Hd]: added before the routing weight
+        swiglu_alpha: float = 1.702,  # swigluoai: (clip(u) + 1) * g * sigmoid(alpha * g),
+        swiglu_limit: float = 7.0,  # g = min(gate, limit), u clipped to [-limit, limit]
         interpret: bool = False,
     ) -> jax.Array:  # [T, Hd] in x.dtype, f32 accumulation
         ...

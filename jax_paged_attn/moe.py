@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from jax import lax
 from jax_paged_attn import _checks, _grad, backends, reference
 
 SCORINGS = ("softmax", "sigmoid")
-ACTIVATIONS = tuple(reference.ACTIVATIONS)
+ACTIVATIONS = reference.MOE_ACTIVATIONS
 
 
 def moe_topk(
@@ -95,6 +96,25 @@ def moe_topk(
     return weights * routed_scaling_factor, ids.astype(jnp.int32)
 
 
+def _bias(name: str, b, shape: tuple, w_dtype):
+    """An optional expert bias of ``shape`` in the weights' dtype or float32."""
+    if b is None:
+        return None
+    b = _checks.as_array(name, b, ndim=len(shape))
+    if tuple(b.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(b.shape)}")
+    if b.dtype not in (jnp.dtype(w_dtype), jnp.dtype(jnp.float32)):
+        raise ValueError(f"{name} dtype {b.dtype} must be the weights' {w_dtype} or float32")
+    return b
+
+
+def _swiglu_param(name: str, value) -> float:
+    value = _checks.static_number(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def fused_moe(
     x,
     w_gate_up,
@@ -103,15 +123,24 @@ def fused_moe(
     ids,
     *,
     activation: str = "silu",
+    b_gate_up=None,
+    b_down=None,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
     backend: str = "auto",
     interpret: bool = False,
 ):
-    """``y[t] = sum_j weights[t, j] * (act(x[t] @ Wg[e]) * (x[t] @ Wu[e])) @ Wd[e]``,
-    ``e = ids[t, j]``; gate = first ``I`` columns of ``w_gate_up[e]``, up = last ``I``.
+    """``y[t] = sum_j weights[t, j] * (glu(x[t] @ Wgu[e] + bgu[e]) @ Wd[e] + bd[e])``,
+    ``e = ids[t, j]``; gate ``g`` = first ``I`` columns of ``w_gate_up[e]`` (and of
+    ``b_gate_up[e]``), up ``u`` = last ``I``; ``glu = act(g) * u``, or for ``swigluoai``
+    (gpt-oss) ``(clip(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')``, ``g' = min(g, limit)``.
 
     ``x`` ``[T, Hd]``, ``w_gate_up`` ``[E, Hd, 2I]``, ``w_down`` ``[E, I, Hd]``, ``weights``
-    ``[T, k]``, ``ids`` int ``[T, k]``. An id outside ``[0, E)`` contributes zero (expert
-    parallelism: experts owned by another device). f32 accumulation, output in ``x.dtype``.
+    ``[T, k]``, ``ids`` int ``[T, k]``; optional ``b_gate_up`` ``[E, 2I]`` and ``b_down``
+    ``[E, Hd]`` in the weights' dtype or float32 (any activation). ``swiglu_alpha`` and
+    ``swiglu_limit`` (finite, > 0) are validated always and used by ``swigluoai`` only. An id
+    outside ``[0, E)`` contributes zero (expert parallelism: experts owned by another device).
+    f32 accumulation, the intermediate rounded to ``x.dtype``, output in ``x.dtype``.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jnp.ones((3, 8)); wgu = jnp.ones((4, 8, 2 * 16)) / 8; wd = jnp.ones((4, 16, 8)) / 16
@@ -140,6 +169,8 @@ def fused_moe(
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         if w.dtype != x.dtype:
             raise ValueError(f"{name} dtype {w.dtype} must match x's {x.dtype}")
+    b_gate_up = _bias("b_gate_up", b_gate_up, (num_experts, inter2), x.dtype)
+    b_down = _bias("b_down", b_down, (num_experts, hidden), x.dtype)
     ids = _checks.int_array("ids", ids, ndim=2)
     if ids.shape[0] != x.shape[0]:
         raise ValueError(f"ids must have one row per token ({x.shape[0]}), got {ids.shape[0]}")
@@ -149,6 +180,8 @@ def fused_moe(
             f"weights must have the shape of ids {tuple(ids.shape)}, got {tuple(weights.shape)}"
         )
     _checks.one_of("activation", activation, ACTIVATIONS)
+    swiglu_alpha = _swiglu_param("swiglu_alpha", swiglu_alpha)
+    swiglu_limit = _swiglu_param("swiglu_limit", swiglu_limit)
     weights = weights.astype(jnp.float32)
     case = "decode" if x.shape[0] * ids.shape[1] <= 256 else "prefill"
 
@@ -159,15 +192,26 @@ def fused_moe(
         hidden=hidden,
         inter=inter2 // 2,
         dtype=x.dtype,
+        activation=activation,
+        bias=b_gate_up is not None or b_down is not None,
     )
     impl = backends.implementation("moe", backend, interpret=interpret, case=case, config=config)
+    opts = dict(activation=activation, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
 
-    def call(impl, x, w_gate_up, w_down, weights, ids):
+    def call(impl, x, w_gate_up, w_down, weights, ids, b_gate_up, b_down):
         return impl.fused_moe(
-            x, w_gate_up, w_down, weights, ids, activation=activation, interpret=interpret
+            x,
+            w_gate_up,
+            w_down,
+            weights,
+            ids,
+            b_gate_up=b_gate_up,
+            b_down=b_down,
+            interpret=interpret,
+            **opts,
         )
 
     run = functools.partial(call, impl)
     if impl is not reference:  # kernels have no autodiff rules: the xla path differentiates
         run = _grad.with_xla_backward(run, functools.partial(call, reference))
-    return run(x, w_gate_up, w_down, weights, ids)
+    return run(x, w_gate_up, w_down, weights, ids, b_gate_up, b_down)

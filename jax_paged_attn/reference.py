@@ -261,11 +261,22 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale, v_scale, interpre
     )
 
 
-ACTIVATIONS = {
+ACTIVATIONS = {  # unary activations of the gate: h = act(gate) * up
     "silu": jax.nn.silu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }
+# Every fused_moe activation: the unary ones and gpt-oss's clamped SwiGLU.
+MOE_ACTIVATIONS = (*ACTIVATIONS, "swigluoai")
+
+
+def moe_glu(gate, up, activation: str, alpha: float, limit: float):
+    """h from the f32 gate and up halves: ``act(gate) * up``, or for ``swigluoai``
+    ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``."""
+    if activation == "swigluoai":
+        g = jnp.minimum(gate, limit)
+        return (jnp.clip(up, -limit, limit) + 1.0) * g * jax.nn.sigmoid(alpha * g)
+    return ACTIVATIONS[activation](gate) * up
 
 
 def _moe_block(num_pairs: int, num_experts: int) -> int:
@@ -300,33 +311,38 @@ def _moe_tiles(topk_ids, num_experts: int, block: int):
     return order, expert, starts[expert] + offset, rows, tile_end[-1]
 
 
-def _moe_tile_fn(activation: str, dtype):
-    """y0 = act(xs @ Wg) * (xs @ Wu) @ Wd for one tile, f32 accumulation; the intermediate
-    passes through ``dtype`` as in the kernels."""
+def _moe_tile_fn(act, dtype):
+    """y0 = glu(xs @ Wgu + bgu) @ Wd + bd for one tile, f32 accumulation; the intermediate
+    passes through ``dtype`` as in the kernels. ``act``: (activation, alpha, limit); absent
+    biases are ``None``."""
     precision = _HI if jnp.dtype(dtype) == jnp.float32 else None
     dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
 
-    def tile(xs, w_gate_up, w_down):
+    def tile(xs, w_gate_up, w_down, b_gate_up, b_down):
         h = dot(xs, w_gate_up)
+        if b_gate_up is not None:
+            h = h + b_gate_up.astype(jnp.float32)
         inter = w_down.shape[0]
-        a = ACTIVATIONS[activation](h[:, :inter]) * h[:, inter:]
-        return dot(a.astype(dtype), w_down)
+        a = moe_glu(h[:, :inter], h[:, inter:], *act)
+        y = dot(a.astype(dtype), w_down)
+        return y if b_down is None else y + b_down.astype(jnp.float32)
 
     return tile
 
 
-def _moe_loop(x, w_gate_up, w_down, topk_weights, topk_ids, activation, body, init):
-    """Runs ``carry = body(carry, tile, xs, w_gate_up[e], w_down[e], w, rows_ok, token, pair, e)``
-    over the tiles in use, from ``init``: ``xs`` the tile's rows of x (0 past its rows), ``w``
-    their routing weights, ``tile`` the tile's math (``_moe_tile_fn``)."""
+def _moe_loop(x, params, topk_weights, topk_ids, act, body, init):
+    """Runs ``carry = body(carry, tile, xs, expert_params, w, rows_ok, token, pair, e)`` over
+    the tiles in use, from ``init``: ``xs`` the tile's rows of x (0 past its rows),
+    ``expert_params`` expert e's (Wgu, Wd, bgu, bd) (absent biases: None), ``w`` the rows'
+    routing weights, ``tile`` the tile's math (``_moe_tile_fn``)."""
     num_tokens, _ = x.shape
-    num_experts = w_gate_up.shape[0]
+    num_experts = params[0].shape[0]
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     block = _moe_block(num_pairs, num_experts)
     order, expert, first, rows, used = _moe_tiles(topk_ids, num_experts, block)
     weights = topk_weights.reshape(-1).astype(jnp.float32)
-    tile = _moe_tile_fn(activation, x.dtype)
+    tile = _moe_tile_fn(act, x.dtype)
     r = jnp.arange(block, dtype=jnp.int32)
 
     def step(i, carry):
@@ -336,57 +352,59 @@ def _moe_loop(x, w_gate_up, w_down, topk_weights, topk_ids, activation, body, in
         xs = jnp.where(ok[:, None], x[token], jnp.zeros((), x.dtype))
         e = expert[i]
         w = jnp.where(ok, weights[pair], 0.0)
-        return body(carry, tile, xs, w_gate_up[e], w_down[e], w, ok, token, pair, e)
+        expert_params = tuple(None if p is None else p[e] for p in params)
+        return body(carry, tile, xs, expert_params, w, ok, token, pair, e)
 
-    init = _varying_like((x, w_gate_up, w_down, topk_weights), init)
+    init = _varying_like((x, params[0], params[1], topk_weights), init)
     return lax.fori_loop(0, used, step, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, activation):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_moe(x, params, topk_weights, topk_ids, act):
     num_tokens, hidden = x.shape
 
-    def body(out, tile, xs, wg, wd, w, ok, token, pair, e):
-        y = tile(xs, wg, wd) * w[:, None]
+    def body(out, tile, xs, expert_params, w, ok, token, pair, e):
+        y = tile(xs, *expert_params) * w[:, None]
         return out.at[jnp.where(ok, token, num_tokens)].add(y, mode="drop")
 
     init = jnp.zeros((num_tokens, hidden), jnp.float32)
-    out = _moe_loop(x, w_gate_up, w_down, topk_weights, topk_ids, activation, body, init)
+    out = _moe_loop(x, params, topk_weights, topk_ids, act, body, init)
     return out.astype(x.dtype)
 
 
-def _fused_moe_fwd(x, w_gate_up, w_down, topk_weights, topk_ids, activation):
-    out = _fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, activation)
-    return out, (x, w_gate_up, w_down, topk_weights, topk_ids)
+def _fused_moe_fwd(x, params, topk_weights, topk_ids, act):
+    out = _fused_moe(x, params, topk_weights, topk_ids, act)
+    return out, (x, params, topk_weights, topk_ids)
 
 
-def _fused_moe_bwd(activation, residuals, cotangent):
-    """The same tile loop, each tile's VJP: an expert no token selects gets a zero gradient."""
-    x, w_gate_up, w_down, topk_weights, topk_ids = residuals
+def _fused_moe_bwd(act, residuals, cotangent):
+    """The same tile loop, each tile's VJP: an expert no token selects gets a zero gradient
+    (biases included)."""
+    x, params, topk_weights, topk_ids = residuals
     num_tokens, _ = x.shape
     num_pairs = topk_ids.size
     dy = jnp.asarray(cotangent, jnp.float32)
 
-    def body(grads, tile, xs, wg, wd, w, ok, token, pair, e):
-        dx, dwg, dwd, dw = grads
-        y0, vjp = jax.vjp(tile, xs, wg, wd)
+    def body(grads, tile, xs, expert_params, w, ok, token, pair, e):
+        dx, dparams, dw = grads
+        y0, vjp = jax.vjp(tile, xs, *expert_params)
         dy_rows = jnp.where(ok[:, None], dy[token], 0.0)
-        dxs, dwg_e, dwd_e = vjp(dy_rows * w[:, None])
+        dxs, *dparams_e = vjp(dy_rows * w[:, None])
         dx = dx.at[jnp.where(ok, token, num_tokens)].add(dxs.astype(jnp.float32), mode="drop")
-        dwg = dwg.at[e].add(dwg_e.astype(jnp.float32))
-        dwd = dwd.at[e].add(dwd_e.astype(jnp.float32))
+        dparams = tuple(
+            None if d is None else d.at[e].add(d_e.astype(jnp.float32))
+            for d, d_e in zip(dparams, dparams_e)
+        )
         dw = dw.at[jnp.where(ok, pair, num_pairs)].add(jnp.sum(y0 * dy_rows, axis=1), mode="drop")
-        return dx, dwg, dwd, dw
+        return dx, dparams, dw
 
     f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
-    init = (f32(x.shape), f32(w_gate_up.shape), f32(w_down.shape), f32((num_pairs,)))
-    dx, dwg, dwd, dw = _moe_loop(
-        x, w_gate_up, w_down, topk_weights, topk_ids, activation, body, init
-    )
+    zeros = tuple(None if p is None else f32(p.shape) for p in params)
+    init = (f32(x.shape), zeros, f32((num_pairs,)))
+    dx, dparams, dw = _moe_loop(x, params, topk_weights, topk_ids, act, body, init)
     return (
         dx.astype(x.dtype),
-        dwg.astype(w_gate_up.dtype),
-        dwd.astype(w_down.dtype),
+        tuple(None if p is None else d.astype(p.dtype) for p, d in zip(params, dparams)),
         dw.reshape(topk_weights.shape).astype(topk_weights.dtype),
         None,
     )
@@ -395,10 +413,26 @@ def _fused_moe_bwd(activation, residuals, cotangent):
 _fused_moe.defvjp(_fused_moe_fwd, _fused_moe_bwd)
 
 
-def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation: str, interpret=False):
-    """Fused MoE (``interfaces.MoEKernels``): a loop over expert-sorted tiles of routed rows."""
+def fused_moe(
+    x,
+    w_gate_up,
+    w_down,
+    topk_weights,
+    topk_ids,
+    *,
+    activation: str,
+    b_gate_up=None,
+    b_down=None,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+    interpret=False,
+):
+    """Fused MoE (``interfaces.MoEKernels``): a loop over expert-sorted tiles of routed rows;
+    the biases are added to each tile's f32 accumulators."""
     del interpret
     if x.shape[0] == 0 or topk_ids.shape[1] == 0:
         return jnp.zeros(x.shape, x.dtype)
     topk_ids = topk_ids.astype(jnp.int32)
-    return _fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, activation)
+    params = (w_gate_up, w_down, b_gate_up, b_down)
+    act = (activation, float(swiglu_alpha), float(swiglu_limit))
+    return _fused_moe(x, params, topk_weights, topk_ids, act)

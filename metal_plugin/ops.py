@@ -41,13 +41,19 @@ def check_supported(
     hidden=None,
     inter=None,
     dtype=None,
+    activation=None,
+    bias=False,
 ) -> None:
     """Raises NotImplementedError for configurations the Metal kernels do not cover.
 
     Attention: ``check_supported(head_dim=, block_size=, q_dtype=, kv_dtype=)``.
-    MoE: ``check_supported(num_tokens=, top_k=, num_experts=, hidden=, inter=, dtype=)``.
+    MoE: ``check_supported(num_tokens=, top_k=, num_experts=, hidden=, inter=, dtype=,
+    activation=, bias=)`` (every activation, with or without biases).
     """
     if head_dim is None and block_size is None:
+        del bias  # the GEMV kernels take biases
+        if activation is not None and activation not in specs.MOE_ACTIVATIONS:
+            raise _unsupported("activation", activation, tuple(specs.MOE_ACTIVATIONS))
         return check_moe_supported(num_tokens=num_tokens, top_k=top_k, dtype=dtype)
     if head_dim not in specs.SUPPORTED_HEAD_DIMS:
         raise _unsupported("head_dim", head_dim, specs.SUPPORTED_HEAD_DIMS)
@@ -283,8 +289,22 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale=None, v_scale=None
     )
 
 
-def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation="silu", interpret=False):
-    """Decode-shaped fused MoE (two GEMV kernels); see specs.MOE_MAX_TOKENS."""
+def fused_moe(
+    x,
+    w_gate_up,
+    w_down,
+    topk_weights,
+    topk_ids,
+    *,
+    activation="silu",
+    b_gate_up=None,
+    b_down=None,
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+    interpret=False,
+):
+    """Decode-shaped fused MoE (two GEMV kernels); see specs.MOE_MAX_PAIRS. The optional
+    biases travel as f32 and are added to the GEMV accumulators."""
     tokens, hidden = x.shape
     num_experts, _, inter2 = w_gate_up.shape
     top_k = topk_ids.shape[1]
@@ -300,6 +320,8 @@ def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation="silu"
     inter = inter2 // 2
     iparams = np.array([tokens, top_k, num_experts], np.int32)
     ids = topk_ids.astype(jnp.int32)
+    bgu = [] if b_gate_up is None else [b_gate_up.astype(jnp.float32)]
+    bd = [] if b_down is None else [b_down.astype(jnp.float32)]
     gu = specs.moe_gate_up(
         x_dtype=_name(x.dtype),
         w_dtype=_name(w_gate_up.dtype),
@@ -307,19 +329,24 @@ def fused_moe(x, w_gate_up, w_down, topk_weights, topk_ids, *, activation="silu"
         inter=inter,
         num_pairs=tokens * top_k,
         activation=activation,
+        bias=bool(bgu),
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
     )
-    (h,) = lowering.call(gu, x, w_gate_up, ids, iparams, interpret=interpret)
+    (h,) = lowering.call(gu, x, w_gate_up, *bgu, ids, iparams, interpret=interpret)
     dn = specs.moe_down(
         x_dtype=_name(x.dtype),
         w_dtype=_name(w_down.dtype),
         hidden=hidden,
         inter=inter,
         num_tokens=tokens,
+        bias=bool(bd),
     )
     (y,) = lowering.call(
         dn,
         h,
         w_down.astype(w_gate_up.dtype),
+        *bd,
         ids,
         topk_weights.astype(jnp.float32),
         iparams,

@@ -22,7 +22,7 @@ SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64, 128, 256)
 Q_DTYPES = ("float32", "float16", "bfloat16")
 KV_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn")
 MOE_DTYPES = ("float32", "float16", "bfloat16")
-MOE_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+MOE_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3}
 MOE_MAX_PAIRS = 256  # token-expert pairs; the GEMV re-reads weights per pair: decode only
 MAX_BUFFERS = 31  # Metal buffer slots
 
@@ -219,19 +219,47 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def _f32_literal(v: float) -> str:
+    return f"{float(v)!r}f"
+
+
+def _tag(v: float) -> str:
+    """A float for a kernel name: 1.702 -> 1p702, -7.0 -> m7p0."""
+    return repr(float(v)).replace("-", "m").replace(".", "p").replace("+", "")
+
+
 def moe_gate_up(
-    *, x_dtype: str, w_dtype: str, hidden: int, inter: int, num_pairs: int, activation: str
+    *,
+    x_dtype: str,
+    w_dtype: str,
+    hidden: int,
+    inter: int,
+    num_pairs: int,
+    activation: str,
+    bias: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> KernelSpec:
+    """``bias``: an f32 ``b_gate_up`` [E, 2I] input follows ``w_gate_up``; alpha and limit
+    are baked into the header (and the name) for ``swigluoai`` only."""
     name = f"moe_gemv_gate_up_{activation}_{TAGS[x_dtype]}_w{TAGS[w_dtype]}_h{hidden}_i{inter}"
+    if activation == "swigluoai":
+        name += f"_a{_tag(swiglu_alpha)}_l{_tag(swiglu_limit)}"
+    name += "_bias" if bias else ""
     header = _header(
-        dict(HD=hidden, INTER=inter, ACT=MOE_ACTIVATIONS[activation]),
+        dict(HD=hidden, INTER=inter, ACT=MOE_ACTIVATIONS[activation], HAS_BIAS=bias),
         dict(x_t=x_dtype, w_t=w_dtype),
     )
+    if activation == "swigluoai":
+        header = (
+            f"#define SWIGLU_ALPHA {_f32_literal(swiglu_alpha)}\n"
+            f"#define SWIGLU_LIMIT {_f32_literal(swiglu_limit)}\n" + header
+        )
     return KernelSpec(
         name,
         _read("moe_gate_up.metal"),
         header,
-        ("x", "w_gate_up", "topk_ids", "iparams"),
+        ("x", "w_gate_up", *(("b_gate_up",) if bias else ()), "topk_ids", "iparams"),
         ("h",),
         (_round_up(inter, MOE_THREADS), num_pairs, 1),
         (MOE_THREADS, 1, 1),
@@ -240,14 +268,18 @@ def moe_gate_up(
     )
 
 
-def moe_down(*, x_dtype: str, w_dtype: str, hidden: int, inter: int, num_tokens: int) -> KernelSpec:
+def moe_down(
+    *, x_dtype: str, w_dtype: str, hidden: int, inter: int, num_tokens: int, bias: bool = False
+) -> KernelSpec:
+    """``bias``: an f32 ``b_down`` [E, Hd] input follows ``w_down``."""
     name = f"moe_gemv_down_{TAGS[x_dtype]}_w{TAGS[w_dtype]}_h{hidden}_i{inter}"
-    header = _header(dict(HD=hidden, INTER=inter), dict(x_t=x_dtype, w_t=w_dtype))
+    name += "_bias" if bias else ""
+    header = _header(dict(HD=hidden, INTER=inter, HAS_BIAS=bias), dict(x_t=x_dtype, w_t=w_dtype))
     return KernelSpec(
         name,
         _read("moe_down.metal"),
         header,
-        ("h", "w_down", "topk_ids", "topk_weights", "iparams"),
+        ("h", "w_down", *(("b_down",) if bias else ()), "topk_ids", "topk_weights", "iparams"),
         ("out",),
         (_round_up(hidden, MOE_THREADS), num_tokens, 1),
         (MOE_THREADS, 1, 1),

@@ -9,7 +9,7 @@ import pytest
 
 import jax_paged_attn as jpa
 from jax_paged_attn.testing import TOLERANCE, assert_close, oracle
-from tests.conftest import run_kw
+from tests.conftest import run_kw, suite_dtype
 
 ROUTINGS = {
     "softmax": dict(),
@@ -130,3 +130,186 @@ def test_xla_path_is_grouped_not_dense():
 
 def test_tolerance_table_covers_dtypes():
     assert {jnp.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16)} <= set(TOLERANCE)
+
+
+# --- gpt-oss experts: clamped SwiGLU (swigluoai) and expert biases -------------------
+
+
+def _gpt_oss_case(rng, num_tokens, num_experts, top_k, dtype, bias, hidden=64, inter=64):
+    """Inputs scaled so |gate|, |up| >> swiglu_limit (7) for most rows, biases ~ N(0, 2^2);
+    some ids outside [0, E). Returns the arrays and the float64 inputs the oracle sees."""
+    x, wgu, wd, w, ids, _ = _moe_inputs(rng, num_tokens, num_experts, top_k, hidden, inter, dtype)
+    x = (x.astype(jnp.float32) * 8).astype(dtype)
+    b_gu = jnp.asarray(rng.standard_normal((num_experts, 2 * inter)) * 2, dtype) if bias else None
+    b_d = jnp.asarray(rng.standard_normal((num_experts, hidden)), jnp.float32) if bias else None
+    return x, wgu, wd, w, ids, b_gu, b_d
+
+
+def _oracle(x, wgu, wd, w, ids, b_gu, b_d, activation, **kw):
+    f64 = lambda a: None if a is None else np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+    return oracle.fused_moe(
+        f64(x), f64(wgu), f64(wd), f64(w), np.asarray(ids), activation,
+        b_gate_up=f64(b_gu), b_down=f64(b_d), **kw,
+    )  # fmt: skip
+
+
+def _check(out, args, activation, dtype, what, **kw):
+    """float32: the kit's tolerance against the float64 oracle. Half dtypes (large values,
+    much cancellation): at most twice the error of the oracle with h rounded to x.dtype and
+    the output rounded, plus 1% of the output's scale."""
+    want = _oracle(*args, activation, **kw)
+    if jnp.dtype(dtype) == jnp.float32:
+        assert_close(out, want, jnp.float32, what=what)
+        return
+    y = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    assert np.all(np.isfinite(y)), what
+    same = _oracle(*args, activation, h_dtype=dtype, **kw)
+    same = np.asarray(jnp.asarray(same, dtype).astype(jnp.float32), np.float64)
+    bound = 2 * np.abs(same - want).max() + 1e-2 * np.abs(want).max()
+    err = np.abs(y - want).max()
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("num_tokens,top_k", [(13, 2), (100, 3)], ids=["decode", "prefill"])
+def test_fused_moe_swigluoai(backend, rng, num_tokens, top_k, bias):
+    dtype = suite_dtype(backend)
+    args = _gpt_oss_case(rng, num_tokens, 8, top_k, dtype, bias)
+    x, wgu = args[0], args[1]
+    gate_up = np.asarray(x, np.float32) @ np.asarray(wgu[0], np.float32)
+    assert np.mean(np.abs(gate_up) > 7.0) > 0.3  # the clamp is exercised on both halves
+    kw = dict(activation="swigluoai", b_gate_up=args[5], b_down=args[6])
+    if backend == "metal" and num_tokens * top_k > 256:
+        with pytest.raises(NotImplementedError, match="decode"):
+            jpa.fused_moe(*args[:5], **kw, **run_kw(backend))
+        return
+    out = jpa.fused_moe(*args[:5], **kw, **run_kw(backend))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    _check(out, args, "swigluoai", dtype, f"swigluoai {backend}")
+
+
+def test_fused_moe_swigluoai_alpha_limit(backend, rng):
+    dtype = suite_dtype(backend)
+    args = _gpt_oss_case(rng, 11, 4, 2, dtype, True)
+    opts = dict(swiglu_alpha=1.25, swiglu_limit=3.5)
+    out = jpa.fused_moe(
+        *args[:5],
+        activation="swigluoai",
+        b_gate_up=args[5],
+        b_down=args[6],
+        **opts,
+        **run_kw(backend),
+    )
+    _check(out, args, "swigluoai", dtype, "alpha/limit", **opts)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_fused_moe_biases_other_activations(backend, rng, activation):
+    dtype = suite_dtype(backend)
+    args = _gpt_oss_case(rng, 19, 4, 2, dtype, True)
+    x = (args[0].astype(jnp.float32) / 8).astype(dtype)  # unclamped activations: unit scale
+    args = (x, *args[1:])
+    out = jpa.fused_moe(
+        *args[:5], activation=activation, b_gate_up=args[5], b_down=args[6], **run_kw(backend)
+    )
+    _check(out, args, activation, dtype, f"{activation} + biases")
+
+
+def test_foreign_ids_with_biases_give_zero(backend, rng):
+    dtype = suite_dtype(backend)
+    x, wgu, wd, w, ids, b_gu, b_d = _gpt_oss_case(rng, 9, 4, 2, dtype, True)
+    ids = jnp.asarray(np.where(np.arange(ids.size).reshape(ids.shape) % 2, -1, 4), jnp.int32)
+    out = jpa.fused_moe(
+        x, wgu, wd, w, ids, activation="swigluoai", b_gate_up=b_gu, b_down=b_d, **run_kw(backend)
+    )
+    assert np.all(np.asarray(out, np.float32) == 0)  # no bias leaks from a foreign expert
+
+
+def _dense_moe(x, wgu, wd, w, ids, b_gu, b_d, alpha=1.702, limit=7.0):
+    """Every expert on every token, masked by the routing (differentiated by JAX itself)."""
+    hi = jax.lax.Precision.HIGHEST
+    inter = wd.shape[1]
+    num_experts = wgu.shape[0]
+    gu = jnp.einsum("th,ehn->ten", x, wgu, precision=hi) + b_gu[None]
+    g = jnp.minimum(gu[..., :inter], limit)
+    u = jnp.clip(gu[..., inter:], -limit, limit)
+    y = jnp.einsum("tei,eih->teh", (u + 1) * g * jax.nn.sigmoid(alpha * g), wd, precision=hi)
+    y = y + b_d[None]
+    route = jnp.sum(jax.nn.one_hot(ids, num_experts) * w[..., None], axis=1)  # [T, E]
+    return jnp.einsum("te,teh->th", route, y, precision=hi)
+
+
+def test_xla_swigluoai_gradients_through_biases(rng):
+    args = _gpt_oss_case(rng, 13, 4, 2, jnp.float32, True, hidden=32, inter=48)
+    x, wgu, wd, w, ids, b_gu, b_d = args
+    cot = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def loss(fn):
+        return lambda x, wgu, wd, w, b_gu, b_d: jnp.sum(fn(x, wgu, wd, w, b_gu, b_d) * cot)
+
+    def api(x, wgu, wd, w, b_gu, b_d):
+        return jpa.fused_moe(
+            x, wgu, wd, w, ids, activation="swigluoai", b_gate_up=b_gu, b_down=b_d, backend="xla"
+        )
+
+    def dense(x, wgu, wd, w, b_gu, b_d):
+        return _dense_moe(x, wgu, wd, w, ids, b_gu, b_d)
+
+    argnums = tuple(range(6))
+    inputs = (x, wgu, wd, w, b_gu, b_d)
+    got = jax.jit(jax.grad(loss(api), argnums=argnums))(*inputs)
+    want = jax.jit(jax.grad(loss(dense), argnums=argnums))(*inputs)
+    for name, g, v in zip(("x", "w_gate_up", "w_down", "weights", "b_gu", "b_d"), got, want):
+        assert g.shape == v.shape and g.dtype == v.dtype, name
+        scale = float(jnp.abs(v).max())
+        np.testing.assert_allclose(np.asarray(g), np.asarray(v), atol=1e-4 * scale, err_msg=name)
+    assert float(jnp.abs(got[4]).max()) > 0 and float(jnp.abs(got[5]).max()) > 0
+
+
+def test_swigluoai_gradients_match_the_xla_path(backend, rng):
+    dtype = suite_dtype(backend)
+    x, wgu, wd, w, ids, b_gu, b_d = _gpt_oss_case(rng, 13, 4, 2, dtype, True)
+    cot = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def grads(kw):
+        def loss(x, wgu, wd, w, b_gu, b_d):
+            y = jpa.fused_moe(
+                x, wgu, wd, w, ids, activation="swigluoai", b_gate_up=b_gu, b_down=b_d, **kw
+            )
+            return jnp.sum(y.astype(jnp.float32) * cot)
+
+        return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(x, wgu, wd, w, b_gu, b_d)
+
+    for g, v in zip(grads(run_kw(backend)), grads(dict(backend="xla"))):
+        assert g.shape == v.shape and g.dtype == v.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(v, np.float32), 1e-5, 1e-5)
+
+
+X, WGU, WD = jnp.ones((3, 8)), jnp.ones((4, 8, 32)), jnp.ones((4, 16, 8))
+W, IDS = jnp.ones((3, 2)), jnp.zeros((3, 2), jnp.int32)
+BAD = {
+    "b_gate_up shape": (dict(b_gate_up=jnp.ones((4, 16))), "b_gate_up"),
+    "b_gate_up dtype": (dict(b_gate_up=jnp.ones((4, 32), jnp.bfloat16)), "b_gate_up"),
+    "b_down shape": (dict(b_down=jnp.ones((4, 16))), "b_down"),
+    "b_down rank": (dict(b_down=jnp.ones((8,))), "b_down"),
+    "b_down int": (dict(b_down=jnp.ones((4, 8), jnp.int32)), "b_down"),
+    "alpha nan": (dict(swiglu_alpha=float("nan")), "swiglu_alpha"),
+    "alpha traced-like": (dict(swiglu_alpha="1.7"), "swiglu_alpha"),
+    "limit inf": (dict(swiglu_limit=float("inf")), "swiglu_limit"),
+    "limit zero": (dict(swiglu_limit=0.0), "swiglu_limit"),
+    "limit negative": (dict(swiglu_limit=-7.0), "swiglu_limit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_fused_moe_gpt_oss_validation(case):
+    kw, name = BAD[case]
+    with pytest.raises(ValueError, match=name):
+        jpa.fused_moe(X, WGU, WD, W, IDS, activation="swigluoai", backend="xla", **kw)
+
+
+def test_swiglu_params_ignored_by_other_activations():
+    kw = dict(backend="xla", activation="silu")
+    a = jpa.fused_moe(X, WGU, WD, W, IDS, **kw)
+    b = jpa.fused_moe(X, WGU, WD, W, IDS, swiglu_alpha=3.0, swiglu_limit=0.5, **kw)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -191,25 +191,49 @@ def activation_fn(x, activation):
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def fused_moe(x, w_gate_up, w_down, weights, ids, activation="silu", *, h_dtype=None):
-    """``y[t] = sum_j weights[t, j] * (act(x[t] @ Wg[e]) * (x[t] @ Wu[e])) @ Wd[e]`` with
-    ``e = ids[t, j]``; ``w_gate_up[e] = [Wg | Wu]`` (``[hidden, 2 * inter]``). Ids outside
-    ``[0, E)`` (experts of other devices) contribute zero. With ``h_dtype`` the intermediate is
-    rounded to that dtype, as a kernel that passes it through memory in ``x.dtype`` does."""
+def fused_moe(
+    x,
+    w_gate_up,
+    w_down,
+    weights,
+    ids,
+    activation="silu",
+    *,
+    h_dtype=None,
+    b_gate_up=None,
+    b_down=None,
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+):
+    """``y[t] = sum_j weights[t, j] * (glu(x[t] @ Wgu[e] + bgu[e]) @ Wd[e] + bd[e])`` with
+    ``e = ids[t, j]``; ``w_gate_up[e] = [Wg | Wu]`` (``[hidden, 2 * inter]``), the gate ``g`` and
+    up ``u`` halves; ``glu = act(g) * u``, or for ``swigluoai``
+    ``(clip(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')`` with ``g' = min(g, limit)``.
+    Absent biases are zero. Ids outside ``[0, E)`` (experts of other devices) contribute zero.
+    With ``h_dtype`` the intermediate is rounded to that dtype, as a kernel that passes it
+    through memory in ``x.dtype`` does."""
     x, wgu, wd = _f64(x), _f64(w_gate_up), _f64(w_down)
     weights, ids = _f64(weights), np.asarray(ids)
-    inter = wd.shape[1]
+    num_experts, inter = wd.shape[0], wd.shape[1]
+    bgu = np.zeros((num_experts, 2 * inter)) if b_gate_up is None else _f64(b_gate_up)
+    bd = np.zeros((num_experts, wd.shape[2])) if b_down is None else _f64(b_down)
     out = np.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
-            if not 0 <= e < wgu.shape[0]:
+            if not 0 <= e < num_experts:
                 continue
-            g = x[t] @ wgu[e]
-            h = activation_fn(g[:inter], activation) * g[inter:]
+            gu = x[t] @ wgu[e] + bgu[e]
+            g, u = gu[:inter], gu[inter:]
+            if activation == "swigluoai":
+                g = np.minimum(g, swiglu_limit)
+                u = np.clip(u, -swiglu_limit, swiglu_limit)
+                h = (u + 1.0) * g / (1.0 + np.exp(-swiglu_alpha * g))
+            else:
+                h = activation_fn(g, activation) * u
             if h_dtype is not None:
                 h = h.astype(np.float32).astype(jnp.dtype(h_dtype)).astype(np.float64)
-            out[t] += weights[t, j] * (h @ wd[e])
+            out[t] += weights[t, j] * (h @ wd[e] + bd[e])
     return out
 
 

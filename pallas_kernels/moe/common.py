@@ -11,7 +11,7 @@ import math
 
 import jax.numpy as jnp
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")  # swigluoai: gpt-oss, gated
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 # erf(x) ~= x * P(x^2) / Q(x^2) on [-c, c], c = erfinv(1 - 2^-23): beyond c, erf is +-1 in f32.
@@ -48,7 +48,7 @@ def erf_f32(x):
 
 
 def apply_activation(gate, activation: str):
-    """act(gate) in f32; ``gate`` is the f32 accumulator tile."""
+    """act(gate) in f32 for the unary activations; ``gate`` is the f32 accumulator tile."""
     if activation == "silu":
         # x * sigmoid(x), written with exp so it lowers everywhere; exp(-x) -> inf gives 0.
         return gate / (1.0 + jnp.exp(-gate))
@@ -57,17 +57,29 @@ def apply_activation(gate, activation: str):
     if activation == "gelu_tanh":
         inner = math.sqrt(2.0 / math.pi) * (gate + 0.044715 * gate * gate * gate)
         return 0.5 * gate * (1.0 + jnp.tanh(inner))
-    raise ValueError(f"{activation=} must be one of {ACTIVATIONS}")
+    raise ValueError(f"{activation=} must be one of {ACTIVATIONS[:3]}")
+
+
+def glu(gate, up, activation: str, alpha: float = 1.702, limit: float = 7.0):
+    """The epilogue's h from the f32 gate and up tiles (biases already added):
+    ``act(gate) * up``, or for ``swigluoai`` ``(clip(up, -limit, limit) + 1) * g *
+    sigmoid(alpha * g)`` with ``g = min(gate, limit)`` (exp(-alpha g) -> inf gives -0)."""
+    if activation == "swigluoai":
+        g = jnp.minimum(gate, limit)
+        return (jnp.clip(up, -limit, limit) + 1.0) * (g / (1.0 + jnp.exp(-alpha * g)))
+    return apply_activation(gate, activation) * up
 
 
 def check_supported(
-    *, dtype, backend: str, activation: str = "silu", w_dtype=None, **_shape
+    *, dtype, backend: str, activation: str = "silu", w_dtype=None, bias=False, **_shape
 ) -> None:
     """Raises NotImplementedError for what the kernel backends cannot run.
 
-    Every shape runs (edge tiles are masked); what is refused is the dtype (one float dtype
-    for x and both weights among bf16/f16/f32) and an unknown activation.
+    Every shape runs (edge tiles are masked), with or without biases (``bias``: whether the
+    call has any); what is refused is the dtype (one float dtype for x and both weights
+    among bf16/f16/f32) and an unknown activation.
     """
+    del bias
     dtype = jnp.dtype(dtype)
     w_dtype = dtype if w_dtype is None else jnp.dtype(w_dtype)
     if dtype not in SUPPORTED_DTYPES or w_dtype != dtype:

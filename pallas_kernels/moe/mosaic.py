@@ -1,6 +1,8 @@
 """Fused mixture-of-experts with Pallas on the Mosaic GPU lowering (Hopper: TMA + wgmma).
 
-    y[t] = sum_j w[t, j] * (act(x[t] @ Wg[e]) * (x[t] @ Wu[e])) @ Wd[e],  e = ids[t, j]
+    y[t] = sum_j w[t, j] * (glu(x[t] @ Wgu[e] + bgu[e]) @ Wd[e] + bd[e]),  e = ids[t, j]
+
+(glu: ``act(gate) * up`` or gpt-oss's clamped ``swigluoai``, common.glu; biases optional.)
 
 Same plan as triton.py, shaped for TMA: TMA copies rectangular tiles and cannot gather
 rows, so ``x`` is first permuted into the padded expert order by one XLA gather
@@ -10,10 +12,11 @@ Every ``block_m``-row tile then belongs to one expert and all copies are plain t
 Kernel 1 (``moe_gate_up_mgpu``): persistent kernel, one warpgroup per SM; ``nd_loop``
 walks the (row tile, column tile) pairs in a snake order; for each pair a TMA pipeline
 (``max_concurrent_steps`` deep) feeds the x tile and the gate and up weight tiles of
-expert ``e`` into shared memory and two async wgmma accumulators; the epilogue computes
-``act(gate) * up`` in registers and TMA-stores h [P, I].
-Kernel 2 (``moe_down_mgpu``): the same pipeline on ``h @ Wd[e]``; the epilogue multiplies
-each row by its routing weight and TMA-stores f32 rows [P, Hd]. Then the scatter-free
+expert ``e`` into shared memory and two async wgmma accumulators; the epilogue adds the
+expert's f32 bias columns (a ``WGMMA.reduce(0)`` vector per accumulator) and computes
+``glu(gate, up)`` in registers and TMA-stores h [P, I].
+Kernel 2 (``moe_down_mgpu``): the same pipeline on ``h @ Wd[e]``; the epilogue adds the
+down bias and multiplies each row by its routing weight and TMA-stores f32 rows [P, Hd]. Then the scatter-free
 top-k combine (common.combine). Tiles with expert -1 store zeros and skip the GEMM.
 
 Static: shapes, ``top_k``, ``activation``, blocks. Needs Hd and I to be multiples of 16
@@ -106,10 +109,13 @@ def check_supported(
     inter=None,
     activation: str = "silu",
     w_dtype=None,
+    bias: bool = False,
 ) -> None:
     """NotImplementedError (naming what runs, suggesting backend="xla") if this can't run."""
     del num_tokens, top_k, num_experts
-    common.check_supported(dtype=dtype, w_dtype=w_dtype, activation=activation, backend="mosaic")
+    common.check_supported(
+        dtype=dtype, w_dtype=w_dtype, activation=activation, bias=bias, backend="mosaic"
+    )
     if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
         return  # f32: runs on the Triton kernels (see fused_moe)
     for name, v in (("hidden", hidden), ("inter", inter)):
@@ -138,10 +144,12 @@ def _grouped_gemm(
     blocks,
     epilogue,
     row_scale_gmem=None,
+    bias_gmem=None,
 ):
     """Persistent grouped GEMM body shared by both kernels.
 
-    experts_gmem i32[P/bm]; a_gmem [P, K]; w_gmem [E, K, Nw]; out_gmem [P, N].
+    experts_gmem i32[P/bm]; a_gmem [P, K]; w_gmem [E, K, Nw]; out_gmem [P, N]; optional
+    bias_gmem f32[E, Nw], added to the accumulators before ``epilogue``.
     ``n_tiles_w``: weight column tiles per output tile (2 for gate+up, 1 for down); tile j of
     output column tile n reads weight columns ``n + j * (N / block_n)``.
     """
@@ -187,6 +195,16 @@ def _grouped_gemm(
                 accs = pl.run_scoped(
                     acc_scope, *[plgpu.ACC((bm, block_n)) for _ in range(n_tiles_w)]
                 )
+                if bias_gmem is not None:  # one f32 bias vector per accumulator's columns
+                    accs = tuple(
+                        acc
+                        + plgpu.load(
+                            bias_gmem.at[expert, pl.ds((ni + j * grid_n) * block_n, block_n)],
+                            layout=plgpu.Layout.WGMMA.reduce(0),
+                            optimized=False,
+                        )[None, :]
+                        for j, acc in enumerate(accs)
+                    )
                 scale = None
                 if row_scale_gmem is not None:
                     scale = plgpu.load(
@@ -222,19 +240,25 @@ def moe_gate_up_mgpu(
     tile_experts,
     x_sorted,
     w_gate_up,
+    b_gate_up=None,
     *,
     activation: str,
     blocks: MosaicBlocks,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
     interpret: bool = False,
 ):
-    """Kernel 1: h[P, I] = act(x_sorted @ Wg[e]) * (x_sorted @ Wu[e]) per row tile."""
+    """Kernel 1: h[P, I] = glu(x_sorted @ Wgu[e] + bgu[e]) per row tile (``b_gate_up``
+    f32[E, 2I] or None)."""
     num_rows = x_sorted.shape[0]
     inter = w_gate_up.shape[2] // 2
+    alpha, limit = float(swiglu_alpha), float(swiglu_limit)
 
     def epilogue(gate, up, _):
-        return common.apply_activation(gate, activation) * up
+        return common.glu(gate, up, activation, alpha, limit)
 
-    def body(experts_gmem, x_gmem, w_gmem, h_gmem):
+    def body(experts_gmem, x_gmem, w_gmem, *refs):
+        b_gmem, h_gmem = refs if b_gate_up is not None else (None, *refs)
         _grouped_gemm(
             experts_gmem,
             x_gmem,
@@ -244,26 +268,37 @@ def moe_gate_up_mgpu(
             block_n=blocks.gate_up_n,
             blocks=blocks,
             epilogue=epilogue,
+            bias_gmem=b_gmem,
         )
 
     name = (
         f"moe_gate_up_mgpu_{activation}_bm{blocks.block_m}_bn{blocks.gate_up_n}_bk{blocks.block_k}"
     )
     out = jax.ShapeDtypeStruct((num_rows, inter), x_sorted.dtype)  # h
-    return _call(body, out, name, interpret)(tile_experts, x_sorted, w_gate_up)
+    biases = [] if b_gate_up is None else [b_gate_up]
+    return _call(body, out, name, interpret)(tile_experts, x_sorted, w_gate_up, *biases)
 
 
 def moe_down_mgpu(
-    tile_experts, h, w_down, row_weights, *, blocks: MosaicBlocks, interpret: bool = False
+    tile_experts,
+    h,
+    w_down,
+    row_weights,
+    b_down=None,
+    *,
+    blocks: MosaicBlocks,
+    interpret: bool = False,
 ):
-    """Kernel 2: o[P, Hd] = row_weight * (h @ Wd[e]) in f32 per row tile."""
+    """Kernel 2: o[P, Hd] = row_weight * (h @ Wd[e] + bd[e]) in f32 per row tile (``b_down``
+    f32[E, Hd] or None)."""
     num_rows = h.shape[0]
     hidden = w_down.shape[2]
 
     def epilogue(acc, scale):
         return acc * scale[:, None]
 
-    def body(experts_gmem, h_gmem, w_gmem, rw_gmem, o_gmem):
+    def body(experts_gmem, h_gmem, w_gmem, rw_gmem, *refs):
+        b_gmem, o_gmem = refs if b_down is not None else (None, *refs)
         _grouped_gemm(
             experts_gmem,
             h_gmem,
@@ -274,14 +309,18 @@ def moe_down_mgpu(
             blocks=blocks,
             epilogue=epilogue,
             row_scale_gmem=rw_gmem,
+            bias_gmem=b_gmem,
         )
 
     name = f"moe_down_mgpu_bm{blocks.block_m}_bn{blocks.down_n}_bk{blocks.block_k}"
     out = jax.ShapeDtypeStruct((num_rows, hidden), jnp.float32)  # o
-    return _call(body, out, name, interpret)(tile_experts, h, w_down, row_weights)
+    biases = [] if b_down is None else [b_down]
+    return _call(body, out, name, interpret)(tile_experts, h, w_down, row_weights, *biases)
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "interpret", "blocks"))
+@functools.partial(
+    jax.jit, static_argnames=("activation", "swiglu_alpha", "swiglu_limit", "interpret", "blocks")
+)
 def fused_moe(
     x,
     w_gate_up,
@@ -290,10 +329,15 @@ def fused_moe(
     topk_ids,
     *,
     activation: str,
+    b_gate_up=None,
+    b_down=None,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
     interpret: bool = False,
     blocks: MosaicBlocks | None = None,
 ):
-    """Fused MoE (docs/contract.md) on the Mosaic GPU lowering (bf16/f16, Hopper)."""
+    """Fused MoE (docs/contract.md) on the Mosaic GPU lowering (bf16/f16, Hopper); the
+    optional biases are added in the GEMM epilogues (as f32 vectors)."""
     num_tokens, hidden = x.shape
     num_experts, _, two_inter = w_gate_up.shape
     inter, top_k = two_inter // 2, topk_ids.shape[1]
@@ -309,7 +353,17 @@ def fused_moe(
         from pallas_kernels.moe import triton as moe_triton  # local: keeps imports one-way
 
         return moe_triton.fused_moe(
-            x, w_gate_up, w_down, topk_weights, topk_ids, activation=activation, interpret=interpret
+            x,
+            w_gate_up,
+            w_down,
+            topk_weights,
+            topk_ids,
+            activation=activation,
+            b_gate_up=b_gate_up,
+            b_down=b_down,
+            swiglu_alpha=swiglu_alpha,
+            swiglu_limit=swiglu_limit,
+            interpret=interpret,
         )
     if blocks is None:
         blocks = get_blocks(
@@ -339,9 +393,20 @@ def fused_moe(
         a.tile_experts,
         x_sorted,
         w_gate_up,
+        None if b_gate_up is None else b_gate_up.astype(jnp.float32),
         activation=activation,
+        blocks=blocks,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        interpret=interpret,
+    )
+    o = moe_down_mgpu(
+        a.tile_experts,
+        h,
+        w_down,
+        row_weights,
+        None if b_down is None else b_down.astype(jnp.float32),
         blocks=blocks,
         interpret=interpret,
     )
-    o = moe_down_mgpu(a.tile_experts, h, w_down, row_weights, blocks=blocks, interpret=interpret)
     return common.combine(o, a.positions, num_tokens, top_k, x.dtype)

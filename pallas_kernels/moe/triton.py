@@ -1,6 +1,8 @@
 """Fused mixture-of-experts with Pallas on the Triton lowering (Ampere and newer).
 
-    y[t] = sum_j w[t, j] * (act(x[t] @ Wg[e]) * (x[t] @ Wu[e])) @ Wd[e],  e = ids[t, j]
+    y[t] = sum_j w[t, j] * (glu(x[t] @ Wgu[e] + bgu[e]) @ Wd[e] + bd[e]),  e = ids[t, j]
+
+(glu: ``act(gate) * up`` or gpt-oss's clamped ``swigluoai``, common.glu; biases optional.)
 
 Three steps, all on the device, all with static shapes:
 1. ``align.align_tokens``: the T*k (token, slot)
@@ -9,10 +11,10 @@ Three steps, all on the device, all with static shapes:
 2. Kernel 1 (``moe_gate_up``): grouped GEMM. Program (m, n) gathers the ``block_m`` rows
    of ``x`` named by tile m, multiplies them by the n-th ``block_n`` columns of both the
    gate and the up half of ``w_gate_up[e]`` (two accumulators in one program, so the
-   epilogue fuses ``act(gate) * up``) and writes ``h`` [P, I] in padded expert order.
+   epilogue adds the gate/up biases and fuses ``glu(gate, up)``) and writes ``h`` [P, I] in padded expert order.
 3. Kernel 2 (``moe_down``): grouped GEMM ``h @ w_down[e]``, optionally split over K into
    ``split_k`` f32 partial sums (decode: N = Hd alone gives too few, too long programs),
-   scaled per row by the routing weight in the epilogue, written in padded expert order;
+   plus the down bias (split 0 only), scaled per row by the routing weight in the epilogue, written in padded expert order;
    then the top-k combine gathers each token's k rows of every split and sums them in f32
    (no scatter, no atomics).
 
@@ -22,7 +24,8 @@ row tiles run next to each other over each weight tile (L2 reuse). Decode-shaped
 weights stream from HBM once. Tiles with expert -1 skip the GEMM and write nothing (no
 later step reads their rows); rows that pad an expert's run load ``x`` as zeros (masked
 gather), so every row a later step reads is written with a defined value. Static: the
-shapes, ``top_k``, ``activation``, the blocks.
+shapes, ``top_k``, ``activation`` (with alpha and limit), whether biases are present, the
+blocks.
 """
 
 from __future__ import annotations
@@ -52,10 +55,13 @@ def check_supported(
     inter=None,
     activation: str = "silu",
     w_dtype=None,
+    bias: bool = False,
 ) -> None:
     """NotImplementedError (naming what runs, suggesting backend="xla") if this can't run."""
     del num_tokens, top_k, num_experts, hidden, inter  # every shape runs (masked edges)
-    common.check_supported(dtype=dtype, w_dtype=w_dtype, activation=activation, backend="triton")
+    common.check_supported(
+        dtype=dtype, w_dtype=w_dtype, activation=activation, bias=bias, backend="triton"
+    )
 
 
 def _tile_coords(pid, grid_m: int, grid_n: int, group_m: int):
@@ -115,17 +121,17 @@ def _gate_up_kernel(
     experts_ref,  # i32[P/block_m]  expert of each row tile, -1 unused
     x_ref,  # [T, Hd]
     w_ref,  # [E, Hd, 2I]     gate = [..., :I], up = [..., I:]
-    # outputs
-    h_ref,  # [P, I]          act(x @ Wg) * (x @ Wu) in padded expert order
-    *,
+    *refs,  # (b_ref [E, 2I] when has_bias), then the output h_ref [P, I]: glu(x @ Wgu + b)
     top_k: int,
     num_slots: int,
-    activation: str,
+    act: tuple,  # (activation, alpha, limit)
+    has_bias: bool,
     block_m: int,
     blocks: GemmBlocks,
     grid_m: int,
     grid_n: int,
 ):
+    b_ref, h_ref = refs if has_bias else (None, *refs)
     bn, bk = blocks.block_n, blocks.block_k
     hidden, inter = x_ref.shape[1], h_ref.shape[1]
     m, n = _tile_coords(pl.program_id(0), grid_m, grid_n, blocks.group_m)
@@ -166,7 +172,11 @@ def _gate_up_kernel(
 
         zeros = jnp.zeros((block_m, bn), jnp.float32)
         acc_g, acc_u = lax.fori_loop(0, pl.cdiv(hidden, bk), body, (zeros, zeros))
-        h = common.apply_activation(acc_g, activation) * acc_u
+        if has_bias:  # epilogue: the expert's gate and up bias columns, in f32
+            b_g = _load(b_ref.at[expert, pl.ds(col0, bn)], n_mask).astype(jnp.float32)
+            b_u = _load(b_ref.at[expert, pl.ds(inter + col0, bn)], n_mask).astype(jnp.float32)
+            acc_g, acc_u = acc_g + b_g[None, :], acc_u + b_u[None, :]
+        h = common.glu(acc_g, acc_u, *act)
         _store(out_ref, h.astype(h_ref.dtype), out_mask)
 
 
@@ -183,15 +193,16 @@ def _down_kernel(
     h_ref,  # [P, I]
     w_ref,  # [E, I, Hd]
     tw_ref,  # f32[N]   routing weight of each slot
-    # outputs
-    o_ref,  # f32[S, P, Hd]  routing-weighted partial sums over K split s, padded order
-    *,
+    *refs,  # (b_ref [E, Hd] when has_bias), then the output o_ref f32[S, P, Hd]:
+    # routing-weighted partial sums over K split s (split 0 adds the bias), padded order
     num_slots: int,
+    has_bias: bool,
     block_m: int,
     blocks: GemmBlocks,
     grid_m: int,
     grid_n: int,
 ):
+    b_ref, o_ref = refs if has_bias else (None, *refs)
     bn, bk = blocks.block_n, blocks.block_k
     inter, hidden = h_ref.shape[1], o_ref.shape[2]
     chunk = split_k_chunk(inter, blocks)
@@ -227,6 +238,9 @@ def _down_kernel(
             return acc + _dot(h, w)
 
         acc = lax.fori_loop(0, chunk // bk, body, jnp.zeros((block_m, bn), jnp.float32))
+        if has_bias:  # epilogue: the expert's bias, once (in the first K split)
+            bias = _load(b_ref.at[expert, pl.ds(col0, bn)], n_mask).astype(jnp.float32)
+            acc = acc + jnp.where(s == 0, bias, 0.0)[None, :]
         slots = slots_ref[pl.ds(row0, block_m)]
         row_ok = slots < num_slots
         tw = pltr.load(tw_ref.at[jnp.where(row_ok, slots, 0)], mask=row_ok, other=0.0)
@@ -238,14 +252,18 @@ def moe_gate_up(
     tile_experts,
     x,
     w_gate_up,
+    b_gate_up=None,
     *,
     top_k: int,
     activation: str,
     block_m: int,
     blocks: GemmBlocks,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
     interpret: bool = False,
 ):
-    """Kernel 1: h[P, I] = act(x[rows] @ Wg[e]) * (x[rows] @ Wu[e]) per row tile.
+    """Kernel 1: h[P, I] = glu(x[rows] @ Wgu[e] + bgu[e]) per row tile (``b_gate_up``
+    [E, 2I] or None; alpha and limit: swigluoai only).
 
     Rows of unused tiles (expert -1) are left unwritten.
     """
@@ -258,7 +276,8 @@ def moe_gate_up(
         _gate_up_kernel,
         top_k=top_k,
         num_slots=x.shape[0] * top_k,
-        activation=activation,
+        act=(activation, float(swiglu_alpha), float(swiglu_limit)),
+        has_bias=b_gate_up is not None,
         block_m=block_m,
         blocks=blocks,
         grid_m=grid_m,
@@ -273,7 +292,7 @@ def moe_gate_up(
         ),
         interpret=interpret,
         name=(f"moe_gate_up_{activation}_bm{block_m}_bn{blocks.block_n}_bk{blocks.block_k}"),
-    )(sorted_slots, tile_experts, x, w_gate_up)
+    )(sorted_slots, tile_experts, x, w_gate_up, *([] if b_gate_up is None else [b_gate_up]))
 
 
 def moe_down(
@@ -282,12 +301,14 @@ def moe_down(
     h,
     w_down,
     slot_weights,
+    b_down=None,
     *,
     block_m: int,
     blocks: GemmBlocks,
     interpret: bool = False,
 ):
-    """Kernel 2: o[s, P, Hd] = slot_weight[row] * (h[rows, K_s] @ Wd[e][K_s]) in f32.
+    """Kernel 2: o[s, P, Hd] = slot_weight[row] * (h[rows, K_s] @ Wd[e][K_s] + [s == 0] bd[e])
+    in f32 (``b_down`` [E, Hd] or None).
 
     ``blocks.split_k`` = S partial sums over disjoint K ranges (summed by the combine);
     rows of unused tiles are left unwritten.
@@ -298,6 +319,7 @@ def moe_down(
     kernel = functools.partial(
         _down_kernel,
         num_slots=slot_weights.shape[0],
+        has_bias=b_down is not None,
         block_m=block_m,
         blocks=blocks,
         grid_m=grid_m,
@@ -312,10 +334,12 @@ def moe_down(
         ),
         interpret=interpret,
         name=(f"moe_down_bm{block_m}_bn{blocks.block_n}_bk{blocks.block_k}_sk{blocks.split_k}"),
-    )(sorted_slots, tile_experts, h, w_down, slot_weights)
+    )(sorted_slots, tile_experts, h, w_down, slot_weights, *([] if b_down is None else [b_down]))
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "interpret", "blocks"))
+@functools.partial(
+    jax.jit, static_argnames=("activation", "swiglu_alpha", "swiglu_limit", "interpret", "blocks")
+)
 def fused_moe(
     x,
     w_gate_up,
@@ -324,13 +348,18 @@ def fused_moe(
     topk_ids,
     *,
     activation: str,
+    b_gate_up=None,
+    b_down=None,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
     interpret: bool = False,
     blocks: MoeBlocks | None = None,
 ):
     """Fused MoE (docs/contract.md) on the Triton lowering.
 
     x [T, Hd] bf16|f16|f32, w_gate_up [E, Hd, 2I], w_down [E, I, Hd], topk_weights f32[T, k],
-    topk_ids i32[T, k] (ids outside [0, E) contribute zero) -> y [T, Hd] in x.dtype.
+    topk_ids i32[T, k] (ids outside [0, E) contribute zero), optional b_gate_up [E, 2I] and
+    b_down [E, Hd] (added in the GEMM epilogues) -> y [T, Hd] in x.dtype.
     ``blocks`` overrides the tuning table (``tuning.get_blocks``).
     """
     for w in (w_gate_up, w_down):
@@ -355,8 +384,11 @@ def fused_moe(
         a.tile_experts,
         x,
         w_gate_up,
+        b_gate_up,
         top_k=top_k,
         activation=activation,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
         block_m=blocks.block_m,
         blocks=blocks.gate_up,
         interpret=interpret,
@@ -367,6 +399,7 @@ def fused_moe(
         h,
         w_down,
         topk_weights.reshape(-1).astype(jnp.float32),
+        b_down,
         block_m=blocks.block_m,
         blocks=blocks.down,
         interpret=interpret,
