@@ -35,6 +35,7 @@ def check_supported(
     block_size=None,
     q_dtype=None,
     kv_dtype=None,
+    return_lse=False,
     num_tokens=None,
     top_k=None,
     num_experts=None,
@@ -55,6 +56,7 @@ def check_supported(
         if activation is not None and activation not in specs.MOE_ACTIVATIONS:
             raise _unsupported("activation", activation, tuple(specs.MOE_ACTIVATIONS))
         return check_moe_supported(num_tokens=num_tokens, top_k=top_k, dtype=dtype)
+    del return_lse  # every attention kernel writes the lse when asked
     if head_dim not in specs.SUPPORTED_HEAD_DIMS:
         raise _unsupported("head_dim", head_dim, specs.SUPPORTED_HEAD_DIMS)
     if block_size not in specs.SUPPORTED_BLOCK_SIZES:
@@ -101,6 +103,7 @@ def _attention(
     interpret,
     decode,
     partition_size,
+    return_lse=False,
 ):
     rows, heads, head_dim = q.shape
     num_blocks, kv_heads, block_size, _ = k_pages.shape
@@ -132,6 +135,7 @@ def _attention(
         num_parts=num_parts,
         partition=partition_size,
         decode=decode,
+        lse=return_lse,
     )
     outs = lowering.call(
         spec,
@@ -151,18 +155,20 @@ def _attention(
         fparams,
         interpret=interpret,
     )
-    if num_parts == 1:
-        return outs[0]
+    if num_parts == 1:  # the lse, when asked, comes from the kernel's epilogue
+        return (outs[0], outs[1]) if return_lse else outs[0]
     red = specs.attention_reduce(
         q_dtype=_name(q.dtype),
         head_dim=head_dim,
         num_rows=rows,
         num_heads=heads,
         num_parts=num_parts,
+        lse=return_lse,
     )
-    return lowering.call(
+    res = lowering.call(
         red, *outs, sink, np.array([heads, sinks is not None], np.int32), interpret=interpret
-    )[0]
+    )
+    return (res[0], res[1]) if return_lse else res[0]
 
 
 def paged_attention(
@@ -181,8 +187,10 @@ def paged_attention(
     k_scale=None,
     v_scale=None,
     interpret=False,
+    return_lse=False,
 ):
-    """Decode tokens, prefill chunks or any mix: ``q`` ``[T, H, D]`` -> ``[T, H, D]``.
+    """Decode tokens, prefill chunks or any mix: ``q`` ``[T, H, D]`` -> ``[T, H, D]`` (with
+    ``return_lse``: and the rows' lse f32 ``[T, H]``).
 
     One threadgroup of 64 threads per (query row, head) walks the row's visible keys."""
     return _attention(
@@ -202,6 +210,7 @@ def paged_attention(
         interpret=interpret,
         decode=False,
         partition_size=32,
+        return_lse=return_lse,
     )
 
 
@@ -221,9 +230,11 @@ def paged_decode(
     v_scale=None,
     interpret=False,
     partition_size=specs.DECODE_PARTITION,
+    return_lse=False,
 ):
     """One query per sequence: ``q`` ``[S, H, D]``. Contexts longer than
-    ``partition_size`` keys are split over threadgroups and combined by a reduce kernel."""
+    ``partition_size`` keys are split over threadgroups and combined by a reduce kernel (which
+    also writes the lse with ``return_lse``)."""
     cu = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
     return _attention(
         q,
@@ -242,6 +253,7 @@ def paged_decode(
         interpret=interpret,
         decode=True,
         partition_size=partition_size,
+        return_lse=return_lse,
     )
 
 

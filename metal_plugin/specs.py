@@ -126,20 +126,25 @@ def attention(
     num_parts: int,
     partition: int,
     decode: bool,
+    lse: bool = False,
 ) -> KernelSpec:
     """Paged attention: one threadgroup per (partition, head, row).
 
-    ``num_parts == 1`` writes the final output directly; otherwise the partial outputs,
-    max logits and exp-sums go to :func:`attention_reduce`.
+    ``num_parts == 1`` writes the final output directly (with ``lse``, also the rows' f32 log
+    softmax denominators); otherwise the partial outputs, max logits and exp-sums go to
+    :func:`attention_reduce`.
     """
+    lse = lse and num_parts == 1
     nsg = DECODE_SIMDGROUPS if decode else PREFILL_SIMDGROUPS
     direct = num_parts == 1
     # A name must pin down its header (MLX caches kernels by name): one partition spanning
     # every key has a fixed size, so it does not vary with the block table's width.
     partition = 1 << 30 if direct else partition
     kind = "paged_decode" if decode else "paged_prefill"
-    name = f"{kind}_{TAGS[q_dtype]}_kv{TAGS[kv_dtype]}_d{head_dim}_b{block_size}" + (
-        "" if direct else f"_p{partition}"
+    name = (
+        f"{kind}_{TAGS[q_dtype]}_kv{TAGS[kv_dtype]}_d{head_dim}_b{block_size}"
+        + ("" if direct else f"_p{partition}")
+        + ("_lse" if lse else "")
     )
     header = _header(
         dict(
@@ -148,12 +153,16 @@ def attention(
             NSG=nsg,
             PART=partition,
             DIRECT_OUT=direct,
+            WRITE_LSE=lse,
             KV_FP8=kv_dtype == "float8_e4m3fn",
         ),
         dict(q_t=q_dtype, kv_t=storage_dtype(kv_dtype)),
     )
     if direct:
         outs, shapes, dts = ("out",), ((num_rows, num_heads, head_dim),), (q_dtype,)
+        if lse:
+            outs, shapes = outs + ("lse",), shapes + ((num_rows, num_heads),)
+            dts = dts + ("float32",)
     else:
         outs = ("part_out", "part_m", "part_l")
         shapes = (
@@ -176,20 +185,27 @@ def attention(
 
 
 def attention_reduce(
-    *, q_dtype: str, head_dim: int, num_rows: int, num_heads: int, num_parts: int
+    *,
+    q_dtype: str,
+    head_dim: int,
+    num_rows: int,
+    num_heads: int,
+    num_parts: int,
+    lse: bool = False,
 ) -> KernelSpec:
-    name = f"paged_decode_reduce_{TAGS[q_dtype]}_d{head_dim}_p{num_parts}"
-    header = _header(dict(HEAD_DIM=head_dim, NUM_PARTS=num_parts), dict(q_t=q_dtype))
+    """Combines decode partitions; with ``lse`` also writes the rows' f32 lse."""
+    name = f"paged_decode_reduce_{TAGS[q_dtype]}_d{head_dim}_p{num_parts}" + ("_lse" if lse else "")
+    header = _header(dict(HEAD_DIM=head_dim, NUM_PARTS=num_parts, WRITE_LSE=lse), dict(q_t=q_dtype))
     return KernelSpec(
         name,
         _read("paged_attention_reduce.metal"),
         header,
         ("part_out", "part_m", "part_l", "sinks", "iparams"),
-        ("out",),
+        ("out", "lse") if lse else ("out",),
         (32, num_heads, num_rows),
         (32, 1, 1),
-        ((num_rows, num_heads, head_dim),),
-        (q_dtype,),
+        ((num_rows, num_heads, head_dim), (num_rows, num_heads))[: 2 if lse else 1],
+        (q_dtype, "float32")[: 2 if lse else 1],
     )
 
 

@@ -12,7 +12,10 @@
 // Masked keys are never loaded (K or V), so NaN in unused slots and pages cannot leak.
 // DIRECT_OUT: write the normalised output (sinks included) in q's dtype. Otherwise write
 // this partition's normalised partial output, max logit and exp-sum for the reduce kernel.
-// Header constants: HEAD_DIM, BLOCK_SIZE, NSG, PART, DIRECT_OUT, KV_FP8, q_t, kv_t.
+// WRITE_LSE (DIRECT_OUT only): also write the row's log softmax denominator lse[r, h] (the
+// sink included; the sink alone for a row of a sequence that sees no key; -inf for rows
+// outside every sequence; +inf under a +inf sink), once per row after the key loop.
+// Header constants: HEAD_DIM, BLOCK_SIZE, NSG, PART, DIRECT_OUT, WRITE_LSE, KV_FP8, q_t, kv_t.
 // iparams: [S, R, H, HKV, MB, window (0 = none), has_sinks]; fparams: [scale, softcap (0 = none)].
 const uint part = threadgroup_position_in_grid.x;
 const uint h = threadgroup_position_in_grid.y;
@@ -135,12 +138,21 @@ for (int g = 0; g < NSG; ++g) if (sg_l[g] > 0.0f) lsum += sg_l[g] * exp(sg_m[g] 
 // The sink joins the denominator only; rows without keys still come out as exact zeros.
 // Clamped finite: -inf is no sink, +inf takes the whole weight (the row is exactly 0).
 float rescale = 1.0f;
+float M_all = M;                             // the max the denominator lsum is relative to
 if (has_sinks != 0 && lsum > 0.0f) {
   const float sk = clamp(sinks[h], -FLT_MAX, FLT_MAX);
   const float M2 = max(M, sk);
   rescale = exp(M - M2);
   lsum = lsum * rescale + exp(sk - M2);
+  M_all = M2;
 }
+#if WRITE_LSE
+if (tid == 0) {
+  float row_lse = (lsum > 0.0f) ? M_all + log(lsum) : -INFINITY;
+  if (has_sinks != 0 && seq >= 0 && (lsum == 0.0f || sinks[h] == INFINITY)) row_lse = sinks[h];
+  lse[r * uint(H) + h] = row_lse;
+}
+#endif
 const float inv = (lsum > 0.0f) ? rescale / lsum : 0.0f;
 #else
 const float inv = (lsum > 0.0f) ? 1.0f / lsum : 0.0f;
