@@ -37,17 +37,19 @@ def make_case(seed, T, Hd, I, E, k, dtype, p_invalid=0.15):
     return x, wgu, wd, jnp.asarray(tw), jnp.asarray(ids)
 
 
-def check(y, x, wgu, wd, tw, ids, activation):
-    """Against the kit's float64 oracle: float32 within FULL_F32; bf16/f16 by FA3's rule, at
-    most twice the error of the same-dtype reference (h and y rounded to x.dtype, f32
-    accumulation) plus a small epsilon."""
-    ref = oracle.fused_moe(x, wgu, wd, tw, ids, activation)
+def check(y, x, wgu, wd, tw, ids, activation, **kw):
+    """Against the kit's float64 oracle (``kw``: biases, swiglu alpha/limit): float32 within
+    FULL_F32; bf16/f16 by FA3's rule, at most twice the error of the same-dtype reference (h
+    and y rounded to x.dtype, f32 accumulation) plus a small epsilon."""
+    kw = {k: np.asarray(jnp.asarray(v, jnp.float32)) if k.startswith("b_") else v
+          for k, v in kw.items() if v is not None}  # fmt: skip
+    ref = oracle.fused_moe(x, wgu, wd, tw, ids, activation, **kw)
     if x.dtype == jnp.float32:
         assert_close(y, ref, jnp.float32, what="fused MoE", **FULL_F32)
         return
     y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
     assert y.shape == ref.shape and np.all(np.isfinite(y))
-    same = oracle.fused_moe(x, wgu, wd, tw, ids, activation, h_dtype=x.dtype)
+    same = oracle.fused_moe(x, wgu, wd, tw, ids, activation, h_dtype=x.dtype, **kw)
     same = np.asarray(jnp.asarray(same, x.dtype).astype(jnp.float32), np.float64)
     bound = 2 * np.abs(same - ref).max() + 1e-3 * np.abs(ref).max()
     err = np.abs(y - ref).max()
@@ -152,6 +154,51 @@ def test_triton_fused_moe(seed, T, Hd, I, E, k, dtype, activation, blocks):
     check(y, x, wgu, wd, tw, ids, activation)
 
 
+def gpt_oss_case(seed, T, Hd, I, E, k, dtype, bias=True):
+    """make_case with x scaled so |gate|, |up| >> 7 (the swigluoai clamp) and expert biases
+    (b_gate_up in the weights' dtype, b_down in float32)."""
+    x, wgu, wd, tw, ids = make_case(seed, T, Hd, I, E, k, dtype)
+    x = (x.astype(jnp.float32) * 8).astype(dtype)
+    rng = np.random.default_rng(seed + 100)
+    b = dict(
+        b_gate_up=jnp.asarray(rng.standard_normal((E, 2 * I)) * 2, dtype),
+        b_down=jnp.asarray(rng.standard_normal((E, Hd)), jnp.float32),
+    )
+    return x, wgu, wd, tw, ids, (b if bias else {})
+
+
+GPT_OSS_CASES = [  # (seed, T, Hd, I, E, k, dtype, bias, blocks)
+    (20, 13, 48, 40, 5, 2, jnp.float32, True, SMALL),  # ragged N edges: masked bias loads
+    (21, 13, 48, 40, 5, 2, jnp.float32, True, SPLIT3),  # down bias once over 3 K splits
+    (22, 11, 32, 48, 4, 2, jnp.bfloat16, True, SPLIT2),
+    (23, 21, 64, 32, 8, 3, jnp.float16, False, SMALL),
+    (24, 19, 64, 48, 8, 2, jnp.float32, True, None),  # tuning-table blocks
+]
+
+
+@pytest.mark.parametrize("seed,T,Hd,I,E,k,dtype,bias,blocks", GPT_OSS_CASES)
+def test_triton_swigluoai(seed, T, Hd, I, E, k, dtype, bias, blocks):
+    x, wgu, wd, tw, ids, b = gpt_oss_case(seed, T, Hd, I, E, k, dtype, bias)
+    y = moe_triton.fused_moe(
+        x, wgu, wd, tw, ids, activation="swigluoai", interpret=INTERPRET, blocks=blocks, **b
+    )
+    assert y.dtype == x.dtype and y.shape == x.shape
+    check(y, x, wgu, wd, tw, ids, "swigluoai", **b)
+
+
+def test_triton_biases_with_gelu_and_custom_clamp():
+    x, wgu, wd, tw, ids, b = gpt_oss_case(25, 13, 48, 40, 5, 2, jnp.float32)
+    y = moe_triton.fused_moe(
+        x / 8, wgu, wd, tw, ids, activation="gelu", interpret=INTERPRET, blocks=SMALL, **b
+    )
+    check(y, x / 8, wgu, wd, tw, ids, "gelu", **b)
+    opts = dict(swiglu_alpha=1.25, swiglu_limit=3.5)
+    y = moe_triton.fused_moe(
+        x, wgu, wd, tw, ids, activation="swigluoai", interpret=INTERPRET, blocks=SMALL, **b, **opts
+    )
+    check(y, x, wgu, wd, tw, ids, "swigluoai", **b, **opts)
+
+
 def test_triton_skewed_and_invalid_routing():
     """All slots on one expert (many tiles of it) and tokens with no valid expert at all."""
     x, wgu, wd, tw, _ = make_case(7, 20, 32, 32, 4, 2, jnp.float32)
@@ -222,6 +269,31 @@ def test_mosaic_default_blocks():
     x, wgu, wd, tw, ids = make_case(13, 200, 256, 128, 8, 2, jnp.bfloat16)
     y = moe_mosaic.fused_moe(x, wgu, wd, tw, ids, activation="silu")
     check(y, x, wgu, wd, tw, ids, "silu")
+
+
+@pytest.mark.parametrize(
+    "seed,T,dtype,activation,bias",
+    [
+        (30, 13, jnp.bfloat16, "swigluoai", True),
+        (31, 70, jnp.float16, "swigluoai", False),  # several tiles of one expert
+        (32, 9, jnp.bfloat16, "silu", True),
+        (33, 9, jnp.float32, "swigluoai", True),  # f32: delegated to the Triton kernels
+    ],
+)
+def test_mosaic_swigluoai(seed, T, dtype, activation, bias):
+    x, wgu, wd, tw, ids, b = gpt_oss_case(seed, T, 64, 96, 5, 2, dtype, bias)
+    if activation != "swigluoai":
+        x = (x.astype(jnp.float32) / 8).astype(dtype)
+    y = moe_mosaic.fused_moe(
+        x, wgu, wd, tw, ids, activation=activation, interpret=INTERPRET, blocks=MOSAIC_SMALL, **b
+    )
+    assert y.dtype == x.dtype and y.shape == x.shape
+    check(y, x, wgu, wd, tw, ids, activation, **b)
+
+
+def test_kernels_accept_biases_and_swigluoai():
+    for mod in (moe_triton, moe_mosaic):
+        mod.check_supported(dtype=jnp.bfloat16, activation="swigluoai", bias=True, hidden=64)
 
 
 def test_mosaic_unsupported():

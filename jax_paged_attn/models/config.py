@@ -67,9 +67,8 @@ FAMILIES = {
 # Architectures with a plan but not yet served, and what each one still needs.
 NOT_YET = {
     "GptOssForCausalLM": (
-        "gpt-oss needs fused_moe(activation='swigluoai') with expert biases (b_gate_up, b_down, "
-        "swiglu_alpha, swiglu_limit) and MXFP4 expert weights, which jax_paged_attn does not "
-        "provide yet"
+        "gpt-oss needs MXFP4 expert weights, which jax_paged_attn does not provide yet (its "
+        "experts' fused_moe(activation='swigluoai', b_gate_up=, b_down=) is available)"
     ),
 }
 
