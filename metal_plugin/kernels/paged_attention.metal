@@ -148,8 +148,9 @@ if (has_sinks != 0 && lsum > 0.0f) {
 }
 #if WRITE_LSE
 if (tid == 0) {
+  // ">= FLT_MAX", not "== INFINITY": fast math may fold comparisons with infinities.
   float row_lse = (lsum > 0.0f) ? M_all + log(lsum) : -INFINITY;
-  if (has_sinks != 0 && seq >= 0 && (lsum == 0.0f || sinks[h] == INFINITY)) row_lse = sinks[h];
+  if (has_sinks != 0 && seq >= 0 && (lsum == 0.0f || sinks[h] >= FLT_MAX)) row_lse = sinks[h];
   lse[r * uint(H) + h] = row_lse;
 }
 #endif

@@ -31,8 +31,9 @@ if (has_sinks != 0 && denom > 0.0f) {
 }
 #if WRITE_LSE
 if (lane == 0) {
+  // ">= FLT_MAX", not "== INFINITY": fast math may fold comparisons with infinities.
   float row_lse = (denom > 0.0f) ? M_all + log(denom) : -INFINITY;
-  if (has_sinks != 0 && (denom == 0.0f || sinks[h] == INFINITY)) row_lse = sinks[h];
+  if (has_sinks != 0 && (denom == 0.0f || sinks[h] >= FLT_MAX)) row_lse = sinks[h];
   lse[r * uint(H) + h] = row_lse;
 }
 #endif
