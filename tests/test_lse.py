@@ -186,3 +186,67 @@ def test_empty_calls_and_bad_flag(backend):
     assert out.shape == (0, 4, 64) and lse.shape == (0, 4) and lse.dtype == jnp.float32
     with pytest.raises(ValueError, match="return_lse"):
         jpa.paged_attention(jnp.zeros((2, 4, 64)), cache, meta, return_lse=1, backend="xla")
+
+
+# Kernel paths the API's shapes may not pick on this machine, forced through the kernel modules
+# (interpreted on a CPU, compiled on a GPU).
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _kernel_case(rng, seqs, dtype, sinks):
+    case = build_case(rng, seqs, num_heads=8, num_kv_heads=2, dtype=dtype)
+    args = (case.q, case.cache.k, case.cache.v, case.meta.block_tables, case.meta.context_lens)
+    sink = None
+    if sinks:
+        sink = rng.normal(size=8).astype(np.float32)
+        sink[1], sink[6] = -np.inf, np.inf
+        sink = jnp.asarray(sink)
+    kw = dict(scale=0.2, softcap=None, sliding_window=None, alibi_slopes=None, sinks=sink)
+    kw.update(k_scale=None, v_scale=None, interpret=not ON_GPU, return_lse=True)
+    return case, args, kw, case.reference(scale=0.2, sinks=sink, return_lse=True)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_triton_decode_splits_lse(rng, splits, fold, sinks):
+    """Triton decode: the single-split epilogue and the split merge, in both softmax domains."""
+    from pallas_kernels.paged_attention import triton_decode
+    from pallas_kernels.paged_attention.tuning import BlockSizes
+
+    case, args, kw, (want, want_lse) = _kernel_case(
+        rng, [(1, 150), (1, 0), (1, 17)], jnp.float32, sinks
+    )
+    blocks = BlockSizes(block_k=16, num_splits=splits, decode_fold=fold)
+    out, lse = triton_decode.paged_decode(*args, block_sizes=blocks, **kw)
+    assert_close(out, want, jnp.float32, what="triton decode")
+    _check_lse(lse, want_lse, jnp.float32, f"triton decode, {splits} splits")
+
+
+@pytest.mark.parametrize("stream,num_ctas", [(False, None), (True, 5), (True, 16)])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_mosaic_decode_paths_lse(rng, stream, num_ctas, sinks):
+    """Mosaic decode: whole pairs (their m and l go through the merge) and stream-K partials
+    over few CTAs (a long pair spans several, short ones share one)."""
+    from pallas_kernels.paged_attention import mosaic_decode
+
+    case, args, kw, (want, want_lse) = _kernel_case(
+        rng, [(1, 500), (1, 3), (1, 0)], jnp.bfloat16, sinks
+    )
+    out, lse = mosaic_decode.paged_decode(*args, stream=stream, num_ctas=num_ctas, **kw)
+    assert_close(out, want, jnp.bfloat16, what="mosaic decode")
+    _check_lse(lse, want_lse, jnp.bfloat16, f"mosaic decode stream={stream}")
+
+
+@pytest.mark.parametrize("num_ctas", [None, 3])
+def test_mosaic_prefill_persistent_lse(rng, num_ctas):
+    """Mosaic prefill: each tile's epilogue writes its rows' m and l, also when a CTA runs
+    several items (few persistent CTAs)."""
+    from pallas_kernels.paged_attention import mosaic
+
+    case, args, kw, (want, want_lse) = _kernel_case(
+        rng, [(70, 90), (5, 3), (0, 0), (9, 9)], jnp.bfloat16, True
+    )
+    out, lse = mosaic.paged_attention(*args, case.meta.cu_seqlens_q, num_ctas=num_ctas, **kw)
+    assert_close(out, want, jnp.bfloat16, what="mosaic prefill")
+    _check_lse(lse, want_lse, jnp.bfloat16, "mosaic prefill")

@@ -84,6 +84,7 @@ from pallas_kernels.paged_attention.mosaic_plan import (
     irem,
     kv_steps,
     logit_factor,
+    lse_of_ml,
     make_static,
     num_items,
     num_sms,
@@ -93,6 +94,7 @@ from pallas_kernels.paged_attention.mosaic_plan import (
     sink_start,
     snake_items,
     stream_ctas,
+    tile_lse,
 )
 
 # The planning names are part of this module's interface (tests, probes, mosaic_decode).
@@ -122,6 +124,7 @@ __all__ = [
     "paged_attention",
     "partial_dtype",
     "plan_tiles",
+    "lse_of_ml",
     "raw_factor",
     "sink_start",
     "snake_items",
@@ -165,6 +168,7 @@ def _kernel(*refs, st: Static):
     o_ref = refs.pop(0)  # prefill: [T, H, D]; decode: f32[S, Hkv, splits, G, D]
     #                               (fused decode: [R, D] in q.dtype)
     ml_ref = refs.pop(0) if (st.decode and not st.fused) else None  # f32[S, Hkv, splits, 2, 64]
+    tile_ml_ref = refs.pop(0) if st.lse else None  # prefill lse: f32[NT, H, 2, 64], m and l
     # scratch
     q_smem2 = refs.pop(0)  # [nw, 64, D]
     k_smem = refs.pop(0)  # [stages, bk, D]
@@ -172,6 +176,7 @@ def _kernel(*refs, st: Static):
     o_smem2 = refs.pop(0)  # [nw, 64, D] (decode: partial dtype), unswizzled: row stores
     ml_smem = refs.pop(0) if st.decode else None  # f32[2, 64]: m and l
     slope_smem = refs.pop(0) if (st.decode and st.has_alibi) else None  # f32[64]
+    tile_ml_smem2 = refs.pop(0) if st.lse else None  # f32[nw, 2, 64]
     p_smem2 = refs.pop(0) if st.interpret else None  # [nw, 64, bk], interpreter only
     q_bar, k_bar, v_bar, k_free, v_free = refs[:5]
     sched_bar = refs[5] if nw == 2 else None
@@ -367,7 +372,12 @@ def _kernel(*refs, st: Static):
                 inv_l = lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
                 out = jnp.where(o_rows + it.pos0 >= 0, acc * inv_l, 0.0)
                 o_smem[...] = out.astype(o_smem.dtype)
+                if st.lse:  # the tile's final m and l, once per row (the lse: lse_of_ml)
+                    tile_ml_smem2[wg, 0] = m_i
+                    tile_ml_smem2[wg, 1] = l_i
                 plgpu.commit_smem()
+                if st.lse:
+                    plgpu.copy_smem_to_gmem(tile_ml_smem2.at[wg], tile_ml_ref.at[it.tile, head])
                 count, start = it.hi - it.lo, it.lo
                 size = BLOCK_Q
                 while size:  # store exactly rows [lo, hi): 64, 32, ..., 1-row TMA stores
@@ -470,6 +480,8 @@ def build_call(st: Static, out_type, grid, grid_names, dtype):
         scratch.append(plgpu.SMEM((2, BLOCK_Q), jnp.float32))  # m, l
         if st.has_alibi:
             scratch.append(plgpu.SMEM((BLOCK_Q,), jnp.float32))  # ALiBi slope of each row
+    if st.lse:
+        scratch.append(plgpu.SMEM((nw, 2, BLOCK_Q), jnp.float32))  # m, l of each warpgroup
     if st.interpret:
         scratch.append(plgpu.SMEM((nw, BLOCK_Q, bk), dtype, transforms=swizzled))  # p
     q_arrivals = 2 if (st.decode and st.has_alibi) else 1
@@ -497,7 +509,15 @@ def build_call(st: Static, out_type, grid, grid_names, dtype):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "softcap", "sliding_window", "interpret", "block_sizes", "num_ctas"),
+    static_argnames=(
+        "scale",
+        "softcap",
+        "sliding_window",
+        "interpret",
+        "block_sizes",
+        "num_ctas",
+        "return_lse",
+    ),
 )
 def paged_attention(
     q,
@@ -517,8 +537,10 @@ def paged_attention(
     interpret: bool = False,
     block_sizes: BlockSizes | None = None,
     num_ctas: int | None = None,
+    return_lse: bool = False,
 ):
-    """Chunked prefill / mixed batch over the paged cache: q [T, H, D] -> [T, H, D]."""
+    """Chunked prefill / mixed batch over the paged cache: q [T, H, D] -> [T, H, D].
+    ``return_lse``: also the rows' lse f32[T, H], from the m and l each tile's epilogue writes."""
     if k_scale is not None or v_scale is not None:
         raise NotImplementedError(
             "mosaic paged attention: float8 KV caches (k_scale/v_scale) are "
@@ -557,8 +579,13 @@ def paged_attention(
         args.append(sinks.astype(jnp.float32))
     # One item per CTA by default: persistent CTAs measured 4-8% slower here (NOTES.md).
     items = num_items(st, info.shape[0])
-    st = dataclasses.replace(st, num_ctas=int(min(num_ctas or items, items)))
-    call = build_call(
-        st, jax.ShapeDtypeStruct(qp.shape, q.dtype), (st.num_ctas,), ("cta",), q.dtype
-    )
-    return call(*args)[:num_rows]
+    st = dataclasses.replace(st, num_ctas=int(min(num_ctas or items, items)), lse=return_lse)
+    out_type = jax.ShapeDtypeStruct(qp.shape, q.dtype)
+    if return_lse:
+        ml_type = jax.ShapeDtypeStruct((info.shape[0], num_heads, 2, BLOCK_Q), jnp.float32)
+        out_type = (out_type, ml_type)
+    call = build_call(st, out_type, (st.num_ctas,), ("cta",), q.dtype)
+    if not return_lse:
+        return call(*args)[:num_rows]
+    out, tile_ml = call(*args)
+    return out[:num_rows], tile_lse(tile_ml, info, cu_seqlens_q, sinks, st, padded)[:num_rows]

@@ -59,11 +59,12 @@ def stream_plan(num_pairs, tiles, num_ctas):
     return slots, np.arange(slots)[None, :] <= (last - first)[:, None]
 
 
-def _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, dtype, c):
+def _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, dtype, c, return_lse=False):
     """Slots -> one output: o f32[S, Hkv, P, G, D], ml f32[S, Hkv, P, 2, 64] (the kernel's units:
     ``c`` is the raw domain's factor to log2 units, None in log2 units, as
     ``mosaic.raw_factor``), valid bool[S, Hkv, P] (the slots some CTA wrote; the others are
-    never read); the group's rows of ml start at r_off[S, Hkv] (``mosaic.decode_rows``)."""
+    never read); the group's rows of ml start at r_off[S, Hkv] (``mosaic.decode_rows``).
+    ``return_lse``: also the rows' lse f32[S, H], from the merged max and sum (no KV pass)."""
     s, hkv, _, grp, d = o.shape
     rows = (r_off[:, :, None] + jnp.arange(grp))[:, :, None, None, :]  # [S, Hkv, 1, 1, G]
     ml = jnp.take_along_axis(ml, rows, axis=4)
@@ -83,7 +84,11 @@ def _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, dtype, c):
         den = den + jnp.exp2((sink - m_all) * scale)
     seen = (context_lens > 0)[:, None, None] & (den > 0)
     out = jnp.where(seen[..., None], num / jnp.where(seen, den, 1.0)[..., None], 0.0)
-    return out.reshape(s, num_heads, d).astype(dtype)
+    out = out.reshape(s, num_heads, d).astype(dtype)
+    if not return_lse:
+        return out
+    sink = None if sinks is None else sinks.astype(jnp.float32).reshape(1, hkv, grp)
+    return out, mosaic.lse_of_ml(m_all, den, c, sink).reshape(s, num_heads)
 
 
 @functools.partial(
@@ -97,6 +102,7 @@ def _merge(o, ml, valid, r_off, context_lens, sinks, num_heads, dtype, c):
         "stream",
         "num_ctas",
         "fuse",
+        "return_lse",
     ),
 )
 def paged_decode(
@@ -118,12 +124,15 @@ def paged_decode(
     stream: bool | None = None,
     num_ctas: int | None = None,
     fuse: bool = True,
+    return_lse: bool = False,
 ):
     """q [S, H, D] (query i at position context_lens[i] - 1) -> [S, H, D] in q.dtype.
 
     ``stream``: stream-K (None: when there are fewer (seq, KV head) pairs than CTAs);
     ``num_ctas``: the persistent grid (None: as many as fit, one per SM); ``fuse=False`` sends
-    whole pairs through the merge too (for tests).
+    whole pairs through the merge too (for tests). ``return_lse``: also the rows' lse
+    f32[S, H]: whole pairs then write their m and l in the epilogue (the unfused path) and the
+    merge turns the written m and l into the lse.
     """
     if k_scale is not None or v_scale is not None:
         raise NotImplementedError(
@@ -167,7 +176,8 @@ def paged_decode(
     else:
         ctas = min(slots_for(st.bs), pairs)
         valid = np.ones((pairs, 1), bool)
-    fused = fuse and not stream and sinks is None  # normalise in the kernel, no merge
+    # Normalise in the kernel, no merge (the lse needs the m and l of the unfused epilogue).
+    fused = fuse and not stream and sinks is None and not return_lse
     # q in place as flat rows [S H, D]; padded only to >= 64 rows, a multiple of 8.
     q_rows = max(-(-num_seqs * num_heads // 8) * 8, mosaic.BLOCK_Q)
     qf = q.reshape(num_seqs * num_heads, head_dim)
@@ -195,5 +205,14 @@ def paged_decode(
     _, r_off, _ = mosaic.decode_rows(seqs, heads, num_kv_heads, grp, q_rows)
     valid = jnp.asarray(valid.reshape(num_seqs, num_kv_heads, p))
     return _merge(
-        o, ml, valid, r_off, context_lens, sinks, num_heads, q.dtype, mosaic.raw_factor(st)
+        o,
+        ml,
+        valid,
+        r_off,
+        context_lens,
+        sinks,
+        num_heads,
+        q.dtype,
+        mosaic.raw_factor(st),
+        return_lse,
     )

@@ -48,6 +48,7 @@ class Item:
     split: jax.Array | None = None
     r_off: jax.Array | None = None
     q_start: jax.Array | None = None
+    tile: jax.Array | None = None  # prefill: the plan_tiles row
 
 
 def prefill_item(st: Static, info_ref, k) -> Item:
@@ -71,6 +72,7 @@ def prefill_item(st: Static, info_ref, k) -> Item:
         lo=row(Info.LO),
         hi=row(Info.HI),
         head0=kv_head * st.num_groups + irem(hp, per_kv) * st.bs.num_wgs,
+        tile=tile,
     )
 
 

@@ -95,7 +95,8 @@ def ctas_per_sm(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
     return max(1, (SMEM_BYTES + 1024) // (smem_bytes(bs, head_dim, q_dtype, decode) + 1024))
 
 
-def check_supported(*, head_dim, block_size, q_dtype, kv_dtype) -> None:
+def check_supported(*, head_dim, block_size, q_dtype, kv_dtype, return_lse=False) -> None:
+    del return_lse  # the epilogues write m and l for the lse whenever asked
     hint = 'use backend="triton" or backend="xla" for this configuration'
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(
@@ -137,6 +138,7 @@ class Static:
     num_ctas: int = 1  # persistent CTAs (the grid)
     stream_tiles: int = 0  # decode: 0, or stream-K over (seq, KV head) x stream_tiles KV tiles
     q_rows: int = BLOCK_Q  # decode: rows of the flat q [S * H (padded), D]
+    lse: bool = False  # prefill: the epilogue also writes each tile's m and l (for the lse)
 
 
 def _i32(x):
@@ -356,3 +358,30 @@ def make_static(
         num_splits=num_splits,
         interpret=bool(interpret),
     )
+
+
+def lse_of_ml(m, l, c, sinks):
+    """The natural-log softmax denominators of rows from their final running max ``m`` (the
+    kernel's units; ``c``: the raw factor to log2 units, or None) and sum ``l`` (the sink
+    included, when ``sinks`` (f32, broadcast against m) is given): -inf where nothing was seen
+    (l == 0, or a -inf sink alone: m stayed at MASK), +inf under a +inf sink."""
+    m2 = m if c is None else m * c
+    lse = (m2 + jnp.log2(jnp.where(l > 0, l, 1.0))) / LOG2E
+    lse = jnp.where((l == 0) | (m <= MASK), -jnp.inf, lse)
+    if sinks is not None:
+        lse = jnp.where(sinks == jnp.inf, jnp.inf, lse)
+    return lse
+
+
+def tile_lse(tile_ml, info, cu_seqlens_q, sinks, st, num_rows):
+    """Rows' lse [num_rows, H] from the tiles' m and l f32[NT, H, 2, 64] (O(T H), no KV)."""
+    sink = None if sinks is None else sinks.astype(jnp.float32)[None, :, None]
+    lse = lse_of_ml(tile_ml[:, :, 0], tile_ml[:, :, 1], raw_factor(st), sink)  # [NT, H, 64]
+    r = jnp.arange(BLOCK_Q, dtype=jnp.int32)[None, :]
+    ok = (r >= info[:, Info.LO, None]) & (r < info[:, Info.HI, None])
+    rows = jnp.where(ok, info[:, Info.ROW0, None] + r, num_rows).reshape(-1)
+    vals = jnp.swapaxes(lse, 1, 2).reshape(rows.shape[0], -1)
+    out = jnp.full((num_rows, lse.shape[1]), -jnp.inf).at[rows].set(vals, mode="drop")
+    cu = cu_seqlens_q.astype(jnp.int32)
+    row = jnp.arange(num_rows, dtype=jnp.int32)[:, None]
+    return jnp.where((row >= cu[0]) & (row < cu[-1]), out, -jnp.inf)  # outside every sequence
