@@ -154,11 +154,11 @@ def paged_attention(
         ids = jnp.clip(ids, 0, num_blocks - 1)  # ids outside the cache read a real page
         k = dequant(k_pages[ids], k_scale)  # [NT, Hkv, K, D]
         v = dequant(v_pages[ids], v_scale)
-        if static_loop:
-            seen = jnp.any(visible_keys(blk), axis=1)[:, None, :, None]
-            k = jnp.where(seen, k, jnp.zeros((), k.dtype))
         key = (blk[:, None] * block_size + jnp.arange(block_size)).reshape(-1)  # [K]
         visible = visible_keys(blk)  # [NT, QT, K]
+        seen = jnp.any(visible, axis=1)[:, None, :, None]  # keys some row of the tile sees
+        if static_loop:
+            k = jnp.where(seen, k, jnp.zeros((), k.dtype))
         s = (
             jnp.einsum(
                 "nqkgd,nksd->nkgqs", qt, k, precision=_HI, preferred_element_type=jnp.float32
@@ -177,7 +177,7 @@ def paged_attention(
         p = jnp.exp(s - m_safe[..., None])  # masked logits give exactly 0
         alpha = jnp.exp(m - m_safe)
         # Masked keys may be NaN in the cache (unused slots): zero them, as 0 * NaN = NaN.
-        v = jnp.where(jnp.any(visible, axis=1)[:, None, :, None], v, jnp.zeros((), v.dtype))
+        v = jnp.where(seen, v, jnp.zeros((), v.dtype))
         pv = jnp.einsum(
             "nkgqs,nksd->nkgqd",
             p.astype(compute),
