@@ -78,9 +78,10 @@ TABLE: Mapping[str, Backend] = types.MappingProxyType({
 #   triton 3.008, 8x32768: mosaic 2.98, triton 2.97 (parity within 0.5% both ways across runs,
 #   so triton, which also reads float8 caches, stays first);  KV write 64k tokens: triton
 #   2.82 TB/s, XLA scatter 0.45;  MoE Mixtral: triton 542 TFLOP/s, mosaic 550 (parity);
-#   MoE decode (64 tokens): triton 2.91 vs xla 2.88 (parity on Mixtral); on an H200 the
-#   gpt-oss decode shape measured triton 3.89 TB/s against xla 2.37, and the xla path is now a
-#   loop over expert tiles (exact for unselected experts, memory ~ routed rows), so triton.
+#   MoE decode (64 tokens): triton 2.91 vs xla 2.88 (parity on Mixtral, lax.ragged_dot). The
+#   xla path is now a loop over expert tiles (exact for unselected experts, memory ~ routed
+#   rows): on an H200 (2026-12-02, results/h200_session5_after.json) Mixtral's 64-token decode
+#   ran triton 4.17 TB/s against that loop's 1.11, so triton.
 AUTO_GPU: Mapping[tuple[str, str | None], tuple[str, ...]] = types.MappingProxyType(
     {
         ("decode", None): ("triton", "mosaic"),
