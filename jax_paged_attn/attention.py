@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jax_paged_attn import _checks, _grad, backends
 from jax_paged_attn import reference as xla
+from jax_paged_attn._serving_step import serving_step
 from jax_paged_attn.cache import KVCache, validated_cache, write_kv
 from jax_paged_attn.metadata import AttentionMetadata, validated
 
@@ -65,11 +66,16 @@ def _run(
         return (out, jnp.full(q.shape[:2], -jnp.inf, jnp.float32)) if return_lse else out
     op = "decode" if kind == "decode" else "attention"
     config = dict(
-        head_dim=cache.head_dim, block_size=cache.block_size, q_dtype=q.dtype, kv_dtype=cache.dtype
+        head_dim=cache.head_dim,
+        block_size=cache.block_size,
+        q_dtype=q.dtype,
+        kv_dtype=cache.dtype,
+        num_groups=q.shape[1] // cache.num_kv_heads,
     )
     if return_lse:  # only then: a backend without the lse output stays eligible otherwise
         config["return_lse"] = True
     impl = backends.implementation(op, backend, interpret=interpret, config=config)
+    decode_impl = _decode_rows_impl(impl, backend, interpret, config) if op == "attention" else None
     static = dict(
         scale=opts.scale,
         softcap=opts.softcap,
@@ -82,6 +88,10 @@ def _run(
         kw.update(extra, interpret=interpret)
         if kind == "decode":
             return impl.paged_decode(q, k, v, tables, lens, **kw)
+        if decode_impl is not None:
+            return serving_step(
+                impl.paged_attention, decode_impl.paged_decode, q, k, v, tables, lens, cu, **kw
+            )
         return impl.paged_attention(q, k, v, tables, lens, cu, **kw)
 
     # Kernels have no autodiff rules, and the xla forward loops over a data-dependent number
@@ -102,6 +112,25 @@ def _run(
         cache.k_scale,
         cache.v_scale,
     )
+
+
+# Backends whose prefill kernels spend a whole q tile per query-head group on a decode row:
+# their ``paged_attention`` sends one-row sequences to a decode kernel (``_serving_step``).
+_SPLIT_STEPS = ("triton", "mosaic")
+
+
+def _decode_rows_impl(impl, backend, interpret, config):
+    """The decode kernels for the one-row sequences of a ``paged_attention`` call on ``impl``
+    (``backend``'s choice for ``paged_decode``; ``auto``: the fastest measured), or None: the
+    prefill kernels take every row."""
+    if impl is xla or backends.name_of(impl) not in _SPLIT_STEPS:
+        return None
+    if backend != "auto" and not backends.supports(backend, "decode", **config):
+        return None  # e.g. a GQA group wider than the decode kernel's tile
+    decode = backends.implementation("decode", backend, interpret=interpret, config=config)
+    if decode is xla or backends.name_of(decode) not in _SPLIT_STEPS:
+        return None
+    return decode
 
 
 def paged_attention(

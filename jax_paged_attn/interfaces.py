@@ -24,11 +24,19 @@ class AttentionKernels(Protocol):
     """Paged attention over any mix of decode rows and prefill chunks."""
 
     def check_supported(
-        self, *, head_dim: int, block_size: int, q_dtype, kv_dtype, return_lse: bool = False
+        self,
+        *,
+        head_dim: int,
+        block_size: int,
+        q_dtype,
+        kv_dtype,
+        return_lse: bool = False,
+        num_groups: int = 1,
     ) -> None:
         """Raise ``NotImplementedError`` naming what is supported (and suggesting
         ``backend="xla"``) for a configuration these kernels cannot run; ``return_lse=True``
-        is passed only when the caller asks for the lse output."""
+        is passed only when the caller asks for the lse output; ``num_groups``: query heads
+        per KV head."""
 
     def paged_attention(
         self,
@@ -60,7 +68,14 @@ class DecodeKernels(Protocol):
     KV of long contexts across programs."""
 
     def check_supported(
-        self, *, head_dim: int, block_size: int, q_dtype, kv_dtype, return_lse: bool = False
+        self,
+        *,
+        head_dim: int,
+        block_size: int,
+        q_dtype,
+        kv_dtype,
+        return_lse: bool = False,
+        num_groups: int = 1,
     ) -> None: ...
 
     def paged_decode(

@@ -36,6 +36,7 @@ def check_supported(
     q_dtype=None,
     kv_dtype=None,
     return_lse=False,
+    num_groups=None,
     num_tokens=None,
     top_k=None,
     num_experts=None,
@@ -56,7 +57,7 @@ def check_supported(
         if activation is not None and activation not in specs.MOE_ACTIVATIONS:
             raise _unsupported("activation", activation, tuple(specs.MOE_ACTIVATIONS))
         return check_moe_supported(num_tokens=num_tokens, top_k=top_k, dtype=dtype)
-    del return_lse  # every attention kernel writes the lse when asked
+    del return_lse, num_groups  # every attention kernel writes the lse, any GQA ratio
     if head_dim not in specs.SUPPORTED_HEAD_DIMS:
         raise _unsupported("head_dim", head_dim, specs.SUPPORTED_HEAD_DIMS)
     if block_size not in specs.SUPPORTED_BLOCK_SIZES:

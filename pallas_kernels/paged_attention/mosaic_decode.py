@@ -38,7 +38,20 @@ import numpy as np
 
 from pallas_kernels.paged_attention import mosaic
 
-check_supported = mosaic.check_supported  # the decode kernel is the attention kernel in decode mode
+
+def check_supported(
+    *, head_dim, block_size, q_dtype, kv_dtype, return_lse=False, num_groups=1
+) -> None:
+    """The attention kernel's limits (it runs in decode mode), and the GQA group must fit the
+    wgmma's 64 rows."""
+    mosaic.check_supported(
+        head_dim=head_dim, block_size=block_size, q_dtype=q_dtype, kv_dtype=kv_dtype
+    )
+    if num_groups > mosaic.BLOCK_Q:
+        raise NotImplementedError(
+            f"mosaic paged decode: {num_groups} query heads per KV head must be <= "
+            f'{mosaic.BLOCK_Q}; use backend="triton" or backend="xla"'
+        )
 
 
 def even_split_ctas(num_pairs, num_ctas):

@@ -95,8 +95,11 @@ def ctas_per_sm(bs: BlockSizes, head_dim: int, q_dtype, decode: bool) -> int:
     return max(1, (SMEM_BYTES + 1024) // (smem_bytes(bs, head_dim, q_dtype, decode) + 1024))
 
 
-def check_supported(*, head_dim, block_size, q_dtype, kv_dtype, return_lse=False) -> None:
+def check_supported(
+    *, head_dim, block_size, q_dtype, kv_dtype, return_lse=False, num_groups=1
+) -> None:
     del return_lse  # the epilogues write m and l for the lse whenever asked
+    del num_groups  # prefill takes any GQA ratio (decode: ``mosaic_decode.check_supported``)
     hint = 'use backend="triton" or backend="xla" for this configuration'
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(

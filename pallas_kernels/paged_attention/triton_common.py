@@ -45,10 +45,12 @@ LN2 = math.log(2.0)
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def check_supported(*, head_dim, block_size, q_dtype, kv_dtype, return_lse=False) -> None:
+def check_supported(
+    *, head_dim, block_size, q_dtype, kv_dtype, return_lse=False, num_groups=1
+) -> None:
     """Raises NotImplementedError for a configuration these kernels cannot run (every kernel
-    writes the lse when asked: ``return_lse`` is always supported)."""
-    del return_lse
+    writes the lse when asked: ``return_lse`` is always supported; any GQA ratio)."""
+    del return_lse, num_groups
     hint = '; use backend="xla" for other configurations'
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise NotImplementedError(
