@@ -4,12 +4,14 @@ transformers are installed; the CPU is enough, no network is used).
 For each supported family it builds a tiny float32 model from a config with transformers
 (random weights, fixed seed, eager attention), saves it with ``save_pretrained`` (Llama sharded,
 so the ``model.safetensors.index.json`` path is covered; Qwen3-MoE with fused expert tensors,
-Mixtral per expert), and stores in ``expected.npz``, for
+Mixtral per expert; gpt-oss with its own interleaved, biased experts, attention sinks, YaRN
+without truncation and a window of 8 on its first layer), and stores in ``expected.npz``, for
 three fixed prompts: the greedy continuation (a full forward per step, argmax of the last row)
 and the logits of a forward over prompt + continuation. The third prompt shares its first 8
 tokens with the first (the engine test serves it from the prefix cache).
 
     python scripts/make_model_fixtures.py --out OUT/models
+    python scripts/make_model_fixtures.py --out OUT/models --families gpt_oss   # just one
     # then copy OUT/models/* to tests/fixtures/models/
 
 The whole output stays under 2 MB. Weights are drawn so that every part matters (norm weights
@@ -117,9 +119,34 @@ FAMILIES = {
             tie_word_embeddings=False,
         ),
     ),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(
+            hidden_size=48,
+            intermediate_size=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=8,  # the prompts + continuations reach 23 tokens: the window matters
+            attention_bias=True,
+            max_position_embeddings=131072,
+            # gpt-oss-20b/120b's YaRN as released (head_dim 16 here: ramp over dims 2 to 4.35)
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=150000.0,
+                factor=32.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=4096,
+            ),
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 SHARDED = "llama"
 FUSED = "qwen3_moe"  # saved with transformers 5's fused expert tensors (the others: per expert)
+REPO_FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "models"
 KEEP = ("config.json", "expected.npz")  # plus model*.safetensors and the index
 
 
@@ -147,13 +174,18 @@ def make_config(transformers, class_name: str, kwargs: dict):
         return cls(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def init_weights(torch, model, seed: int, gemma: bool):
+def init_weights(torch, model, seed: int, gemma: bool, gpt_oss: bool = False):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if "norm" in name:
                 value = 0.1 * noise + (0.0 if gemma else 1.0)
+            elif name.endswith("sinks"):  # gpt-oss: sink logits on the scale of q.k logits
+                value = noise
+            elif gpt_oss and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                # [E, in, out]; gate/up x4 so that swigluoai's clamp at 7 is reached at times
+                value = noise / math.sqrt(p.shape[-2]) * (4.0 if "gate_up" in name else 1.0)
             elif name.endswith("bias") or p.ndim == 1:
                 value = 0.1 * noise
             elif "embed_tokens" in name:
@@ -233,9 +265,11 @@ def build(torch, transformers, family: str, out: pathlib.Path, tries: int = 20) 
     for attempt in range(tries):
         seed = 1000 * (list(FAMILIES).index(family) + 1) + attempt
         torch.manual_seed(seed)
+        # gpt-oss: the eager experts loop (the readable reference) rather than grouped_mm
+        extra = {"experts_implementation": "eager"} if family == "gpt_oss" else {}
         try:
             model = transformers.AutoModelForCausalLM.from_config(
-                config, attn_implementation="eager"
+                config, attn_implementation="eager", **extra
             )
         except TypeError:
             config._attn_implementation = "eager"
@@ -244,7 +278,7 @@ def build(torch, transformers, family: str, out: pathlib.Path, tries: int = 20) 
         q = model.model.layers[0].self_attn.q_proj.weight
         if tuple(q.shape) != (heads * head_dim, config.hidden_size):
             raise SystemExit(f"{family}: q_proj is {tuple(q.shape)}; the config lost head_dim")
-        init_weights(torch, model, seed, gemma=family == "gemma2")
+        init_weights(torch, model, seed, gemma=family == "gemma2", gpt_oss=family == "gpt_oss")
         ps = prompts(config.vocab_size)
         results = [greedy(torch, model, p) for p in ps]
         margin = min(r[2] for r in results)
@@ -279,8 +313,13 @@ def build(torch, transformers, family: str, out: pathlib.Path, tries: int = 20) 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (one subfolder per family)")
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset")
+    parser.add_argument(
+        "--families", default=",".join(FAMILIES), help="comma-separated subset (e.g. gpt_oss)"
+    )
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
     import torch
     import transformers
 
@@ -290,8 +329,11 @@ def main(argv=None) -> int:
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     for family in args.families.split(","):
         print(build(torch, transformers, family, out), flush=True)
-    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"total {total / 2**20:.2f} MiB in {out}")
+    # the committed fixtures of the families not made now count towards the 2 MiB as well
+    made = {p.name for p in out.iterdir() if p.is_dir()}
+    kept = [p for p in REPO_FIXTURES.glob("*") if p.is_dir() and p.name not in made]
+    total = sum(f.stat().st_size for d in [out, *kept] for f in d.rglob("*") if f.is_file())
+    print(f"total {total / 2**20:.2f} MiB in {out}" + (f" and {REPO_FIXTURES}" if kept else ""))
     if total >= 2 * 2**20:
         print("warning: the fixtures should stay under 2 MiB", file=sys.stderr)
         return 1

@@ -43,8 +43,11 @@ class Family:
     sandwich_norms: bool = False  # Gemma 2: norms after attention and after the MLP too
     qkv_bias: bool = False  # Qwen2: q/k/v projections always carry a bias
     windows: str = "none"  # none | all | even | qwen: which layers slide without layer_types
-    moe: str | None = None  # mixtral | qwen3_moe: the MoE block's routing and weight names
+    moe: str | None = None  # mixtral | qwen3_moe | gpt_oss: the MoE block's routing and weights
     gemma: bool = False  # scaled embeddings, query_pre_attn_scalar, logit softcaps
+    attention_bias: bool = False  # default when config.json omits attention_bias
+    sinks: bool = False  # gpt-oss: one learned attention-sink logit per query head and layer
+    rope_default: tuple = ()  # RoPE parameters when config.json has none, as (key, value) pairs
 
 
 FAMILIES = {
@@ -62,15 +65,28 @@ FAMILIES = {
     ),
     "MixtralForCausalLM": Family("mixtral", rope_theta=1e6, windows="all", moe="mixtral"),
     "Qwen3MoeForCausalLM": Family("qwen3_moe", qk_norm=True, windows="qwen", moe="qwen3_moe"),
-}
-
-# Architectures with a plan but not yet served, and what each one still needs.
-NOT_YET = {
-    "GptOssForCausalLM": (
-        "gpt-oss needs MXFP4 expert weights, which jax_paged_attn does not provide yet (its "
-        "experts' fused_moe(activation='swigluoai', b_gate_up=, b_down=) is available)"
+    "GptOssForCausalLM": Family(
+        "gpt_oss",
+        rope_theta=150000.0,
+        windows="even",  # transformers' default layer_types: even layers slide
+        moe="gpt_oss",
+        attention_bias=True,
+        sinks=True,
+        rope_default=(  # GptOssConfig's default rope_parameters
+            ("rope_type", "yarn"),
+            ("factor", 32.0),
+            ("beta_fast", 32.0),
+            ("beta_slow", 1.0),
+            ("truncate", False),
+            ("original_max_position_embeddings", 4096),
+        ),
     ),
 }
+
+# Architectures with a plan but not yet served, and what each one still needs (none today).
+NOT_YET: dict[str, str] = {}
+# Quantized checkpoints the loader dequantizes at load: architecture -> quant_method.
+DEQUANTIZED = {"GptOssForCausalLM": "mxfp4"}
 
 ACTIVATIONS = {  # Hugging Face hidden_act -> fused_moe / model activation name
     "silu": "silu",
@@ -124,6 +140,13 @@ class ModelConfig:
     top_k: int = 0
     moe_intermediate_size: int = 0
     moe_renormalize: bool = True
+    expert_activation: str | None = None  # the experts' fused_moe activation (None: activation)
+    expert_bias: bool = False  # experts carry b_gate_up and b_down (gpt-oss)
+    router_bias: bool = False  # the router linear has a bias (gpt-oss)
+    swiglu_alpha: float = 1.702  # swigluoai only
+    swiglu_limit: float = 7.0  # swigluoai only
+    sinks: bool = False  # one attention-sink logit per query head, per layer
+    quantization: str | None = None  # "mxfp4": expert weights dequantized at load
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"
     max_position_embeddings: int = 4096
@@ -176,7 +199,7 @@ def _architecture(hf: dict) -> str:
 def _rope_dicts(hf: dict, family: Family, layer_types) -> list[dict]:
     """The RoPE parameters of every layer, from ``rope_parameters`` (one dict, or one per
     layer type) or the older ``rope_theta`` + ``rope_scaling`` keys."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or dict(family.rope_default)
     theta = hf.get("rope_theta", family.rope_theta)
     if layer_types and params and set(params) <= set(layer_types):
         per_type = {t: dict(p) for t, p in params.items()}
@@ -278,9 +301,16 @@ def parse_config(hf: dict) -> ModelConfig:
     architecture or the config feature that is not supported."""
     arch = _architecture(hf)
     family = FAMILIES[arch]
+    quantization = None
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
-        raise UnsupportedConfigError(f"quantized checkpoints are not supported ({method})")
+        if DEQUANTIZED.get(arch) != method:
+            allowed = ", ".join(f"{m} ({a})" for a, m in DEQUANTIZED.items())
+            raise UnsupportedConfigError(
+                f"quantized checkpoints are not supported ({method}); the loader dequantizes "
+                f"only: {allowed}"
+            )
+        quantization = method
     if hf.get("use_bidirectional_attention"):
         raise UnsupportedConfigError("use_bidirectional_attention is not supported")
     num_layers = int(hf["num_hidden_layers"])
@@ -327,11 +357,26 @@ def parse_config(hf: dict) -> ModelConfig:
             moe_intermediate_size=int(hf["moe_intermediate_size"]),
             moe_renormalize=bool(hf.get("norm_topk_prob", False)),
         )
+    elif family.moe == "gpt_oss":
+        # top-k of the router logits, softmax over the k: moe_topk's renormalized softmax
+        moe_layers = (True,) * num_layers
+        moe = dict(
+            num_experts=int(hf.get("num_local_experts", hf.get("num_experts", 0))),
+            top_k=int(hf.get("num_experts_per_tok", hf.get("experts_per_token", 4))),
+            moe_intermediate_size=int(hf["intermediate_size"]),
+            moe_renormalize=True,
+            expert_activation="swigluoai",
+            expert_bias=True,
+            router_bias=True,
+            # transformers hard-codes alpha 1.702 and limit 7.0 (released configs: swiglu_limit 7.0)
+            swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+        )
     eos = hf.get("eos_token_id")
     eos = (
         () if eos is None else tuple(int(t) for t in eos) if isinstance(eos, list) else (int(eos),)
     )
-    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    # MXFP4 checkpoints: the dequantized experts are bfloat16, as transformers makes them
+    dtype = hf.get("torch_dtype") or hf.get("dtype") or ("bfloat16" if quantization else "float32")
     return ModelConfig(
         architecture=arch,
         family=family,
@@ -352,11 +397,13 @@ def parse_config(hf: dict) -> ModelConfig:
         embed_scale=math.sqrt(hidden) if family.gemma else None,
         windows=_windows(hf, family, num_layers, layer_types),
         ropes=ropes,
-        attention_bias=bool(hf.get("attention_bias", False)),
+        attention_bias=bool(hf.get("attention_bias", family.attention_bias)),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         moe_layers=moe_layers,
         eos_token_ids=eos,
         dtype=str(dtype),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        sinks=family.sinks,
+        quantization=quantization,
         **moe,
     )

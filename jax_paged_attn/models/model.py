@@ -66,11 +66,23 @@ def _mlp(cfg: ModelConfig, p, h):
 
 
 def _moe(cfg: ModelConfig, p, h, valid, backend):
-    weights, ids = jpa.moe_topk(_dot(h, p["router"]), cfg.top_k, renormalize=cfg.moe_renormalize)
+    # gpt-oss: softmax over the top-k router logits = renormalized softmax over all, top-k
+    router_logits = _linear(h, p["router"], p.get("router_bias"))
+    weights, ids = jpa.moe_topk(router_logits, cfg.top_k, renormalize=cfg.moe_renormalize)
     ids = jnp.where(valid[:, None], ids, cfg.num_experts)  # padding rows go to no expert
     weights = weights.astype(h.dtype)  # transformers rounds the routing weights to the model dtype
     return jpa.fused_moe(
-        h, p["w_gate_up"], p["w_down"], weights, ids, activation=cfg.activation, backend=backend
+        h,
+        p["w_gate_up"],
+        p["w_down"],
+        weights,
+        ids,
+        activation=cfg.expert_activation or cfg.activation,
+        b_gate_up=p.get("b_gate_up"),
+        b_down=p.get("b_down"),
+        swiglu_alpha=cfg.swiglu_alpha,
+        swiglu_limit=cfg.swiglu_limit,
+        backend=backend,
     )
 
 
@@ -83,14 +95,15 @@ def _attention(cfg: ModelConfig, i, p, h, positions, attend):
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = rope(q, positions, cfg.ropes[i]), rope(k, positions, cfg.ropes[i])
-    out = attend(i, q, k, v)  # [T, heads, D]
+    out = attend(i, q, k, v, p.get("sinks"))  # [T, heads, D]
     return _linear(out.reshape(t, cfg.num_heads * d), p["wo"], p.get("bo"))
 
 
 def forward(cfg: ModelConfig, params, tokens, positions, attend, *, valid=None, backend="auto"):
     """Hidden states ``[T, H]`` (after the final norm) of a flat batch of rows.
 
-    ``attend(layer, q, k, v) -> [T, heads, D]`` is the attention; ``valid`` (bool ``[T]``)
+    ``attend(layer, q, k, v, sinks) -> [T, heads, D]`` is the attention (``sinks``: the layer's
+    f32 ``[heads]`` sink logits, or None); ``valid`` (bool ``[T]``)
     marks real rows (padding rows are routed to no expert).
     """
     if valid is None:
@@ -143,8 +156,9 @@ def paged_forward(cfg: ModelConfig, params, caches, tokens, positions, meta, *, 
     layers = attention_layers(cfg, backend)
     caches = list(caches)
 
-    def attend(i, q, k, v):
-        out, caches[i] = layers[i](q, k, v, caches[i], meta)  # write_kv, then paged_attention
+    def attend(i, q, k, v, sinks):
+        # write_kv, then paged_attention
+        out, caches[i] = layers[i](q, k, v, caches[i], meta, sinks=sinks)
         return out
 
     valid = jnp.arange(tokens.shape[0]) < meta.cu_seqlens_q[-1]
@@ -160,7 +174,7 @@ def init_caches(cfg: ModelConfig, num_blocks: int, block_size: int, dtype) -> li
 
 
 def _dense_attend(cfg: ModelConfig):
-    def attend(i, q, k, v):
+    def attend(i, q, k, v, sinks=None):
         n = q.shape[0]
         group = cfg.num_heads // cfg.num_kv_heads
         k = jnp.repeat(k, group, axis=1).astype(jnp.float32)
@@ -173,7 +187,12 @@ def _dense_attend(cfg: ModelConfig):
         mask = pos[None, :] <= pos[:, None]
         if cfg.windows[i] is not None:
             mask &= pos[None, :] > pos[:, None] - cfg.windows[i]
-        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+        s = jnp.where(mask, s, -jnp.inf)
+        if sinks is None:
+            p = jax.nn.softmax(s, axis=-1)
+        else:  # the sink joins the denominator (a key with no value), as transformers' eager
+            sink = jnp.broadcast_to(sinks.astype(jnp.float32)[:, None, None], (*s.shape[:2], 1))
+            p = jax.nn.softmax(jnp.concatenate([s, sink], axis=-1), axis=-1)[..., :-1]
         return jnp.einsum("hqk,khd->qhd", p, v, precision="highest").astype(q.dtype)
 
     return attend
