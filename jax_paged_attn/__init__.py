@@ -3,10 +3,11 @@
 The public API (see docs/contract.md and README.md): ``KVCache``, ``write_kv``, ``copy_blocks``,
 ``gather_blocks``, ``scatter_blocks``, ``update_kv_scales``, ``AttentionMetadata``,
 ``check_metadata``, ``paged_attention``, ``paged_decode``, ``PagedAttention``, ``moe_topk``,
-``fused_moe``, ``merge_attention_states``; scale-out with ``shard_map`` in ``jax_paged_attn.sharding``.
+``fused_moe``, ``merge_attention_states``, ``cascade_attention``; scale-out with ``shard_map`` in
+``jax_paged_attn.sharding`` and ``jax_paged_attn.context_parallel``.
 """
 
-from jax_paged_attn import sharding
+from jax_paged_attn import context_parallel, sharding
 from jax_paged_attn.attention import PagedAttention, paged_attention, paged_decode
 from jax_paged_attn.backends import BACKENDS
 from jax_paged_attn.cache import (
@@ -16,6 +17,13 @@ from jax_paged_attn.cache import (
     scatter_blocks,
     update_kv_scales,
     write_kv,
+)
+from jax_paged_attn.cascade import cascade_attention, shared_prefix
+from jax_paged_attn.context_parallel import (
+    context_parallel_decode,
+    context_parallel_specs,
+    merge_states_across,
+    split_context,
 )
 from jax_paged_attn.metadata import AttentionMetadata, check_metadata, metadata_checks
 from jax_paged_attn.moe import fused_moe, moe_topk
@@ -41,6 +49,7 @@ __all__ = [
     "AttentionMetadata",
     "KVCache",
     "PagedAttention",
+    "cascade_attention",
     "check_metadata",
     "copy_blocks",
     "fused_moe",
@@ -51,6 +60,7 @@ __all__ = [
     "paged_attention",
     "paged_decode",
     "scatter_blocks",
+    "shared_prefix",
     "update_kv_scales",
     "write_kv",
     # scale-out (jax_paged_attn.sharding)
@@ -66,4 +76,10 @@ __all__ = [
     "shard_paged_decode",
     "sharding",
     "unreplicate_kv_heads",
+    # context parallelism (jax_paged_attn.context_parallel)
+    "context_parallel",
+    "context_parallel_decode",
+    "context_parallel_specs",
+    "merge_states_across",
+    "split_context",
 ]
