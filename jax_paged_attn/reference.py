@@ -7,21 +7,24 @@ once per tile, not once per row. The tiles are enumerated on the device from
 ``cu_seqlens_q`` (a prefix sum of ``ceil(n_i / q_tile)``) under a static bound, so nothing
 syncs with the host and a new batch composition does not recompile.
 
-The fused MoE sorts the (token, expert) pairs by expert and cuts each expert's run into tiles of
-``block`` rows; a loop over the tiles in use runs the two matmuls of one expert per tile. Each
-token meets only the experts it was routed to, so an expert no token selects is never read
-(NaN or Inf in its weights cannot reach an output), and the memory is the ``T * k`` routed rows
-plus one tile, never ``E x T`` (a dense-over-experts ``lax.ragged_dot`` lowering needs that).
+The fused MoE is in ``reference_moe.py`` (re-exported here): expert-sorted routed rows through
+matmuls batched over per-expert slots, memory proportional to the ``T * k`` routed rows.
 float32 matmuls run at ``Precision.HIGHEST`` (not TF32 on GPUs).
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+# The fused MoE lives in reference_moe.py, re-exported: this module is the xla backend of every
+# op (backends.TABLE), so its MoE names stay ``reference.fused_moe`` etc.
+from jax_paged_attn.reference_moe import ACTIVATIONS as ACTIVATIONS
+from jax_paged_attn.reference_moe import MOE_ACTIVATIONS as MOE_ACTIVATIONS
+from jax_paged_attn.reference_moe import fused_moe as fused_moe
+from jax_paged_attn.reference_moe import moe_glu as moe_glu
+from jax_paged_attn.reference_moe import moe_plan as moe_plan
 
 _HI = lax.Precision.HIGHEST
 
@@ -259,180 +262,3 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, k_scale, v_scale, interpre
         _write_pages(k_pages, k, k_scale, slot_mapping),
         _write_pages(v_pages, v, v_scale, slot_mapping),
     )
-
-
-ACTIVATIONS = {  # unary activations of the gate: h = act(gate) * up
-    "silu": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-}
-# Every fused_moe activation: the unary ones and gpt-oss's clamped SwiGLU.
-MOE_ACTIVATIONS = (*ACTIVATIONS, "swigluoai")
-
-
-def moe_glu(gate, up, activation: str, alpha: float, limit: float):
-    """h from the f32 gate and up halves: ``act(gate) * up``, or for ``swigluoai``
-    ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``."""
-    if activation == "swigluoai":
-        g = jnp.minimum(gate, limit)
-        return (jnp.clip(up, -limit, limit) + 1.0) * g * jax.nn.sigmoid(alpha * g)
-    return ACTIVATIONS[activation](gate) * up
-
-
-def _moe_block(num_pairs: int, num_experts: int) -> int:
-    """Rows per tile: twice the mean rows per selected expert, so most experts fit one tile
-    (their weights are read about once), a power of two in [8, 256]."""
-    mean = -(-num_pairs // max(1, min(num_experts, num_pairs)))
-    return min(256, max(8, 1 << max(0, 2 * mean - 1).bit_length()))
-
-
-def _moe_tiles(topk_ids, num_experts: int, block: int):
-    """The pairs ``s = t * k + j`` in expert order, cut into tiles of ``block`` rows of one expert.
-
-    Returns ``order`` i32[N] (pairs sorted by expert; ids outside [0, E) last), per tile
-    ``expert``, ``first`` (its first position in ``order``) and ``rows`` (i32[NT] each), and the
-    number of tiles in use (the tiles past it are never run). ``NT`` is a static bound:
-    ``sum_e ceil(n_e / block) <= ceil(N / block) + min(E, N)``.
-    """
-    num_pairs = topk_ids.size
-    flat = topk_ids.reshape(-1)
-    key = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)
-    counts = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    starts = jnp.cumsum(counts) - counts
-    tiles = (counts + block - 1) // block
-    tile_end = jnp.cumsum(tiles)
-    num_tiles = -(-num_pairs // block) + min(num_experts, num_pairs)
-    i = jnp.arange(num_tiles, dtype=jnp.int32)
-    expert = jnp.searchsorted(tile_end, i, side="right", method="compare_all").astype(jnp.int32)
-    expert = jnp.minimum(expert, num_experts - 1)
-    offset = (i - (tile_end[expert] - tiles[expert])) * block  # rank of the tile's first row
-    rows = jnp.clip(counts[expert] - offset, 0, block)
-    return order, expert, starts[expert] + offset, rows, tile_end[-1]
-
-
-def _moe_tile_fn(act, dtype):
-    """y0 = glu(xs @ Wgu + bgu) @ Wd + bd for one tile, f32 accumulation; the intermediate
-    passes through ``dtype`` as in the kernels. ``act``: (activation, alpha, limit); absent
-    biases are ``None``."""
-    precision = _HI if jnp.dtype(dtype) == jnp.float32 else None
-    dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
-
-    def tile(xs, w_gate_up, w_down, b_gate_up, b_down):
-        h = dot(xs, w_gate_up)
-        if b_gate_up is not None:
-            h = h + b_gate_up.astype(jnp.float32)
-        inter = w_down.shape[0]
-        a = moe_glu(h[:, :inter], h[:, inter:], *act)
-        y = dot(a.astype(dtype), w_down)
-        return y if b_down is None else y + b_down.astype(jnp.float32)
-
-    return tile
-
-
-def _moe_loop(x, params, topk_weights, topk_ids, act, body, init):
-    """Runs ``carry = body(carry, tile, xs, expert_params, w, rows_ok, token, pair, e)`` over
-    the tiles in use, from ``init``: ``xs`` the tile's rows of x (0 past its rows),
-    ``expert_params`` expert e's (Wgu, Wd, bgu, bd) (absent biases: None), ``w`` the rows'
-    routing weights, ``tile`` the tile's math (``_moe_tile_fn``)."""
-    num_tokens, _ = x.shape
-    num_experts = params[0].shape[0]
-    top_k = topk_ids.shape[1]
-    num_pairs = num_tokens * top_k
-    block = _moe_block(num_pairs, num_experts)
-    order, expert, first, rows, used = _moe_tiles(topk_ids, num_experts, block)
-    weights = topk_weights.reshape(-1).astype(jnp.float32)
-    tile = _moe_tile_fn(act, x.dtype)
-    r = jnp.arange(block, dtype=jnp.int32)
-
-    def step(i, carry):
-        ok = r < rows[i]
-        pair = order[jnp.minimum(first[i] + r, num_pairs - 1)]
-        token = pair // top_k
-        xs = jnp.where(ok[:, None], x[token], jnp.zeros((), x.dtype))
-        e = expert[i]
-        w = jnp.where(ok, weights[pair], 0.0)
-        expert_params = tuple(None if p is None else p[e] for p in params)
-        return body(carry, tile, xs, expert_params, w, ok, token, pair, e)
-
-    init = _varying_like((x, params[0], params[1], topk_weights), init)
-    return lax.fori_loop(0, used, step, init)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_moe(x, params, topk_weights, topk_ids, act):
-    num_tokens, hidden = x.shape
-
-    def body(out, tile, xs, expert_params, w, ok, token, pair, e):
-        y = tile(xs, *expert_params) * w[:, None]
-        return out.at[jnp.where(ok, token, num_tokens)].add(y, mode="drop")
-
-    init = jnp.zeros((num_tokens, hidden), jnp.float32)
-    out = _moe_loop(x, params, topk_weights, topk_ids, act, body, init)
-    return out.astype(x.dtype)
-
-
-def _fused_moe_fwd(x, params, topk_weights, topk_ids, act):
-    out = _fused_moe(x, params, topk_weights, topk_ids, act)
-    return out, (x, params, topk_weights, topk_ids)
-
-
-def _fused_moe_bwd(act, residuals, cotangent):
-    """The same tile loop, each tile's VJP: an expert no token selects gets a zero gradient
-    (biases included)."""
-    x, params, topk_weights, topk_ids = residuals
-    num_tokens, _ = x.shape
-    num_pairs = topk_ids.size
-    dy = jnp.asarray(cotangent, jnp.float32)
-
-    def body(grads, tile, xs, expert_params, w, ok, token, pair, e):
-        dx, dparams, dw = grads
-        y0, vjp = jax.vjp(tile, xs, *expert_params)
-        dy_rows = jnp.where(ok[:, None], dy[token], 0.0)
-        dxs, *dparams_e = vjp(dy_rows * w[:, None])
-        dx = dx.at[jnp.where(ok, token, num_tokens)].add(dxs.astype(jnp.float32), mode="drop")
-        dparams = tuple(
-            None if d is None else d.at[e].add(d_e.astype(jnp.float32))
-            for d, d_e in zip(dparams, dparams_e)
-        )
-        dw = dw.at[jnp.where(ok, pair, num_pairs)].add(jnp.sum(y0 * dy_rows, axis=1), mode="drop")
-        return dx, dparams, dw
-
-    f32 = functools.partial(jnp.zeros, dtype=jnp.float32)
-    zeros = tuple(None if p is None else f32(p.shape) for p in params)
-    init = (f32(x.shape), zeros, f32((num_pairs,)))
-    dx, dparams, dw = _moe_loop(x, params, topk_weights, topk_ids, act, body, init)
-    return (
-        dx.astype(x.dtype),
-        tuple(None if p is None else d.astype(p.dtype) for p, d in zip(params, dparams)),
-        dw.reshape(topk_weights.shape).astype(topk_weights.dtype),
-        None,
-    )
-
-
-_fused_moe.defvjp(_fused_moe_fwd, _fused_moe_bwd)
-
-
-def fused_moe(
-    x,
-    w_gate_up,
-    w_down,
-    topk_weights,
-    topk_ids,
-    *,
-    activation: str,
-    b_gate_up=None,
-    b_down=None,
-    swiglu_alpha: float = 1.702,
-    swiglu_limit: float = 7.0,
-    interpret=False,
-):
-    """Fused MoE (``interfaces.MoEKernels``): a loop over expert-sorted tiles of routed rows;
-    the biases are added to each tile's f32 accumulators."""
-    del interpret
-    if x.shape[0] == 0 or topk_ids.shape[1] == 0:
-        return jnp.zeros(x.shape, x.dtype)
-    topk_ids = topk_ids.astype(jnp.int32)
-    params = (w_gate_up, w_down, b_gate_up, b_down)
-    act = (activation, float(swiglu_alpha), float(swiglu_limit))
-    return _fused_moe(x, params, topk_weights, topk_ids, act)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jax_paged_attn as jpa
+from jax_paged_attn import reference
 from jax_paged_attn.testing import TOLERANCE, assert_close, oracle
 from tests.conftest import run_kw, suite_dtype
 
@@ -115,17 +116,163 @@ def _matmuls(jaxpr):
                     yield from _matmuls(inner)
 
 
-def test_xla_path_is_grouped_not_dense():
-    # The xla backend must not run every expert on every token: each matmul multiplies routed
-    # rows by one expert's weight matrix (2-D), never the stacked [E, ...] weights.
-    x = jnp.ones((16, 32))
-    wgu = jnp.ones((5, 32, 48))
-    wd = jnp.ones((5, 24, 32))
-    w, ids = jpa.moe_topk(jnp.ones((16, 5)), 2)
+def _xla_matmuls(tokens, experts, top_k, hidden, inter):
+    x = jnp.ones((tokens, hidden))
+    wgu = jnp.ones((experts, hidden, 2 * inter))
+    wd = jnp.ones((experts, inter, hidden))
+    w, ids = jpa.moe_topk(jnp.ones((tokens, experts)), top_k)
     jaxpr = jax.make_jaxpr(lambda *a: jpa.fused_moe(*a, backend="xla"))(x, wgu, wd, w, ids)
     matmuls = list(_matmuls(jaxpr.jaxpr))
     assert {name for name, _ in matmuls} == {"dot_general"}, matmuls
-    assert {shapes[1] for _, shapes in matmuls} == {(32, 48), (24, 32)}, matmuls
+    return [shapes for _, shapes in matmuls]
+
+
+def test_xla_path_is_grouped_not_dense():
+    # The xla backend never runs every expert on every token. Its batched matmuls hold the
+    # routed rows in per-expert slots: E x C rows, C about the mean rows per expert plus four
+    # standard deviations (here E x C = 2.5 T k, where E x T would be 32 T k); its tile loop
+    # (the pairs past an expert's slots) multiplies a tile by one expert's 2-D weights.
+    tokens, experts, top_k, hidden, inter = 512, 64, 2, 32, 24
+    matmuls = _xla_matmuls(tokens, experts, top_k, hidden, inter)
+    batched = [s for s in matmuls if len(s[1]) == 3]
+    tiles = [s for s in matmuls if len(s[1]) == 2]
+    assert {rhs for _, rhs in batched} == {(experts, hidden, 2 * inter), (experts, inter, hidden)}
+    assert all(lhs[0] * lhs[1] <= 3 * tokens * top_k for lhs, _ in batched), batched
+    assert {rhs for _, rhs in tiles} == {(hidden, 2 * inter), (inter, hidden)}, tiles
+    # Fewer pairs than a quarter of the experts (decode over many experts): the tile loop
+    # alone, so only the selected experts' weights are read.
+    matmuls = _xla_matmuls(3, experts, top_k, hidden, inter)
+    assert {rhs for _, rhs in matmuls} == {(hidden, 2 * inter), (inter, hidden)}, matmuls
+
+
+def _skewed_ids(rng, num_tokens, num_experts, top_k):
+    """Most tokens on experts 0 and 1 (far past their capacity), the rest spread; distinct
+    experts per token; some ids of other devices."""
+    ids = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)])
+    hot = rng.random(num_tokens) < 0.9
+    ids[hot, 0] = 0
+    ids[hot, 1] = 1
+    for t in np.nonzero(hot)[0]:
+        rest = [e for e in rng.permutation(num_experts) if e not in (0, 1)]
+        ids[t, 2:] = rest[: top_k - 2]
+    ids[::11, -1] = num_experts + 1
+    ids[3::13, 0] = -1
+    return ids.astype(np.int32)
+
+
+@pytest.mark.parametrize("path", ["auto", "capacity", "loop"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_moe_skewed_routing(rng, path, dtype):
+    # Pairs past an expert's capacity go through the tile loop: same result as every form.
+    num_tokens, num_experts, top_k = 160, 8, 3
+    x, wgu, wd, w, _, _ = _moe_inputs(rng, num_tokens, num_experts, top_k, 64, 48, dtype)
+    ids = _skewed_ids(rng, num_tokens, num_experts, top_k)
+    plan = reference.moe_plan(num_tokens, top_k, num_experts)
+    assert plan.form == "capacity" and plan.overflow
+    assert np.sum(ids == 0) > plan.capacity + 16  # the loop has work
+    want = oracle.fused_moe(
+        np.asarray(x, np.float64),
+        np.asarray(wgu.astype(jnp.float32)),
+        np.asarray(wd.astype(jnp.float32)),
+        np.asarray(w),
+        ids,
+    )
+    fn = jax.jit(lambda *a: reference.fused_moe(*a, activation="silu", path=path))
+    out = fn(x, wgu, wd, w, jnp.asarray(ids))
+    assert_close(out, want, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16, what=path)
+
+
+@pytest.mark.parametrize("path", ["capacity", "loop"])
+def test_xla_moe_gradients_skewed_routing(rng, path):
+    # Gradients of both forms, overflow tiles included, against JAX's own autodiff of the
+    # dense computation (every expert on every token, masked by the routing).
+    num_tokens, num_experts, top_k = 40, 8, 3
+    args = _gpt_oss_case(rng, num_tokens, num_experts, top_k, jnp.float32, True, 32, 16)
+    x, wgu, wd, w, _, b_gu, b_d = args
+    ids = jnp.asarray(_skewed_ids(rng, num_tokens, num_experts, top_k))
+    cot = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def api(x, wgu, wd, w, b_gu, b_d):
+        return reference.fused_moe(
+            x, wgu, wd, w, ids, activation="swigluoai", b_gate_up=b_gu, b_down=b_d, path=path
+        )
+
+    def dense(x, wgu, wd, w, b_gu, b_d):
+        return _dense_moe(x, wgu, wd, w, ids, b_gu, b_d)
+
+    def grads(fn):
+        loss = lambda *a: jnp.sum(fn(*a) * cot)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(x, wgu, wd, w, b_gu, b_d)
+
+    for name, g, v in zip(("x", "wgu", "wd", "w", "b_gu", "b_d"), grads(api), grads(dense)):
+        assert g.shape == v.shape and g.dtype == v.dtype, name
+        scale = float(jnp.abs(v).max())
+        np.testing.assert_allclose(np.asarray(g), np.asarray(v), atol=1e-4 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("path", ["capacity", "loop"])
+def test_xla_moe_unselected_nan_experts_get_zero_gradients(rng, path):
+    num_tokens, num_experts, top_k, bad = 30, 8, 2, (2, 5)
+    args = _gpt_oss_case(rng, num_tokens, num_experts, top_k, jnp.float32, True, 32, 16)
+    x, wgu, wd, w, ids, b_gu, b_d = args
+    ids = jnp.where(jnp.isin(ids, jnp.asarray(bad)), 0, ids)
+    poison = jnp.isin(jnp.arange(num_experts), jnp.asarray(bad))
+    cot = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def grads(wgu, wd, b_gu):
+        def loss(x, wgu, wd, w, b_gu, b_d):
+            y = reference.fused_moe(
+                x, wgu, wd, w, ids, activation="swigluoai", b_gate_up=b_gu, b_down=b_d, path=path
+            )
+            return jnp.sum(y * cot)
+
+        return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(x, wgu, wd, w, b_gu, b_d)
+
+    clean = grads(wgu, wd, b_gu)
+    nan = grads(
+        jnp.where(poison[:, None, None], jnp.nan, wgu),
+        jnp.where(poison[:, None, None], jnp.inf, wd),
+        jnp.where(poison[:, None], jnp.nan, b_gu),
+    )
+    for name, g, v in zip(("x", "wgu", "wd", "w", "b_gu", "b_d"), nan, clean):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(v), err_msg=name)
+    for g in nan[1], nan[2], nan[4], nan[5]:
+        assert np.all(np.asarray(g)[np.asarray(poison)] == 0)
+
+
+def test_xla_moe_memory_scales_with_routed_rows():
+    # Compiled temporaries (the gradient's too) grow with the T * k routed rows and the weights,
+    # not with E x T: 16x more experts at the same routed rows cost < 2x (a dense-over-experts
+    # form would cost 16x), and the forward stays within 2.5x of the routed rows' f32 bytes.
+    sds = jax.ShapeDtypeStruct
+    hidden, inter, top_k = 64, 32, 8
+
+    def temps(tokens, experts):
+        args = (
+            sds((tokens, hidden), jnp.bfloat16),
+            sds((experts, hidden, 2 * inter), jnp.bfloat16),
+            sds((experts, inter, hidden), jnp.bfloat16),
+            sds((tokens, top_k), jnp.float32),
+        )
+        ids = sds((tokens, top_k), jnp.int32)
+
+        def f(x, wgu, wd, w, ids):
+            return reference.fused_moe(x, wgu, wd, w, ids, activation="silu")
+
+        def g(x, wgu, wd, w, ids):
+            loss = lambda *a: jnp.sum(f(*a, ids).astype(jnp.float32))  # noqa: E731
+            return jax.grad(loss, argnums=(0, 1, 2, 3))(x, wgu, wd, w)
+
+        return [
+            jax.jit(fn).lower(*args, ids).compile().memory_analysis().temp_size_in_bytes
+            for fn in (f, g)
+        ]
+
+    routed = 4096 * top_k * (hidden + 2 * inter) * 4
+    few, many = temps(4096, 64), temps(4096, 1024)
+    assert many[0] < 2 * few[0] and many[0] < 2.5 * routed, (few, many)
+    weights_f32 = 1024 * 3 * hidden * inter * 4
+    assert many[1] < 2 * few[1] + 2 * weights_f32, (few, many)
 
 
 def test_tolerance_table_covers_dtypes():
