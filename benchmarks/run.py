@@ -3,6 +3,7 @@
     python -m benchmarks.run [--only decode,prefill,sweep,moe,kv_write,ceilings]
                              [--backends xla,triton,mosaic] [--quick] [--json PATH]
                              [--budget-s SECONDS] [--iters N] [--no-peers] [--no-torch]
+    python -m benchmarks.run --only moe_zoo   # the MoE model zoo, not in the default run
 
 What it does, in order (``ceilings`` always first unless ``--skip-ceilings``):
 - ceilings (``benchmarks/ceilings.py``): device copy (XLA ``x * 1.5``; torch ``copy_`` if
@@ -67,6 +68,7 @@ GROUP_BENCH = {
     "prefill": lambda ctx, shape: bench_attention(ctx, shape, "prefill"),
     "sweep": lambda ctx, shape: bench_attention(ctx, shape, "sweep"),
     "moe": lambda ctx, shape: bench_moe(ctx, shape),
+    "moe_zoo": lambda ctx, shape: bench_moe(ctx, shape, zoo=True),
     "kv_write": lambda ctx, shape: bench_kv_write(ctx, shape),
 }
 
@@ -78,7 +80,9 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(
-        "--only", default=",".join(S.GROUPS), help=f"comma-separated groups of {S.GROUPS}"
+        "--only",
+        default=",".join(S.DEFAULT_GROUPS),
+        help=f"comma-separated groups of {S.GROUPS} (default: all but moe_zoo)",
     )
     ap.add_argument("--backends", default=",".join(DEFAULT_BACKENDS))
     ap.add_argument(
@@ -228,6 +232,15 @@ def main(argv=None) -> int:
             ctx.log(f"wrote {png}")
         except Exception as e:
             ctx.log(f"plot skipped: {err_line(e)}")
+        if "moe_zoo" in args.only:  # its own plot: benchmarks/moe_plot.py
+            png = os.path.splitext(png)[0] + "_moe.png"
+            try:
+                from benchmarks import moe_plot
+
+                moe_plot.render(args.json, png)
+                ctx.log(f"wrote {png}")
+            except Exception as e:
+                ctx.log(f"MoE plot skipped: {err_line(e)}")
     return 0
 
 

@@ -149,6 +149,8 @@ class MoEShape:
     activation: str = "silu"
     decode: bool = False  # decode-shaped: judged by TB/s of expert weights touched
     model: str = ""
+    bias: bool = False  # expert biases b_gate_up [E, 2I] and b_down [E, Hd] (gpt-oss)
+    label: str = ""  # short model name for plots ("DeepSeek-V3")
 
     @property
     def flops(self) -> int:
@@ -269,6 +271,52 @@ MOE_SMALL_EXPERTS = MoEShape(
     model="DeepSeek-V2-Lite routed experts, 4096 tokens",
 )
 
+# The MoE model zoo (``--only moe_zoo``): the routed experts of real models, each at 4096 and
+# 512 tokens (TFLOP/s) and at 64 decode tokens (TB/s of the expert weights touched).
+# name: (label, experts, top-k, hidden, intermediate, activation, expert biases)
+MOE_MODELS = {
+    "mixtral": ("Mixtral-8x7B", 8, 2, 4096, 14336, "silu", False),
+    "qwen3_30b_a3b": ("Qwen3-30B-A3B", 128, 8, 2048, 768, "silu", False),
+    "qwen3_235b_a22b": ("Qwen3-235B-A22B", 128, 8, 4096, 1536, "silu", False),
+    "gpt_oss_120b": ("gpt-oss-120b", 128, 4, 2880, 2880, "swigluoai", True),
+    "deepseek_v3": ("DeepSeek-V3", 256, 8, 7168, 2048, "silu", False),
+    "llama4_scout": ("Llama-4-Scout", 16, 1, 5120, 8192, "silu", False),
+    "llama4_maverick": ("Llama-4-Maverick", 128, 1, 5120, 8192, "silu", False),
+}
+ZOO_TOKENS = (4096, 512, 64)
+DECODE_TOKENS = 64  # this many tokens or fewer: decode-shaped (TB/s)
+
+
+def moe_model_shape(model: str, num_tokens: int, *, tiny: bool = False) -> MoEShape:
+    """The zoo shape of ``model`` (a :data:`MOE_MODELS` key) at ``num_tokens``; ``tiny``: the
+    same routing (experts, top-k, activation, biases) with CPU-sized matrices."""
+    label, experts, top_k, hidden, inter, activation, bias = MOE_MODELS[model]
+    if tiny:
+        experts, hidden, inter = min(experts, 16), 64, 32
+    return MoEShape(
+        f"{'tiny_' if tiny else ''}zoo_{model}_{num_tokens}",
+        num_tokens=num_tokens,
+        num_experts=experts,
+        top_k=top_k,
+        hidden=hidden,
+        inter=inter,
+        activation=activation,
+        decode=num_tokens <= (4 if tiny else DECODE_TOKENS),
+        model=f"{label} routed experts, {num_tokens} tokens",
+        bias=bias,
+        label=label,
+    )
+
+
+def moe_zoo(tiny: bool = False) -> tuple[MoEShape, ...]:
+    """Every model of :data:`MOE_MODELS` at each of :data:`ZOO_TOKENS` (model-major);
+    ``tiny``: three CPU-sized twins (many experts, gpt-oss's biased SwiGLU, top-1 decode)."""
+    if tiny:
+        picks = (("qwen3_30b_a3b", 32), ("gpt_oss_120b", 16), ("llama4_maverick", 4))
+        return tuple(moe_model_shape(m, t, tiny=True) for m, t in picks)
+    return tuple(moe_model_shape(m, t) for m in MOE_MODELS for t in ZOO_TOKENS)
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU-sized twins: same structure (GQA, partial last page, mixed batch, ragged routing).
 
@@ -293,7 +341,9 @@ TINY_MOE_SMALL = MoEShape(
     "tiny_moe_small_experts", num_tokens=16, num_experts=8, top_k=3, hidden=64, inter=64
 )
 
-GROUPS = ("ceilings", "decode", "prefill", "sweep", "moe", "kv_write")
+GROUPS = ("ceilings", "decode", "prefill", "sweep", "moe", "kv_write", "moe_zoo")
+# What ``benchmarks.run`` runs without ``--only``: every group but the MoE zoo (21 shapes).
+DEFAULT_GROUPS = tuple(g for g in GROUPS if g != "moe_zoo")
 
 
 def suite(tiny: bool = False) -> dict[str, tuple]:
@@ -306,6 +356,7 @@ def suite(tiny: bool = False) -> dict[str, tuple]:
             "sweep": TINY_PREFILL_SWEEP,
             "moe": (TINY_MOE, TINY_MOE_DECODE, TINY_MOE_SMALL),
             "kv_write": (TINY_KV_WRITE,),
+            "moe_zoo": moe_zoo(tiny=True),
         }
     return {
         "ceilings": (),
@@ -314,6 +365,7 @@ def suite(tiny: bool = False) -> dict[str, tuple]:
         "sweep": PREFILL_SWEEP,
         "moe": (MOE_MIXTRAL, MOE_MIXTRAL_DECODE, MOE_SMALL_EXPERTS),
         "kv_write": (KV_WRITE,),
+        "moe_zoo": moe_zoo(),
     }
 
 
