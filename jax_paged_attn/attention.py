@@ -88,7 +88,7 @@ def _run(
         kw.update(extra, interpret=interpret)
         if kind == "decode":
             return impl.paged_decode(q, k, v, tables, lens, **kw)
-        if decode_impl is not None:
+        if decode_impl is not None and impl is not xla:  # not the xla backward pass
             return serving_step(
                 impl.paged_attention, decode_impl.paged_decode, q, k, v, tables, lens, cu, **kw
             )
