@@ -102,7 +102,7 @@ def render(json_path: str, png_path: str) -> str:
             ax.text(len(panel["models"]) - 0.5, ceil, f"{kind} ceiling {ceil:.3g} {metric}",
                     ha="right", va="bottom", fontsize=8)  # fmt: skip
             top = max(top, ceil)
-        ax.set_ylim(0, 1.12 * top if top else 1)
+        ax.set_ylim(0, 1.3 * top if top else 1)
         ax.set_xlim(-0.5, len(panel["models"]) - 0.5)
         ax.set_xticks(range(len(panel["models"])))
         ax.set_xticklabels(panel["models"], fontsize=9)
