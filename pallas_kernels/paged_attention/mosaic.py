@@ -577,13 +577,8 @@ def paged_attention(
         args.append(alibi_slopes.astype(jnp.float32))
     if sinks is not None:
         args.append(sinks.astype(jnp.float32))
+    # One item per CTA by default: persistent CTAs measured 4-8% slower here (NOTES.md).
     items = num_items(st, info.shape[0])
-    if num_ctas is None and info.shape[0] > 2 * -(-num_rows // BLOCK_Q):
-        # Most of the static tile bound is slack for many short sequences (a serving step's
-        # decode rows): persistent CTAs stop at the real tiles, where one CTA per item would
-        # launch thousands that do nothing (~100 us per step, NOTES.md Session 6).
-        num_ctas = num_sms() * ctas_per_sm(st.bs, head_dim, q.dtype, False)
-    # Else one item per CTA: persistent CTAs measured 4-8% slower on long prefill (NOTES.md).
     st = dataclasses.replace(st, num_ctas=int(min(num_ctas or items, items)), lse=return_lse)
     out_type = jax.ShapeDtypeStruct(qp.shape, q.dtype)
     if return_lse:

@@ -131,13 +131,9 @@ def for_each_item(st: Static, info_ref, body, with_next=False):
         if st.num_ctas == items:  # one item per CTA: straight-line code, the hardware schedules
             it = make(st, info_ref, cta)
             return body(it, 0) if not with_next else body(0, it, None, False, 0)
-        if not st.decode:  # persistent prefill: only the real tiles (they come first)
-            items = jnp.minimum(info_ref[0, Info.NUM_REAL] * (items // info_ref.shape[0]), items)
-        rounds = idiv(items + st.num_ctas - 1, st.num_ctas)
-        odd = irem(rounds - 1, 2) == 1
-        last_pos = jnp.where(odd, st.num_ctas - 1 - cta, cta)
+        rounds = -(-items // st.num_ctas)
+        last_pos = cta if (rounds - 1) % 2 == 0 else st.num_ctas - 1 - cta
         count = (rounds - 1) + (last_pos < items - (rounds - 1) * st.num_ctas).astype(jnp.int32)
-        count = jnp.maximum(count, 0)
 
         def item(j):
             pos = jnp.where(irem(j, 2) == 0, cta, st.num_ctas - 1 - cta)

@@ -225,12 +225,10 @@ class Info:
     """Columns of a prefill tile's row in the plan (``plan_tiles``)."""
 
     SEQ, LEN, ROW0, LO, HI, POS0, BEGIN, END, FULL_LO, FULL_HI, KV_END = range(11)
-    NUM_REAL = 11  # the same in every row: how many tiles (from the first) are real
 
 
 def plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv, max_context=None):
-    """i32[NT, 12]: the 64-row query tiles of every sequence, heaviest first, then the spare
-    ones (``Info.NUM_REAL``: how many are real; persistent CTAs stop there).
+    """i32[NT, 11]: the 64-row query tiles of every sequence (heaviest first).
 
     Tile rows are q rows [row0, row0 + 64) with valid rows [row0 + lo, row0 + hi); row r sits
     at position pos0 + r. row0 is a multiple of 8 (a TMA into the (8, 64)-tiled q buffer must
@@ -269,11 +267,8 @@ def plan_tiles(cu_seqlens_q, context_lens, num_rows, window, block_kv, max_conte
     pos0 = kv_len - n[seg] + (row0 - cu[seg])
     steps = kv_steps(pos0 + lo, pos0 + hi - 1, kv_len, window, block_kv)
     seq = jnp.clip(seg - 1, 0, num_seqs - 1)  # the pseudo-sequences read no page (L = 0)
-    n_real = jnp.minimum(tile_end[-1], num_tiles)
-    cols = [seq, kv_len, row0, lo, hi, pos0, *steps, jnp.broadcast_to(n_real, b.shape)]
-    info = jnp.stack(cols, axis=1).astype(jnp.int32)
-    # Causal: the longest KV loops (a sequence's last tiles) start first; spare tiles last.
-    return info[jnp.where(b < n_real, n_real - 1 - b, b)]
+    info = jnp.stack([seq, kv_len, row0, lo, hi, pos0, *steps], axis=1).astype(jnp.int32)
+    return info[::-1]  # causal: the longest KV loops start first
 
 
 def decode_rows(seq, kv_head, num_kv_heads, num_groups, q_rows):
