@@ -33,6 +33,12 @@ experts, top-8), cut to ``--layers`` layers, bfloat16 random weights
 
 Every step computes ``--token-budget`` rows, padding included: ``row_utilization`` says which
 share of them were real tokens (decode-only steps of 64 requests use 64 of the budget).
+
+Cross-checks in the JSON: each replay's wall time (``wall_ms``; device time is below it), the
+KV bytes a step's attention must read (``kv_read_mb``) and the bandwidth that implies
+(``attention_kv_tb_s``: above any HBM, the trace missed kernels, and the report warns), and on
+a GPU the longest kernels of one step of each kind (``top_kernels_step``,
+``top_kernels_attention``).
 """
 
 from __future__ import annotations
@@ -137,6 +143,7 @@ SMOKE_DIMS = dict(
     sliding_window=8,
 )
 DEFAULT_CONFIGS = ("llama3-8b", "gpt-oss-20b")
+HBM_TB_S = 8.0  # above every GPU's memory bandwidth (H200: 4.8 TB/s; B200: 8)
 
 
 def model_config(name: str, layers: int, smoke: bool = False) -> models.ModelConfig:
@@ -173,6 +180,19 @@ def _kind(batch) -> str:
     return "mixed" if (q_lens > 1).any() else "decode"
 
 
+def kv_bytes(cfg, batch, itemsize: int) -> int:
+    """Bytes of K and V the step's attention must read at least: per layer and sequence, its
+    context (a window's worth plus the chunk on sliding layers)."""
+    lens = np.asarray(batch["meta"].context_lens, np.int64)
+    q_lens = np.diff(np.asarray(batch["meta"].cu_seqlens_q, np.int64))
+    row = 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+    total = 0
+    for w in cfg.windows:
+        seen = lens if w is None else np.minimum(lens, w + q_lens - 1)
+        total += int(np.sum(np.where(q_lens > 0, seen, 0))) * row
+    return total
+
+
 def _attention_only(cfg, params, backend):
     """write_kv + paged_attention of every layer on the step's metadata."""
     layers = M.attention_layers(cfg, backend)
@@ -201,17 +221,24 @@ def _mlp_only(cfg, backend):
     return jax.jit(run)
 
 
-def _replay_time(fn, arg_sets) -> tuple[float, str]:
-    """Seconds per call over ``arg_sets`` (one call each, ``fn`` warm): device busy time on a
-    GPU, else the wall time of the calls (each synced)."""
-    if timing.on_gpu():
-        dev = timing.jax_device_time(fn, arg_sets, len(arg_sets))
-        if dev is not None:
-            return dev, "device"
+def _wall_time(fn, arg_sets) -> float:
+    """Seconds per call over ``arg_sets``, each call synced (host dispatch included)."""
     start = time.perf_counter()
     for args in arg_sets:
         jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - start) / len(arg_sets), "wall"
+    return (time.perf_counter() - start) / len(arg_sets)
+
+
+def _replay_time(fn, arg_sets) -> tuple[float, float, str]:
+    """(seconds per call, wall seconds per call, how) over ``arg_sets`` (one call each, ``fn``
+    warm): device busy time on a GPU, else the wall time. The wall time (each call synced) is a
+    cross-check: device time can only be below it."""
+    wall = _wall_time(fn, arg_sets)
+    if timing.on_gpu():
+        dev = timing.jax_device_time(fn, arg_sets, len(arg_sets))
+        if dev is not None:
+            return dev, wall, "device"
+    return wall, wall, "wall"
 
 
 def breakdown(engine: _RecordingEngine, backend: str, seed: int = 0) -> dict:
@@ -247,12 +274,26 @@ def breakdown(engine: _RecordingEngine, backend: str, seed: int = 0) -> dict:
         sets = [(b,) for b, kk in zip(batches, kinds) if kk == kind]
         if not sets:
             continue
-        per = {}
+        per, wall = {}, {}
         for part, fn in (("step", step), ("attention", attention), ("mlp", moe)):
-            per[part], timed = _replay_time(fn, sets)
+            per[part], wall[part], timed = _replay_time(fn, sets)
             how.add(timed)
         per["rest"] = per["step"] - per["attention"] - per["mlp"]
         out[kind] = dict(steps=len(sets), **{f"{p}_ms": round(s * 1e3, 4) for p, s in per.items()})
+        out[kind]["wall_ms"] = {p: round(s * 1e3, 4) for p, s in wall.items()}
+        # a sanity floor: attention reads at least this much KV; above the memory bandwidth,
+        # the trace missed kernels
+        size = jnp.dtype(engine.caches[0].k.dtype).itemsize
+        kv = np.mean([kv_bytes(cfg, b, size) for b, kk in zip(engine.batches, kinds) if kk == kind])
+        out[kind]["kv_read_mb"] = round(kv / 1e6, 2)
+        out[kind]["attention_kv_tb_s"] = round(kv / max(per["attention"], 1e-12) / 1e12, 3)
+        if timing.on_gpu():  # the kernels of one step of this kind (its middle one), longest first
+            mid = sets[len(sets) // 2]
+            for part, fn in (("step", step), ("attention", attention)):
+                top = timing.kernel_breakdown(fn, *mid, calls=3)[:8]
+                out[kind][f"top_kernels_{part}"] = [
+                    dict(us=round(us, 2), launches=n, name=name[:80]) for us, n, name in top
+                ]
     engine.caches = state["caches"]
     total = {
         part: sum(
@@ -354,8 +395,17 @@ def report(res: dict) -> str:
             r = b[kind]
             lines.append(
                 f"    {kind:>6} x{r['steps']:<4}        {r['step_ms']:8.3f} ms {r['attention_ms']:8.3f}"
-                f"  {r['mlp_ms']:8.3f}  {r['rest_ms']:8.3f}"
+                f"  {r['mlp_ms']:8.3f}  {r['rest_ms']:8.3f}   (attention reads "
+                f"{r['kv_read_mb']:.0f} MB of KV: {r['attention_kv_tb_s']:.2f} TB/s; replay wall "
+                f"{r['wall_ms']['step']:.3f} / {r['wall_ms']['attention']:.3f} / "
+                f"{r['wall_ms']['mlp']:.3f} ms)"
             )
+            if r["attention_kv_tb_s"] > HBM_TB_S:
+                lines.append(
+                    f"    warning: {r['attention_kv_tb_s']:.0f} TB/s is above any HBM: the "
+                    "trace missed attention kernels (if XLA ran them as CUDA graphs, "
+                    "XLA_FLAGS=--xla_gpu_enable_command_buffer= traces each launch)"
+                )
     tot = b["total_s"]
     share = {p: 100 * tot[p] / loop["wall_s"] for p in tot}
     lines.append(

@@ -144,6 +144,7 @@ FAMILIES = {
         ),
     ),
 }
+GATE_UP_BIAS = 3.0  # gpt-oss: std of the experts' gate/up biases (past the clamp at times)
 SHARDED = "llama"
 FUSED = "qwen3_moe"  # saved with transformers 5's fused expert tensors (the others: per expert)
 REPO_FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "models"
@@ -184,8 +185,10 @@ def init_weights(torch, model, seed: int, gemma: bool, gpt_oss: bool = False):
             elif name.endswith("sinks"):  # gpt-oss: sink logits on the scale of q.k logits
                 value = noise
             elif gpt_oss and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                # [E, in, out]; gate/up x4 so that swigluoai's clamp at 7 is reached at times
-                value = noise / math.sqrt(p.shape[-2]) * (4.0 if "gate_up" in name else 1.0)
+                value = noise / math.sqrt(p.shape[-2])  # [E, in, out]: the input is dim -2
+            elif gpt_oss and name.endswith("experts.gate_up_proj_bias"):
+                # wide: some gate/up columns sit past swigluoai's clamp at 7 (and -7 for up)
+                value = GATE_UP_BIAS * noise
             elif name.endswith("bias") or p.ndim == 1:
                 value = 0.1 * noise
             elif "embed_tokens" in name:

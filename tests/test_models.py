@@ -18,6 +18,7 @@ import json
 import math
 import pathlib
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ from jax_paged_attn.models import (  # noqa: E402
     dense_logits,
     load_model,
 )
+from jax_paged_attn.models import model as M  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "models"
 TOLERANCE = 1e-4  # max |ours - reference| / max |reference| of the logits, float32
@@ -189,12 +191,13 @@ def hf_tensors(hf: dict, rng, *, fused_experts=False) -> dict:
         up = [mat(n, h) for _ in range(e)]
         down = [mat(h, n) for _ in range(e)]
         router = mat(e, h)
-        if fam.moe == "gpt_oss":  # [E, in, out], gate/up interleaved, biases; gate x3: clamps
+        if fam.moe == "gpt_oss":  # [E, in, out], gate/up interleaved, biases
             x = "mlp.experts."
             t[f"{pre}mlp.router.weight"], t[f"{pre}mlp.router.bias"] = router, vec(e)
             gate_t, up_t = (np.stack(w).swapaxes(1, 2) for w in (gate, up))  # [E, H, I]
-            t[f"{pre}{x}gate_up_proj"] = interleave(3 * gate_t, up_t)
-            t[f"{pre}{x}gate_up_proj_bias"] = interleave(vec((e, n)), vec((e, n)))
+            t[f"{pre}{x}gate_up_proj"] = interleave(gate_t, up_t)
+            wide = (3 * rng.standard_normal((e, 2 * n))).astype(np.float32)  # some past the clamp
+            t[f"{pre}{x}gate_up_proj_bias"] = wide
             t[f"{pre}{x}down_proj"] = np.ascontiguousarray(np.stack(down).swapaxes(1, 2))
             t[f"{pre}{x}down_proj_bias"] = vec((e, h))
             continue
@@ -296,22 +299,58 @@ def margin(logits) -> float:
     return float((top2[1] - top2[0]) / np.max(np.abs(logits)))
 
 
-def check_bf16_against(req, tokens, logits, *, tolerance=BF16_TOLERANCE):
+def router_ties(model, tokens, *, gap=BF16_TOLERANCE) -> set[int]:
+    """Positions where some MoE layer's router (the float32 ``model``, an eager dense forward)
+    ranks its k-th and (k+1)-th experts within ``gap`` of the token's largest |router logit|:
+    bfloat16 noise may pick the other expert there, which moves that token's logits by far more
+    than the rounding does (a different expert, not a rounding error)."""
+    cfg = model.config
+    if not any(cfg.moe_layers):
+        return set()
+    logits, moe = [], M._moe
+
+    def spy(cfg, p, h, valid, backend):
+        logits.append(np.asarray(M._linear(h, p["router"], p.get("router_bias")), np.float32))
+        return moe(cfg, p, h, valid, backend)
+
+    with mock.patch.object(M, "_moe", spy), jax.disable_jit():
+        positions = jnp.arange(len(tokens))
+        M.forward(cfg, model.params, jnp.asarray(tokens), positions, M._dense_attend(cfg))
+    ties = set()
+    for r in logits:  # [L, E]
+        top = np.sort(r, axis=-1)[:, ::-1]
+        near = (top[:, cfg.top_k - 1] - top[:, cfg.top_k]) < gap * np.max(np.abs(r), axis=-1)
+        ties |= set(np.nonzero(near)[0].tolist())
+    return ties
+
+
+def check_bf16_against(req, tokens, logits, *, ties=(), tolerance=BF16_TOLERANCE):
     """A bfloat16 run against float32 references ``tokens`` (greedy) and ``logits`` (over the
-    prompt + those tokens): tokens equal up to the first step whose reference margin is under
-    ``2 * tolerance`` (after it they may differ), and logits within ``tolerance`` as long as
-    the sequence is the reference's."""
+    prompt + those tokens). Tokens are equal up to the first step whose token may legitimately
+    differ: its reference top-two margin is under ``2 * tolerance``, or its position is a
+    router tie (``router_ties``). Logits are within ``tolerance`` while the sequence is the
+    reference's, router-tie positions excepted."""
     n = len(req.prompt)
     agree = next((j for j, t in enumerate(tokens) if req.output[j] != t), len(tokens))
     close = next(
-        (j for j in range(len(tokens)) if margin(logits[n - 1 + j]) <= 2 * tolerance), None
+        (
+            j
+            for j in range(len(tokens))
+            if margin(logits[n - 1 + j]) <= 2 * tolerance or n - 1 + j in ties
+        ),
+        None,
     )
     if close is None or agree < close:
         assert agree == len(tokens), (
             f"request {req.request_id}: token {agree} is {req.output[agree]}, reference "
             f"{tokens[agree]} (reference margin {margin(logits[n - 1 + agree]):.1e})"
         )
-    check_logits(req, logits, tolerance=tolerance, upto=n + agree)
+    positions = sorted(req.logits)
+    assert positions == list(range(req.cached_tokens, len(req.tokens) - 1))
+    kept = [p for p in positions if p < n + agree and p not in ties]
+    got, ref = np.stack([req.logits[p] for p in kept]), logits[kept]
+    err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+    assert err <= tolerance, f"request {req.request_id}: relative logit error {err:.2e}"
     return agree
 
 
@@ -453,13 +492,17 @@ def test_transformers_parity(path):
 def test_transformers_parity_bf16_on_gpu(path):
     """bfloat16 weights on the GPU (backend auto: kernels where they take the shapes, here the
     MoE kernels; head_dim 16 is below the attention kernels' 64) against transformers' float32
-    fixture: logits within 2e-2, greedy tokens equal wherever the fixture's margin allows."""
+    fixture: logits within 2e-2, greedy tokens equal wherever the fixture's margin allows (MoE:
+    except where the router has a near-tie, found with our float32 model, which matches the
+    fixture to 1e-4)."""
     expected, prompts, max_new = _fixture(path)
-    model = load_model(path, dtype="bfloat16")
+    model, f32 = load_model(path, dtype="bfloat16"), load_model(path)
     assert model.params["embed"].dtype == jnp.bfloat16
     reqs = run_scenario(model, prompts, max_new=max_new, backend="auto")
     for i, req in enumerate(reqs):
-        check_bf16_against(req, expected[f"greedy_{i}"].tolist(), expected[f"logits_{i}"])
+        tokens = expected[f"greedy_{i}"].tolist()
+        ties = router_ties(f32, req.prompt + tokens)
+        check_bf16_against(req, tokens, expected[f"logits_{i}"], ties=ties)
 
 
 def test_fixture_families_cover_the_supported_architectures():
@@ -589,12 +632,11 @@ def test_gpt_oss_bf16_on_gpu_kernels(tmp_path):
     prompts = prompts_for(128, block_size=16)
     reqs = run_scenario(bf16, prompts, backend="auto", block_size=16)
     for req in reqs:
-        n = len(req.prompt)
-        ref_tokens, seq = [], list(req.prompt)
+        n, seq = len(req.prompt), list(req.prompt)
         for _ in range(MAX_NEW):  # the float32 greedy continuation, by dense forwards
             seq.append(int(np.argmax(np.asarray(dense_logits(f32, seq))[-1])))
-        ref_tokens = seq[n:]
-        check_bf16_against(req, ref_tokens, np.asarray(dense_logits(f32, seq)))
+        ties = router_ties(f32, seq)
+        check_bf16_against(req, seq[n:], np.asarray(dense_logits(f32, seq)), ties=ties)
 
 
 # -- errors -------------------------------------------------------------------------------
