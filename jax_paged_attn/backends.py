@@ -78,10 +78,12 @@ TABLE: Mapping[str, Backend] = types.MappingProxyType({
 #   triton 3.008, 8x32768: mosaic 2.98, triton 2.97 (parity within 0.5% both ways across runs,
 #   so triton, which also reads float8 caches, stays first);  KV write 64k tokens: triton
 #   2.82 TB/s, XLA scatter 0.45;  MoE Mixtral: triton 542 TFLOP/s, mosaic 550 (parity);
-#   MoE decode (64 tokens): triton 2.91 vs xla 2.88 (parity on Mixtral, lax.ragged_dot). The
-#   xla path is now a loop over expert tiles (exact for unselected experts, memory ~ routed
-#   rows): on an H200 (2026-12-02, results/h200_session5_after.json) Mixtral's 64-token decode
-#   ran triton 4.17 TB/s against that loop's 1.11, so triton.
+#   MoE decode (64 tokens): triton 2.91 vs xla 2.88 (parity on Mixtral, lax.ragged_dot). On an
+#   H200 (2026-12-02, benchmarks/NOTES.md Session 6, `--only moe_zoo`, first three models) the
+#   xla path's capacity form ran 64-token decodes at 4.11 / 3.50 TB/s (Mixtral / Qwen3-30B)
+#   against triton's 4.17 / 3.69, so triton. At 4096 tokens it beat the kernels under the
+#   benchmark's uniform routing (Mixtral 643 TFLOP/s vs triton 552, mosaic 564), but its
+#   overflow rows take a slow loop under skewed routing, so the kernels stay first there.
 AUTO_GPU: Mapping[tuple[str, str | None], tuple[str, ...]] = types.MappingProxyType(
     {
         ("decode", None): ("triton", "mosaic"),
