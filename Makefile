@@ -17,7 +17,7 @@ PYTHON312 := $(shell for p in python3.12 $$(ls -d $$HOME/.pyenv/versions/3.12*/b
 	  python3.13 $$(ls -d $$HOME/.pyenv/versions/3.1[3-9]*/bin/python3 /root/.pyenv/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -rV) python3; do \
 	  if $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then echo $$p; break; fi; done)
 
-.PHONY: demo test lint format test-pinned test-newest gpu-test bench clean venv
+.PHONY: demo test lint format test-pinned test-newest gpu-test bench bench-zoo clean venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -n "$(PYTHON312)" || { echo "error: no Python >= 3.12 found (install one, e.g. with pyenv)"; exit 1; }
@@ -68,6 +68,10 @@ gpu-test:
 
 bench:
 	python3 -m benchmarks.run
+
+# The model zoo: attention layers of 11 models (benchmarks/zoo_models.py), every entry point.
+bench-zoo:
+	$(PY) -m benchmarks.zoo --json benchmarks/results/zoo.json --plot benchmarks/results/zoo.png
 
 clean:
 	rm -rf $(VENV) $(VENV_NEWEST) .pytest_cache .hypothesis metal_plugin/_build

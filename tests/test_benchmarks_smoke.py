@@ -1,8 +1,8 @@
 """Smoke test of the benchmarks on the CPU: the harness end to end (JSON fields, table, plot),
 once plain and once with every kernel and Pallas peer under its interpreter; the timer
 (benchmarks/timing.py); the kernel-level MoE sweep, the scale-out benchmark and the probe
-scripts on their tiny CPU shapes; and the counting formulas of benchmarks/shapes.py against
-brute force."""
+scripts on their tiny CPU shapes; the counting formulas of benchmarks/shapes.py against
+brute force; and the model zoo (benchmarks/zoo.py) in its --smoke mode on a subset."""
 
 from __future__ import annotations
 
@@ -482,3 +482,106 @@ def test_torch_peer_wiring(tmp_path, monkeypatch):
         assert r["status"] == "ok", r
         assert r["check"]["ok"] and r["check"]["rel_err"] < 2e-2, r["check"]
         assert {t["config"]["enable_gqa"] for t in r["tried"]} == {True, False}
+
+
+# ---------------------------------------------------------------------------------------------
+# The model zoo (benchmarks/zoo.py): counting, the plan, and a smoke run on a subset.
+
+
+def test_zoo_counting_and_plan():
+    import doctest
+
+    from benchmarks import zoo_models as Z
+
+    assert doctest.testmod(Z).failed == 0
+
+    for seqs, w in ((((0, 48),), 8), (((5, 3), (0, 1), (30, 20)), 16), (((7, 9),), None)):
+        brute = sum(min(c + j + 1, w or 10**9) for c, n in seqs for j in range(n))
+        assert Z.visible_pairs(seqs, w) == brute
+        for c, n in seqs:  # distinct keys the new queries see
+            lo = max(0, c - (w or 10**9) + 1)
+            assert Z.keys_touched(c, n, w) == c + n - lo
+    layers = Z.select_layers(None, tiny=False)
+    assert "qwen3_8b" not in {x.name for x in layers}  # same layer as llama3_8b
+    assert {x.name for x in Z.select_layers("gemma2_9b", tiny=False)} == {
+        "gemma2_9b_local",
+        "gemma2_9b_global",
+    }
+    cases = Z.plan(layers)
+    assert {c.layer.name for c in cases if c.entry == "decode"} == {x.name for x in layers}
+    assert {c.entry for c in cases} == {"decode", "serving", "chunked", "prefill"}
+    assert {c.block_size for c in cases} == {16, 32, 64, 128}
+    assert len({c.key for c in cases}) == len(cases)
+    full = Z.plan(layers, full=True)
+    assert len({c.key for c in full}) == len(full) > len(cases)
+    assert {c.point for c in full if c.entry == "decode"} >= {"1x131072", "256x2048"}
+    gpt = Z.LAYERS["gpt_oss_120b_local"]
+    case = Z.Case(gpt, "decode", ((4095, 1),) * 64, 16, "64x4096")
+    assert case.kv_bytes() == 2 * 64 * 128 * 8 * 64 * 2  # window 128: 128 keys per row
+
+
+def test_zoo_smoke(tmp_path):
+    """``benchmarks.zoo --smoke`` on a subset: every entry point's rows are checked against the
+    float32 reference and recorded; the summary has best / auto_vs_best / one-vs-split; the
+    table and the plot are written; ``--resume`` keeps the finished cases and a budget skips
+    (and says so) what does not fit."""
+    from benchmarks import zoo_models as Z
+
+    js, png = str(tmp_path / "zoo.json"), str(tmp_path / "zoo.png")
+    base = ["-m", "benchmarks.zoo", "--smoke", "--entries", "decode,serving,prefill"]
+    base += ["--backends", "triton,auto", "--json", js]
+    out = _run(base + ["--models", "llama3_8b,gpt_oss_120b_local", "--plot", png], timeout=300)
+    assert "auto/best" in out and "one/split" in out and "wrote" in out, out[-3000:]
+    with open(js) as f:
+        doc = json.load(f)
+    rows = doc["rows"]
+    assert doc["ceilings"]["copy"]["best"] > 0
+    for r in rows:
+        assert r["status"] in ("ok", "skipped"), r  # no error, nothing invalid
+        assert r["status"] == "ok" or r["error"], r
+    by = {(r["group"], r["shape"], r["impl"]): r for r in rows}
+    for group, shape in (
+        ("decode", "llama3_8b/3x40/b16"),
+        ("decode_pa", "llama3_8b/3x40/b16"),
+        ("serving", "llama3_8b/c16@48+3d/b16"),
+        ("serving_chunk", "llama3_8b/c16@48+3d/b16"),
+        ("serving_decode", "llama3_8b/c16@48+3d/b16"),
+        ("prefill", "llama3_8b/1x48/b16"),
+        ("decode", "gpt_oss_120b_local/3x40/b16"),
+        ("prefill", "gpt_oss_120b_local/1x48/b16"),
+    ):
+        r = by[(group, shape, "triton")]
+        assert r["check"]["ok"] and r["check"]["rows_checked"] > 0, r
+        assert r["config"]["interpret"] is True and r["check"]["ref"] == "xla float32"
+        assert by[(group, shape, "auto")]["auto_vs_best"] > 0
+    split = [r for r in rows if r["kind"] == "split"]
+    assert len(split) == 1 and split[0]["impl"] == "split:triton+triton" and split[0]["check"]["ok"]
+    # counting: gpt-oss's window of 8 keys (tiny twin), 8 query heads per KV head, d64
+    dec = by[("decode", "gpt_oss_120b_local/3x40/b16", "triton")]
+    assert dec["work"]["bytes"] == 2 * 3 * 8 * 1 * 64 * 2
+    pre = by[("prefill", "gpt_oss_120b_local/1x48/b16", "triton")]
+    assert pre["work"]["flops"] == 4 * Z.visible_pairs(((0, 48),), 8) * 64 * 8
+    # the peer cannot express sinks: it runs without, says so, and is checked against that
+    dpa = by[("prefill", "gpt_oss_120b_local/1x48/b16", "xla_dpa")]
+    assert dpa["config"]["omits"] == ["sinks"] and dpa["check"]["ok"], dpa
+    assert by[("prefill", "gpt_oss_120b_local/1x48/b16", "torch_sdpa")]["status"] == "skipped"
+    summ = {(s["group"], s["layer"]): s for s in doc["zoo_summary"]}
+    assert summ[("serving", "llama3_8b")]["one_vs_split"] > 0
+    assert summ[("decode_pa", "llama3_8b")]["pa_speed_vs_decode"] > 0
+    assert summ[("decode", "llama3_8b")]["best"] == "triton"
+    assert 0 < summ[("decode", "llama3_8b")]["best_frac_of_ceiling"]
+    assert summ[("prefill", "llama3_8b")]["x_xla_dpa"] > 0
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # --resume keeps the five finished cases; a spent budget skips phi3_mini's, and says so
+    out = _run(
+        base
+        + ["--models", "llama3_8b,gpt_oss_120b_local,phi3_mini", "--resume"]
+        + ["--budget-s", "0.01", "--plot", "none"]
+    )
+    assert "--resume: 5 finished case(s)" in out and "did not fit the budget" in out, out
+    with open(js) as f:
+        doc2 = json.load(f)
+    assert len(doc2["rows"]) == len(rows) + 2
+    assert doc2["cases"]["decode:phi3_mini/3x40/b16"] == "skipped (budget)"
