@@ -83,3 +83,16 @@ def static_number(
 def one_of(name: str, x, allowed) -> None:
     if x not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {x!r}")
+
+
+def mesh_axis_size(mesh, axis) -> int:
+    """The size of mesh axis ``axis``; ValueError naming ``mesh`` or ``axis`` otherwise."""
+    from jax.sharding import Mesh  # noqa: PLC0415 - keeps this module free of sharding imports
+
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis not in mesh.axis_names:
+        raise ValueError(
+            f"axis must be one of the mesh's axes {tuple(mesh.axis_names)}, got {axis!r}"
+        )
+    return mesh.shape[axis]

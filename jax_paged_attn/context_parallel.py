@@ -36,7 +36,6 @@ from jax_paged_attn import _checks
 from jax_paged_attn.attention import _options, _validated_q, paged_decode
 from jax_paged_attn.cache import KVCache, validated_cache
 from jax_paged_attn.cascade import add_sink
-from jax_paged_attn.sharding import _axis_size
 
 __all__ = [
     "ContextParallelSpecs",
@@ -89,7 +88,7 @@ def context_parallel_specs(mesh: Mesh, axis: str, *, float8: bool = False) -> Co
     >>> specs.cache.k, specs.block_tables, specs.q
     (P('cp',), P('cp',), P())
     """
-    _axis_size(mesh, axis)
+    _checks.mesh_axis_size(mesh, axis)
     scale = P() if float8 else None
     return ContextParallelSpecs(
         q=P(),
@@ -157,7 +156,7 @@ def context_parallel_decode(
     >>> bool(jnp.allclose(out, paged_decode(q, cache, tables, lens, backend="xla"), atol=1e-5))
     True
     """
-    n = _axis_size(mesh, axis)
+    n = _checks.mesh_axis_size(mesh, axis)
     if sliding_window is not None:
         raise ValueError(
             f"sliding_window ({sliding_window}) is not supported by context-parallel decode: "

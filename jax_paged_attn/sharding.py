@@ -17,7 +17,8 @@ replicated cache means *the same* as the original under the attention contract (
 undoes it, :func:`kv_head_layout` spells out the mapping. Requires ``H % n == 0`` and either
 ``Hkv % n == 0`` or ``n % Hkv == 0``.
 
-Expert parallelism (MoE): ``w_gate_up [E, Hd, 2I]`` and ``w_down [E, I, Hd]`` are sharded
+Expert parallelism (MoE; ``jax_paged_attn.expert_parallel``, re-exported here):
+``w_gate_up [E, Hd, 2I]`` and ``w_down [E, I, Hd]`` are sharded
 ``P(axis)`` on the expert axis, so device ``d`` holds experts ``d*E/n : (d+1)*E/n``; tokens,
 router weights and ids are replicated. Each device maps global ids to local ones
 (``ids - d*E/n``); ids outside ``[0, E/n)`` contribute zero (the MoE contract), and a ``psum`` over the
@@ -47,8 +48,8 @@ from jax.sharding import PartitionSpec as P
 from jax_paged_attn import _checks
 from jax_paged_attn.attention import PagedAttention, paged_attention, paged_decode
 from jax_paged_attn.cache import KVCache, validated_cache, write_kv
+from jax_paged_attn.expert_parallel import local_expert_ids, moe_specs, shard_fused_moe
 from jax_paged_attn.metadata import AttentionMetadata, validated
-from jax_paged_attn.moe import fused_moe
 
 # The shard_maps below run with check_vma=False: the per-device bodies are the unchanged
 # single-device ops (the xla reference's loop carries and the Pallas kernels are not annotated
@@ -227,16 +228,6 @@ def unreplicate_kv_heads(x, num_kv_heads: int):
 # ----------------------------------------------------------------------------- specs
 
 
-def _axis_size(mesh, axis) -> int:
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if axis not in mesh.axis_names:
-        raise ValueError(
-            f"axis must be one of the mesh's axes {tuple(mesh.axis_names)}, got {axis!r}"
-        )
-    return mesh.shape[axis]
-
-
 def _cache_spec(axis, float8: bool) -> KVCache:
     pages = P(None, axis)
     scale = P(axis) if float8 else None
@@ -284,7 +275,7 @@ def attention_specs(
     :func:`replicate_kv_heads` (``layout.cache_kv_heads`` heads). ``float8=True`` adds the
     scales' specs. ``ValueError`` naming the argument when the heads do not split.
     """
-    layout = kv_head_layout(num_heads, num_kv_heads, _axis_size(mesh, axis))
+    layout = kv_head_layout(num_heads, num_kv_heads, _checks.mesh_axis_size(mesh, axis))
     return AttentionSpecs(
         q=P(None, axis),
         kv=P(None, axis),
@@ -337,7 +328,7 @@ def _vector_spec(x, axis):
 
 
 def _sharded_attention(decode: bool, mesh, axis, opts):
-    n = _axis_size(mesh, axis)
+    n = _checks.mesh_axis_size(mesh, axis)
 
     def call(q, cache, *meta_args, alibi_slopes=None, sinks=None):
         cache = validated_cache(cache)
@@ -442,7 +433,7 @@ def shard_layer(mesh: Mesh, axis: str, layer: PagedAttention):
     """
     if not isinstance(layer, PagedAttention):
         raise ValueError(f"layer must be a PagedAttention, got {type(layer).__name__}")
-    n = _axis_size(mesh, axis)
+    n = _checks.mesh_axis_size(mesh, axis)
     layout = kv_head_layout(layer.num_heads, layer.num_kv_heads, n)
     base = dataclasses.replace(layer, alibi_slopes=None)
     local = local_layer(base, n)
@@ -519,87 +510,3 @@ def shard_layer(mesh: Mesh, axis: str, layer: PagedAttention):
         )(q, k, v, cache, meta, sinks, slopes)
 
     return step
-
-
-# ----------------------------------------------------------------------------- MoE
-
-
-def moe_specs(axis: str):
-    """``(in_specs, out_specs)`` of expert-parallel :func:`fused_moe`:
-    ``x, weights, ids`` replicated, ``w_gate_up, w_down`` ``P(axis)`` (expert axis), ``y``
-    replicated."""
-    return (P(), P(axis), P(axis), P(), P()), P()
-
-
-def local_expert_ids(ids, axis: str, num_local_experts: int):
-    """Inside ``shard_map``: global expert ids to this device's local ids
-    (``ids - axis_index(axis) * num_local_experts``). Ids of experts on other devices fall
-    outside ``[0, num_local_experts)``, which :func:`fused_moe` treats as contributing zero."""
-    return ids - lax.axis_index(axis).astype(ids.dtype) * num_local_experts
-
-
-def shard_fused_moe(
-    mesh: Mesh,
-    axis: str,
-    *,
-    activation: str = "silu",
-    backend: str = "auto",
-    interpret: bool = False,
-):
-    """Expert-parallel :func:`fused_moe` over mesh axis ``axis``.
-
-    Returns ``f(x, w_gate_up, w_down, weights, ids) -> y`` with the meaning of
-    ``fused_moe(x, w_gate_up, w_down, weights, ids)`` (global expert ids). Device ``d`` holds
-    experts ``d*E/n : (d+1)*E/n`` (``w_gate_up, w_down`` sharded ``P(axis)``; place them with
-    ``NamedSharding(mesh, P(axis))`` so they never move), computes the tokens' contributions
-    of its experts, and a ``psum`` (in float32) adds the partial outputs; ``y`` is replicated,
-    in ``x.dtype``. ``ValueError`` naming ``w_gate_up`` when ``E`` is not a multiple of the
-    axis size. Usable under ``jax.jit``.
-
-    >>> import jax, jax.numpy as jnp, numpy as np
-    >>> from jax.sharding import Mesh
-    >>> mesh = Mesh(np.array(jax.devices()[:1]), ("ep",))
-    >>> moe = jax.jit(shard_fused_moe(mesh, "ep", backend="xla"))
-    >>> x = jnp.ones((3, 8)); wgu = jnp.ones((4, 8, 32)) / 8; wd = jnp.ones((4, 16, 8)) / 16
-    >>> moe(x, wgu, wd, jnp.full((3, 2), 0.5), jnp.array([[0, 3]] * 3, jnp.int32)).shape
-    (3, 8)
-    """
-    n = _axis_size(mesh, axis)
-    _checks.one_of("activation", activation, ("silu", "gelu", "gelu_tanh"))
-
-    def moe(x, w_gate_up, w_down, weights, ids):
-        w_gate_up = _checks.as_array("w_gate_up", w_gate_up, ndim=3)
-        w_down = _checks.as_array("w_down", w_down, ndim=3)
-        num_experts = w_gate_up.shape[0]
-        if num_experts % n:
-            raise ValueError(
-                f"w_gate_up has {num_experts} experts, which must be a multiple of "
-                f"the {n} devices of mesh axis {axis!r}"
-            )
-        if w_down.shape[0] != num_experts:
-            raise ValueError(
-                f"w_down must have {num_experts} experts (as w_gate_up), "
-                f"got shape {tuple(w_down.shape)}"
-            )
-        ids = _checks.int_array("ids", ids, ndim=2)
-        local_experts = num_experts // n
-
-        def run(x, w_gate_up, w_down, weights, ids):
-            y = fused_moe(
-                x,
-                w_gate_up,
-                w_down,
-                weights,
-                local_expert_ids(ids, axis, local_experts),
-                activation=activation,
-                backend=backend,
-                interpret=interpret,
-            )
-            return lax.psum(y.astype(jnp.float32), axis).astype(y.dtype)
-
-        in_specs, out_specs = moe_specs(axis)
-        return jax.shard_map(
-            run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-        )(x, w_gate_up, w_down, weights, ids)
-
-    return moe

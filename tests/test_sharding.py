@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_paged_attn as jpa
 from jax_paged_attn import sharding as sh
-from jax_paged_attn.testing import FP8, assert_close, build_case
+from jax_paged_attn.testing import FP8, assert_close, build_case, oracle
 from tests.conftest import run_kw, suite_dtype, supports
 from tests.test_moe import _moe_inputs
 
@@ -389,6 +389,31 @@ def test_fused_moe_expert_parallel_activation(backend, rng, activation):
         x, wgu, wd, weights, ids
     )
     assert_close(y, np.asarray(single, np.float64), jnp.float32, what=activation)
+
+
+def test_fused_moe_expert_parallel_gpt_oss_experts(backend, rng):
+    """swigluoai with both biases, split over 4 devices: each device adds only its experts'
+    biases (tokens routed elsewhere carry ids outside its range), so the psum is the oracle."""
+    mesh = mesh_of(4, "ep")
+    x, wgu, wd, weights, ids, _ = _moe_inputs(rng, 11, 8, 2, 64, 64, jnp.float32)
+    bgu = jnp.asarray(rng.standard_normal((8, 128)) * 3, jnp.float32)  # beyond the clamp of 7
+    bd = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
+    kw = dict(activation="swigluoai", swiglu_alpha=1.702, swiglu_limit=7.0)
+    want = oracle.fused_moe(
+        *(np.asarray(a, np.float64) for a in (x, wgu, wd, weights)),
+        np.asarray(ids),
+        b_gate_up=np.asarray(bgu, np.float64),
+        b_down=np.asarray(bd, np.float64),
+        **kw,
+    )
+    experts = NamedSharding(mesh, P("ep"))
+    args = [jax.device_put(a, experts) for a in (wgu, wd)]
+    biases = [jax.device_put(b, experts) for b in (bgu, bd)]
+    moe = jax.jit(sh.shard_fused_moe(mesh, "ep", **kw, **run_kw(backend)))
+    y = moe(x, *args, weights, ids, *biases)
+    assert_close(y, want, jnp.float32, what="EP4 gpt-oss experts vs oracle")
+    with pytest.raises(ValueError, match="b_down"):
+        moe(x, wgu, wd, weights, ids, bgu, bd[:4])
 
 
 def test_local_expert_ids():
