@@ -3,7 +3,8 @@
 The public API (see docs/contract.md and README.md): ``KVCache``, ``write_kv``, ``copy_blocks``,
 ``gather_blocks``, ``scatter_blocks``, ``update_kv_scales``, ``AttentionMetadata``,
 ``check_metadata``, ``paged_attention``, ``paged_decode``, ``PagedAttention``, ``moe_topk``,
-``fused_moe``, ``merge_attention_states``, ``cascade_attention``; scale-out with ``shard_map`` in
+``fused_moe``, ``merge_attention_states``, ``MLACache``, ``write_mla_kv``,
+``paged_mla_attention``, ``cascade_attention``; scale-out with ``shard_map`` in
 ``jax_paged_attn.sharding`` and ``jax_paged_attn.context_parallel``.
 """
 
@@ -26,6 +27,7 @@ from jax_paged_attn.context_parallel import (
     split_context,
 )
 from jax_paged_attn.metadata import AttentionMetadata, check_metadata, metadata_checks
+from jax_paged_attn.mla import MLACache, paged_mla_attention, write_mla_kv
 from jax_paged_attn.moe import fused_moe, moe_topk
 from jax_paged_attn.sharding import (
     attention_specs,
@@ -48,6 +50,7 @@ __all__ = [
     "BACKENDS",
     "AttentionMetadata",
     "KVCache",
+    "MLACache",
     "PagedAttention",
     "cascade_attention",
     "check_metadata",
@@ -59,10 +62,12 @@ __all__ = [
     "moe_topk",
     "paged_attention",
     "paged_decode",
+    "paged_mla_attention",
     "scatter_blocks",
     "shared_prefix",
     "update_kv_scales",
     "write_kv",
+    "write_mla_kv",
     # scale-out (jax_paged_attn.sharding)
     "attention_specs",
     "kv_head_layout",

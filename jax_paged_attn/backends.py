@@ -1,7 +1,7 @@
 """The registry: which implementation of each op every backend provides, and where it runs.
 
 ``TABLE`` is the one table. Each entry maps an op name (``interfaces.OPS``: attention, decode,
-kv_write, moe) to the object that implements it, a module satisfying that op's ``Protocol``.
+kv_write, moe, mla; mla: xla only so far) to the object that implements it, a module satisfying that op's ``Protocol``.
 The ``xla`` path (``reference.py``) implements every op and is what everything falls back to.
 
 ``backend="auto"`` resolves per op and per call shape (``AUTO_GPU``, from measurements); a
@@ -58,7 +58,8 @@ def _ops(**ops) -> Mapping[str, object]:
 # fmt: off
 TABLE: Mapping[str, Backend] = types.MappingProxyType({
     "xla": Backend("xla", ("cpu", "gpu", "cuda", "rocm", "tpu", "mps", "METAL"), False, _ops(
-        attention=reference, decode=reference, kv_write=reference, moe=reference)),
+        attention=reference, decode=reference, kv_write=reference, moe=reference,
+        mla=reference)),
     "triton": Backend("triton", _NVIDIA, True, _ops(
         attention=triton_attention, decode=triton_attention, kv_write=triton_kv_write,
         moe=triton_moe)),

@@ -155,10 +155,49 @@ class MoEKernels(Protocol):
         ...
 
 
+@runtime_checkable
+class MLAKernels(Protocol):
+    """Multi-head latent attention (DeepSeek-V2/V3, absorbed form) over a latent paged cache
+    ``kv_pages [NB, BS, R + P]``: one KV head, keys the whole row, values its first ``R``
+    features. ``R`` latent (kv_lora_rank), ``P`` rotary (rope) dims."""
+
+    def check_supported(self, **config) -> None: ...
+
+    def paged_mla_attention(
+        self,
+        q_nope: jax.Array,  # [T, H, R]  f32 | bf16 | f16 (already multiplied by W_UK)
+        q_pe: jax.Array,  # [T, H, P]  q_nope's dtype
+        kv_pages: jax.Array,  # [NB, BS, R + P]  f32 | bf16 | f16 | float8_e4m3fn
+        block_tables: jax.Array,  # i32[S, MB]
+        context_lens: jax.Array,  # i32[S]
+        cu_seqlens_q: jax.Array,  # i32[S + 1]
+        *,
+        scale: float,  # logit = scale * (q_nope . c_kv + q_pe . k_pe)
+        softcap: float | None,
+        kv_scale: jax.Array | None,  # f32[]: float8 caches hold x / scale
+        interpret: bool = False,
+        return_lse: bool = False,
+    ) -> jax.Array:  # [T, H, R] in q_nope.dtype; return_lse: (out, lse f32[T, H])
+        ...
+
+    def write_mla_kv(
+        self,
+        kv_pages: jax.Array,  # [NB, BS, R + P]
+        c_kv: jax.Array,  # [T, R]
+        k_pe: jax.Array,  # [T, P]
+        slot_mapping: jax.Array,  # i32[T]: < 0 (or >= NB * BS): skipped
+        *,
+        scale: jax.Array | None,  # f32[]: float8 caches store saturate(x / scale)
+        interpret: bool = False,
+    ) -> jax.Array:  # the new kv_pages
+        ...
+
+
 # The protocol of each op name used in the registry table.
 OPS: dict[str, type] = {
     "attention": AttentionKernels,
     "decode": DecodeKernels,
     "kv_write": KVWriteKernels,
     "moe": MoEKernels,
+    "mla": MLAKernels,
 }

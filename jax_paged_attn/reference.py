@@ -87,6 +87,7 @@ def paged_attention(
     interpret: bool = False,
     static_loop: bool = False,
     return_lse: bool = False,
+    v_head_dim: int | None = None,
 ):
     """Attention over a paged cache (``interfaces.AttentionKernels``; ``interpret`` is accepted
     for the common signature and ignored: this path runs on every platform). With
@@ -97,13 +98,16 @@ def paged_attention(
     (rounded to whole blocks). ``static_loop`` runs the KV loop over every block of the block
     table (a trip count known at trace time, which reverse-mode autodiff needs) and zeroes K as
     well as V outside the visible keys (so cotangents never meet NaN in unused cache slots);
-    by default the loop covers only the blocks some row sees.
+    by default the loop covers only the blocks some row sees. ``v_head_dim``: values are the
+    first ``v_head_dim`` features of ``v_pages`` (MLA: K and V pages are one latent cache) and
+    the output is ``[T, H, v_head_dim]``; by default all of them.
     """
     num_tokens, num_heads, head_dim = q.shape
     block_tables, context_lens, cu_seqlens_q = (
         x.astype(jnp.int32) for x in (block_tables, context_lens, cu_seqlens_q)
     )
     num_blocks, num_kv_heads, block_size, _ = k_pages.shape
+    v_dim = v_pages.shape[-1] if v_head_dim is None else v_head_dim
     group = num_heads // num_kv_heads
     max_blocks = block_tables.shape[1]
     if q_tile is None:  # one row per tile when the batch looks like decode
@@ -140,7 +144,7 @@ def paged_attention(
         if scale_vec is not None:
             x = x * scale_vec[None, None, :, None, None]
         x = jnp.swapaxes(x, 1, 2)  # [NT, Hkv, BPS, BS, D]
-        return x.reshape(num_tiles, num_kv_heads, blocks_per_step * block_size, head_dim)
+        return x.reshape(num_tiles, num_kv_heads, blocks_per_step * block_size, x.shape[-1])
 
     def visible_keys(blk):  # [NT, QT, K]: which keys of these blocks each row sees
         key = (blk[:, None] * block_size + jnp.arange(block_size)).reshape(-1)
@@ -156,7 +160,7 @@ def paged_attention(
         ids = block_tables[seq][:, jnp.minimum(blk, max_blocks - 1)]  # [NT, BPS]
         ids = jnp.clip(ids, 0, num_blocks - 1)  # ids outside the cache read a real page
         k = dequant(k_pages[ids], k_scale)  # [NT, Hkv, K, D]
-        v = dequant(v_pages[ids], v_scale)
+        v = dequant(v_pages[ids], v_scale)[..., :v_dim]
         key = (blk[:, None] * block_size + jnp.arange(block_size)).reshape(-1)  # [K]
         visible = visible_keys(blk)  # [NT, QT, K]
         seen = jnp.any(visible, axis=1)[:, None, :, None]  # keys some row of the tile sees
@@ -194,7 +198,7 @@ def paged_attention(
     init = (
         jnp.full(shape, -jnp.inf, jnp.float32),
         jnp.zeros(shape, jnp.float32),
-        jnp.zeros(shape + (head_dim,), jnp.float32),
+        jnp.zeros(shape + (v_dim,), jnp.float32),
     )
     init = _varying_like(q, init)
     if static_loop:
@@ -216,8 +220,8 @@ def paged_attention(
         l = l * jnp.exp(m - m_fin) + jnp.exp(sink - m_fin)
         acc = acc * jnp.exp(m - m_fin)[..., None]
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(num_tiles * q_tile, num_heads, head_dim)
-    result = jnp.zeros((num_tokens, num_heads, head_dim), q.dtype)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(num_tiles * q_tile, num_heads, v_dim)
+    result = jnp.zeros((num_tokens, num_heads, v_dim), q.dtype)
     result = result.at[rows.reshape(-1)].set(out.astype(q.dtype), mode="drop")
     return (result, lse) if return_lse else result
 
@@ -226,6 +230,61 @@ def paged_decode(q, k_pages, v_pages, block_tables, context_lens, **kwargs):
     num_seqs = q.shape[0]
     cu = jnp.arange(num_seqs + 1, dtype=jnp.int32)
     return paged_attention(q, k_pages, v_pages, block_tables, context_lens, cu, q_tile=1, **kwargs)
+
+
+def paged_mla_attention(
+    q_nope,
+    q_pe,
+    kv_pages,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    scale: float,
+    softcap: float | None,
+    kv_scale,
+    interpret: bool = False,
+    return_lse: bool = False,
+    static_loop: bool = False,
+):
+    """Multi-head latent attention, absorbed form (``interfaces.MLAKernels``): one KV head whose
+    keys are the whole ``[R + P]`` rows of ``kv_pages`` ``[NB, BS, R + P]`` and whose values are
+    their first ``R`` features, read by :func:`paged_attention` on the same pages."""
+    del interpret
+    pages = kv_pages[:, None]  # [NB, 1, BS, R + P]: one "KV head"
+    s = None if kv_scale is None else jnp.reshape(kv_scale, (1,)).astype(jnp.float32)
+    return paged_attention(
+        jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1),
+        pages,
+        pages,
+        block_tables,
+        context_lens,
+        cu_seqlens_q,
+        scale=scale,
+        softcap=softcap,
+        sliding_window=None,
+        alibi_slopes=None,
+        sinks=None,
+        k_scale=s,
+        v_scale=s,
+        static_loop=static_loop,
+        return_lse=return_lse,
+        v_head_dim=q_nope.shape[-1],
+    )
+
+
+def write_mla_kv(kv_pages, c_kv, k_pe, slot_mapping, *, scale, interpret=False):
+    """MLA cache write (``interfaces.MLAKernels``): row ``[c_kv[i] | k_pe[i]]`` into slot
+    ``slot_mapping[i]`` as one XLA scatter; slots ``< 0`` or ``>= NB * BS`` write nothing."""
+    del interpret
+    nb, bs, _ = kv_pages.shape
+    slot_mapping = slot_mapping.astype(jnp.int32)
+    row = jnp.concatenate([c_kv.astype(jnp.float32), k_pe.astype(jnp.float32)], axis=-1)
+    if kv_pages.dtype == FP8:
+        row = jnp.clip(row / scale, -FP8_MAX, FP8_MAX)
+    block = jnp.where(slot_mapping < 0, nb, slot_mapping // bs)  # block nb: dropped
+    offset = jnp.where(slot_mapping < 0, 0, slot_mapping % bs)
+    return kv_pages.at[block, offset].set(row.astype(kv_pages.dtype), mode="drop")
 
 
 def check_supported(**config) -> None:

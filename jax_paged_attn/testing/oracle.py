@@ -273,3 +273,51 @@ def write_kv(cache, k, v, slot_mapping):
         new[block, :, offset] = stored(np.asarray(x)[written], cache.dtype, scale)
         pages.append(new)
     return tuple(pages)
+
+
+def paged_mla_attention(
+    q_nope,
+    q_pe,
+    kv_pages,
+    block_tables,
+    context_lens,
+    cu_seqlens_q,
+    *,
+    scale,
+    softcap=None,
+    kv_scale=None,
+    return_lse=False,
+):
+    """Multi-head latent attention (absorbed form) over a paged latent cache, in float64.
+
+    ``q_nope`` ``[T, H, R]``, ``q_pe`` ``[T, H, P]``; ``kv_pages`` ``[NB, BS, R + P]`` as stored
+    (float8: times the scalar ``kv_scale``), token ``t`` of sequence ``i`` in block
+    ``block_tables[i, t // BS]`` at offset ``t % BS``. One KV head: ``logit = scale *
+    (q_nope . c_kv + q_pe . k_pe)`` (then the softcap), value ``c_kv = row[:R]``; positions,
+    visibility, zero rows and ``lse`` exactly as :func:`attention`. Returns ``[T, H, R]``
+    (``(out, lse)`` with ``return_lse``)."""
+    q_nope, q_pe = _f64(q_nope), _f64(q_pe)
+    rank = q_nope.shape[-1]
+    pages = _f64(kv_pages)
+    if kv_scale is not None:
+        pages = pages * float(np.asarray(kv_scale, np.float64).reshape(()))
+    tables = np.asarray(block_tables)
+    lens = np.asarray(context_lens, np.int64)
+    bs = pages.shape[1]
+    keys = [pages[tables[i, np.arange(n) // bs], np.arange(n) % bs][:, None] for i, n in
+            enumerate(lens)]  # fmt: skip
+    # Values: the latent part, zero-padded to the key width (attention wants one head dim).
+    values = [np.concatenate([k[..., :rank], np.zeros_like(k[..., rank:])], -1) for k in keys]
+    result = attention(
+        np.concatenate([q_nope, q_pe], -1),
+        keys,
+        values,
+        lens,
+        cu_seqlens_q,
+        scale=scale,
+        softcap=softcap,
+        return_lse=return_lse,
+    )
+    if return_lse:
+        return result[0][..., :rank], result[1]
+    return result[..., :rank]
