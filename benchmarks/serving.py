@@ -16,7 +16,7 @@ experts, top-8), cut to ``--layers`` layers, bfloat16 random weights
    and ``engine.step()`` runs until all are done: continuous batching (a decode row for each
    running request, prefill chunks of at most ``--prefill-chunk`` tokens of the others fill the
    ``--token-budget`` rows), no preemption, prefix caching on (random prompts share nothing).
-   One short request first compiles the step (the batch has fixed shapes: one program). The
+   ``engine.warmup()`` first compiles the step for every row bucket (``Engine.rows_for``). The
    loop's wall time (host scheduling, batch building, transfers and the per-step sync
    included) gives generated tokens/s and prompt + generated tokens/s.
 2. **Where the time goes.** Every step's batch is recorded, then replayed on the engine's cache
@@ -31,8 +31,8 @@ experts, top-8), cut to ``--layers`` layers, bfloat16 random weights
    dispatch while the GPU idles). Split by step kind: ``mixed`` (prefill rows in the batch)
    and ``decode`` (decode rows only).
 
-Every step computes ``--token-budget`` rows, padding included: ``row_utilization`` says which
-share of them were real tokens (decode-only steps of 64 requests use 64 of the budget).
+Every step computes its row bucket (``max_seqs * 2^k`` rows, at most ``--token-budget``),
+padding included: ``row_utilization`` says which share of the computed rows were real tokens.
 
 Cross-checks in the JSON: each replay's wall time (``wall_ms``; device time is below it), the
 KV bytes a step's attention must read (``kv_read_mb``) and the bandwidth that implies
@@ -162,8 +162,8 @@ class _RecordingEngine(models.Engine):
         super().__init__(*args, **kwargs)
         self.batches = []
 
-    def _batch(self, plan):
-        batch = super()._batch(plan)
+    def _batch(self, plan, rows=None):
+        batch = super()._batch(plan, rows)
         self.batches.append(batch)
         return batch
 
@@ -243,14 +243,23 @@ def _replay_time(fn, arg_sets) -> tuple[float, float, str]:
 
 def breakdown(engine: _RecordingEngine, backend: str, seed: int = 0) -> dict:
     cfg, params = engine.cfg, engine.model.params
-    dtype, t = engine.model.dtype, engine.token_budget
+    dtype = engine.model.dtype
     batches = [jax.tree.map(jnp.asarray, b) for b in engine.batches]
     kinds = [_kind(b) for b in engine.batches]
     keys = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(keys[0], (t, cfg.num_heads, cfg.head_dim), dtype)
-    k = jax.random.normal(keys[1], (t, cfg.num_kv_heads, cfg.head_dim), dtype)
-    v = jax.random.normal(keys[2], (t, cfg.num_kv_heads, cfg.head_dim), dtype)
-    h = jax.random.normal(keys[3], (t, cfg.hidden_size), dtype)
+    inputs = {}  # random q, k, v, h per row bucket
+
+    def rand(batch):
+        t = batch["tokens"].shape[0]
+        if t not in inputs:
+            inputs[t] = (
+                jax.random.normal(keys[0], (t, cfg.num_heads, cfg.head_dim), dtype),
+                jax.random.normal(keys[1], (t, cfg.num_kv_heads, cfg.head_dim), dtype),
+                jax.random.normal(keys[2], (t, cfg.num_kv_heads, cfg.head_dim), dtype),
+                jax.random.normal(keys[3], (t, cfg.hidden_size), dtype),
+            )
+        return inputs[t]
+
     attn, mlp = _attention_only(cfg, params, backend), _mlp_only(cfg, backend)
     state = {"caches": engine.caches}
 
@@ -259,15 +268,18 @@ def breakdown(engine: _RecordingEngine, backend: str, seed: int = 0) -> dict:
         return tokens
 
     def attention(batch):
+        q, k, v, _ = rand(batch)
         outs, state["caches"] = attn(state["caches"], q, k, v, batch["meta"])
         return outs
 
     def moe(batch):
-        return mlp(params, h, batch["meta"])
+        return mlp(params, rand(batch)[3], batch["meta"])
 
     compile_s = time.perf_counter()
+    first = {b["tokens"].shape[0]: b for b in batches}  # one batch per row bucket
     for fn in (attention, moe):  # compile (the step is compiled already)
-        jax.block_until_ready(fn(batches[0]))
+        for b in first.values():
+            jax.block_until_ready(fn(b))
     compile_s = time.perf_counter() - compile_s
     out, how = {"compile_replays_s": round(compile_s, 2)}, set()
     for kind in ("mixed", "decode"):
@@ -324,19 +336,20 @@ def bench_config(name: str, args) -> dict:
         backend=args.backend,
     )
     greedy = models.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    t0 = time.perf_counter()  # compile: one short request
-    engine.generate([[1, 2, 3]], models.SamplingParams(max_new_tokens=2), progress=False)
+    t0 = time.perf_counter()  # compile every row bucket
+    engine.warmup()
     compile_s = time.perf_counter() - t0
     engine.batches.clear()
     prompts = workload(args, cfg.vocab_size)
     reqs = [engine.add_request(p, greedy) for p in prompts]
-    step_times, rows = [], []
+    step_times, rows, computed = [], [], []
     t0 = time.perf_counter()
     while engine.has_work():
         s = time.perf_counter()
         engine.step()
         step_times.append(time.perf_counter() - s)
         rows.append(int(engine.batches[-1]["meta"].cu_seqlens_q[-1]))
+        computed.append(len(engine.batches[-1]["tokens"]))
     wall = time.perf_counter() - t0
     generated = sum(len(r.output) for r in reqs)
     prompt_tokens = sum(len(p) for p in prompts)
@@ -351,7 +364,7 @@ def bench_config(name: str, args) -> dict:
         generated_tok_s=round(generated / wall, 1),
         total_tok_s=round((prompt_tokens + generated) / wall, 1),
         mean_step_ms=round(1e3 * wall / len(step_times), 3),
-        row_utilization=round(sum(rows) / (len(rows) * args.token_budget), 4),
+        row_utilization=round(sum(rows) / sum(computed), 4),
     )
     res = dict(
         config=name,

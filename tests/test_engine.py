@@ -75,6 +75,31 @@ def test_engine_frees_blocks_and_reuses_prefix_across_requests(tmp_path):
     assert engine.stats["cached_tokens"] == 16
 
 
+def test_steps_compile_per_row_bucket(tmp_path):
+    """A step computes the smallest max_seqs * 2^k rows that hold it (a decode-only step of two
+    requests: 2 rows, not the budget of 8); warmup compiles every bucket without touching the
+    cache; the tokens are the same as without it."""
+    model = load_model(write_checkpoint(tmp_path / "q", "qwen3"))
+    kw = dict(block_size=4, max_seqs=2, token_budget=8, max_model_len=40, backend="xla")
+    engine, cold = Engine(model, **kw), Engine(model, **kw)
+    assert engine.row_bucket_sizes() == [2, 4, 8]
+    assert [engine.rows_for(n) for n in (1, 2, 3, 5, 8)] == [2, 2, 4, 8, 8]
+    assert Engine(model, **{**kw, "max_seqs": 3}).row_bucket_sizes() == [3, 6, 8]
+    before = [np.asarray(c.k).copy() for c in engine.caches]
+    engine.warmup()
+    assert engine.row_buckets == {2, 4, 8}
+    assert all(
+        np.array_equal(np.asarray(c.k), b, equal_nan=True) for c, b in zip(engine.caches, before)
+    )
+    prompts = [list(range(2, 13)), list(range(20, 26))]
+    sp = SamplingParams(max_new_tokens=5)
+    warm = engine.generate(prompts, sp, progress=False)
+    assert [r.output for r in warm] == [
+        r.output for r in cold.generate(prompts, sp, progress=False)
+    ]
+    assert 2 in cold.row_buckets  # the decode-only steps
+
+
 def test_bfloat16_weights_and_stop_tokens(tmp_path):
     path = write_checkpoint(tmp_path / "b", "qwen3_moe")
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7]}))

@@ -2,9 +2,11 @@
 
 Each :meth:`Engine.step` builds ONE flat batch: a decode row for every running request that has
 finished its prompt, then prefill chunks of the others (oldest first) until the token budget is
-spent. New requests join between steps while others decode. The batch has fixed shapes (token
-budget ``T``, ``max_seqs`` sequences, ``max_blocks_per_seq`` blocks each), so the jitted step
-compiles once; each layer makes one ``write_kv`` + ``paged_attention`` call per step. Full
+spent. New requests join between steps while others decode. The batch has a few fixed shapes
+(``max_seqs`` sequences, ``max_blocks_per_seq`` blocks each, and ``T`` rows: the step's rows
+rounded up to ``max_seqs * 2^k``, at most the token budget), so the jitted step compiles once
+per row bucket and a decode-only step computes ``max_seqs`` rows, not the whole budget; each
+layer makes one ``write_kv`` + ``paged_attention`` call per step. Full
 prompt blocks are shared through the prefix cache (:mod:`.allocator`). Sampling runs on the
 device (:mod:`.sampling`); tokens stream to a per-request callback and out of
 :meth:`Engine.stream`.
@@ -82,7 +84,8 @@ class Engine:
     Args:
       block_size: tokens per KV-cache block.
       max_seqs: sequences in one batch (``S``).
-      token_budget: rows per step (``T``): decode tokens + prefill chunks; ``>= max_seqs``.
+      token_budget: most rows per step: decode tokens + prefill chunks; ``>= max_seqs`` (a step
+        compiles for the smallest ``max_seqs * 2^k`` that holds its rows, see ``rows_for``).
       max_model_len: longest prompt + generation (sets ``max_blocks_per_seq``).
       num_blocks: cache blocks per layer (default: enough for ``max_seqs`` full sequences).
       prefill_chunk: most prompt tokens of one request per step (default: the budget).
@@ -127,7 +130,8 @@ class Engine:
         self._order = itertools.count()
         self._arrival: dict[int, int] = {}
         self.stats = collections.Counter()  # steps, prompt/cached/generated tokens
-        self.busy_s = 0.0  # time in steps after the first (which compiles)
+        self.busy_s = 0.0  # time in steps that did not compile (a row bucket's first step does)
+        self.row_buckets: set[int] = set()  # the T of every compiled step
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -212,8 +216,34 @@ class Engine:
                 req.blocks.append(self.allocator.allocate())
         return sorted(plan, key=lambda p: p[0].slot)
 
-    def _batch(self, plan):
-        t, s, bs = self.token_budget, self.max_seqs, self.block_size
+    def rows_for(self, num_rows: int) -> int:
+        """The compiled row count ``T`` of a step with ``num_rows`` rows: ``max_seqs * 2^k``
+        (the smallest that holds them), at most the token budget."""
+        t = self.max_seqs
+        while t < num_rows:
+            t *= 2
+        return min(t, self.token_budget)
+
+    def row_bucket_sizes(self) -> list[int]:
+        """Every ``T`` a step can compile for (``rows_for``)."""
+        sizes = {self.rows_for(1)}
+        while max(sizes) < self.token_budget:
+            sizes.add(self.rows_for(max(sizes) + 1))
+        return sorted(sizes)
+
+    def warmup(self) -> None:
+        """Compiles the step for every row bucket (padding-only batches: nothing is written to
+        the cache, no request changes), so no later step pays a compile."""
+        for t in self.row_bucket_sizes():
+            if t not in self.row_buckets:
+                batch = jax.tree.map(jnp.asarray, self._batch([], rows=t))
+                tokens, _, self.caches = self._step(self.model.params, self.caches, batch)
+                jax.block_until_ready(tokens)
+                self.row_buckets.add(t)
+
+    def _batch(self, plan, rows=None):
+        t = rows or self.rows_for(sum(n for _, n in plan))
+        s, bs = self.max_seqs, self.block_size
         tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
         slots = np.full(t, -1, np.int32)
         tables = np.zeros((s, self.max_blocks_per_seq), np.int32)
@@ -258,10 +288,12 @@ class Engine:
                 raise RuntimeError("no request could be scheduled: the KV cache is too small")
             return []
         batch = jax.tree.map(jnp.asarray, self._batch(plan))
+        rows = batch["tokens"].shape[0]
+        timed = rows in self.row_buckets  # else this step compiles
+        self.row_buckets.add(rows)
         start = time.perf_counter()
         tokens, logits, self.caches = self._step(self.model.params, self.caches, batch)
         tokens = np.asarray(tokens)
-        timed = self.stats["steps"] > 0
         if timed:
             self.busy_s += time.perf_counter() - start
         self.stats["steps"] += 1
@@ -318,7 +350,7 @@ class Engine:
         return requests
 
     def tokens_per_second(self) -> float:
-        """Generated tokens per second of step time after the first (compiling) step."""
+        """Generated tokens per second of step time, the compiling steps left out."""
         return self.stats["timed_tokens"] / self.busy_s if self.busy_s > 0 else 0.0
 
 
