@@ -45,7 +45,11 @@ def test_api_docstring_examples():
 
     import jax_paged_attn.attention
     import jax_paged_attn.cache
+    import jax_paged_attn.cascade
+    import jax_paged_attn.context_parallel
+    import jax_paged_attn.expert_parallel
     import jax_paged_attn.metadata
+    import jax_paged_attn.mla
     import jax_paged_attn.moe
     import jax_paged_attn.sharding
     import jax_paged_attn.states
@@ -55,7 +59,11 @@ def test_api_docstring_examples():
     for module in (
         jax_paged_attn.attention,
         jax_paged_attn.cache,
+        jax_paged_attn.cascade,
+        jax_paged_attn.context_parallel,
+        jax_paged_attn.expert_parallel,
         jax_paged_attn.metadata,
+        jax_paged_attn.mla,
         jax_paged_attn.states,
         jax_paged_attn.testing,
         jax_paged_attn.testing.cases,
