@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_paged_attn import _checks, _grad, backends, reference
+from jax_paged_attn import _checks, _grad, backends, reference, reference_moe
 
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = reference.MOE_ACTIVATIONS
+ACT_QUANTS = (None, *reference_moe.ACT_QUANTS)
+FP8 = reference_moe.FP8
 
 
 def moe_topk(
@@ -108,6 +110,78 @@ def _bias(name: str, b, shape: tuple, w_dtype):
     return b
 
 
+def _block_shape(block_shape):
+    """None, or ``(bk, bn)``: two positive Python ints."""
+    if block_shape is None:
+        return None
+    ok = isinstance(block_shape, (tuple, list)) and len(block_shape) == 2
+    ok = ok and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block_shape)
+    if not ok:
+        raise ValueError(
+            f"block_shape must be None or (bk, bn), two positive ints, got {block_shape!r}"
+        )
+    return tuple(block_shape)
+
+
+def _scale(name: str, scale, shape: tuple, mode: str):
+    """A float8 weight's float32 scale of ``shape``; ``mode`` names the layout for messages."""
+    if scale is None:
+        raise ValueError(f"float8_e4m3fn weights need {name} (float32 {shape}, {mode})")
+    scale = _checks.as_array(name, scale)
+    if scale.dtype != jnp.float32 or tuple(scale.shape) != shape:
+        raise ValueError(
+            f"{name} must be float32 {shape} ({mode}), got {scale.dtype} {tuple(scale.shape)}"
+        )
+    return scale
+
+
+def _quant_args(w_gate_up, w_down, w_gate_up_scale, w_down_scale, block_shape, act_quant):
+    """Validates SPEC 4.2's arguments; returns the scales and ``block_shape`` (normalised)."""
+    if act_quant not in ACT_QUANTS:
+        raise ValueError(f"act_quant must be one of {ACT_QUANTS}, got {act_quant!r}")
+    block_shape = _block_shape(block_shape)
+    fp8 = [w.dtype == FP8 for w in (w_gate_up, w_down)]
+    if fp8[0] != fp8[1]:
+        raise ValueError(
+            f"w_gate_up ({w_gate_up.dtype}) and w_down ({w_down.dtype}) must both be "
+            "float8_e4m3fn or both x's dtype"
+        )
+    if not fp8[0]:
+        given = [
+            name
+            for name, v in (
+                ("w_gate_up_scale", w_gate_up_scale),
+                ("w_down_scale", w_down_scale),
+                ("block_shape", block_shape),
+                ("act_quant", act_quant),
+            )
+            if v is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} apply to float8_e4m3fn weights only; the weights are "
+                f"{w_gate_up.dtype} (pass float8_e4m3fn weights, or leave them out)"
+            )
+        return None, None, None
+    if act_quant is not None and block_shape is None:
+        raise ValueError(f'act_quant="{act_quant}" needs block_shape (its group size is bk)')
+    num_experts, hidden, inter2 = w_gate_up.shape
+    if block_shape is None:
+        mode = "one scale per output channel"
+        gu_shape, d_shape = (num_experts, inter2), (num_experts, hidden)
+    else:
+        bk, bn = block_shape
+        mode = f"one scale per {bk}x{bn} block"
+        cdiv = lambda a, b: -(-a // b)  # noqa: E731
+        gu_shape = (num_experts, cdiv(hidden, bk), cdiv(inter2, bn))
+        d_shape = (num_experts, cdiv(inter2 // 2, bk), cdiv(hidden, bn))
+    return (
+        _scale("w_gate_up_scale", w_gate_up_scale, gu_shape, mode),
+        _scale("w_down_scale", w_down_scale, d_shape, mode),
+        block_shape,
+    )
+
+
 def _swiglu_param(name: str, value) -> float:
     value = _checks.static_number(name, value)
     if not math.isfinite(value):
@@ -127,6 +201,10 @@ def fused_moe(
     b_down=None,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
+    w_gate_up_scale=None,
+    w_down_scale=None,
+    block_shape=None,
+    act_quant=None,
     backend: str = "auto",
     interpret: bool = False,
 ):
@@ -141,6 +219,16 @@ def fused_moe(
     ``swiglu_limit`` (finite, > 0) are validated always and used by ``swigluoai`` only. An id
     outside ``[0, E)`` contributes zero (expert parallelism: experts owned by another device).
     f32 accumulation, the intermediate rounded to ``x.dtype``, output in ``x.dtype``.
+
+    float8 experts (``docs/float8.md``): ``w_gate_up`` and ``w_down`` in ``float8_e4m3fn`` with
+    float32 scales, the real weight being ``W * scale``: per output channel (``block_shape``
+    None; ``w_gate_up_scale`` ``[E, 2I]``, ``w_down_scale`` ``[E, Hd]``) or per block
+    (``block_shape=(bk, bn)``; ``[E, ceil(Hd/bk), ceil(2I/bn)]`` and
+    ``[E, ceil(I/bk), ceil(Hd/bn)]``). ``act_quant="fp8_token_group"`` (needs ``block_shape``)
+    also quantises both GEMM inputs to e4m3 per token and group of ``bk`` features. Scales,
+    ``block_shape`` or ``act_quant`` with weights in ``x.dtype`` are a ValueError. Runs on the
+    ``xla`` backend only for now (``auto`` picks it; kernel backends raise). The float8 weights
+    get a zero gradient.
 
     >>> import jax, jax.numpy as jnp
     >>> x = jnp.ones((3, 8)); wgu = jnp.ones((4, 8, 2 * 16)) / 8; wd = jnp.ones((4, 16, 8)) / 16
@@ -166,9 +254,14 @@ def fused_moe(
             f"w_down must have shape {(num_experts, inter2 // 2, hidden)}, "
             f"got {tuple(w_down.shape)}"
         )
+    w_gate_up_scale, w_down_scale, block_shape = _quant_args(
+        w_gate_up, w_down, w_gate_up_scale, w_down_scale, block_shape, act_quant
+    )
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        if w.dtype != x.dtype:
-            raise ValueError(f"{name} dtype {w.dtype} must match x's {x.dtype}")
+        if w.dtype != x.dtype and w.dtype != FP8:
+            raise ValueError(
+                f"{name} dtype {w.dtype} must match x's {x.dtype} (or be float8_e4m3fn)"
+            )
     b_gate_up = _bias("b_gate_up", b_gate_up, (num_experts, inter2), x.dtype)
     b_down = _bias("b_down", b_down, (num_experts, hidden), x.dtype)
     ids = _checks.int_array("ids", ids, ndim=2)
@@ -194,11 +287,16 @@ def fused_moe(
         dtype=x.dtype,
         activation=activation,
         bias=b_gate_up is not None or b_down is not None,
+        w_dtype=w_gate_up.dtype,
+        act_quant=act_quant,
     )
     impl = backends.implementation("moe", backend, interpret=interpret, case=case, config=config)
     opts = dict(activation=activation, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+    if w_gate_up_scale is not None:  # float8 experts: only the xla backend accepts these
+        opts.update(block_shape=block_shape, act_quant=act_quant)
+    scales = dict(w_gate_up_scale=w_gate_up_scale, w_down_scale=w_down_scale)
 
-    def call(impl, x, w_gate_up, w_down, weights, ids, b_gate_up, b_down):
+    def call(impl, x, w_gate_up, w_down, weights, ids, b_gate_up, b_down, scales):
         return impl.fused_moe(
             x,
             w_gate_up,
@@ -208,10 +306,11 @@ def fused_moe(
             b_gate_up=b_gate_up,
             b_down=b_down,
             interpret=interpret,
+            **{k: v for k, v in scales.items() if v is not None},
             **opts,
         )
 
     run = functools.partial(call, impl)
     if impl is not reference:  # kernels have no autodiff rules: the xla path differentiates
         run = _grad.with_xla_backward(run, functools.partial(call, reference))
-    return run(x, w_gate_up, w_down, weights, ids, b_gate_up, b_down)
+    return run(x, w_gate_up, w_down, weights, ids, b_gate_up, b_down, scales)

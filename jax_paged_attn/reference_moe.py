@@ -32,6 +32,19 @@ weights included, reaches no output, and its gradient (biases included) is exact
 float32 matmuls run at ``Precision.HIGHEST`` (not TF32 on GPUs); half-precision ones accumulate
 in float32. The custom VJP recomputes the forward (memory: the routed rows again, no stored
 ``[E, C, 2I]`` activations between the passes).
+
+float8 experts (SPEC 4.2, :class:`Quant`): the weights are dequantised to ``x.dtype``
+(``W.astype(f32) * scale`` rounded to ``x.dtype``) inside each form's matmul function, so XLA
+may fuse the dequantisation into the GEMM operand: a tile of the loop dequantises its one
+expert; the capacity form, batched over the experts, dequantises all ``E`` experts' weights
+(a temporary of the weights' size in ``x.dtype`` per call, as large as bf16 weights would be).
+With ``act_quant="fp8_token_group"`` each GEMM input (``x``, then ``h`` rounded to ``x.dtype``)
+is replaced by ``e4m3(v / s) * s`` per token and group of ``bk`` features (:func:`quantize_groups`),
+and the matmuls take float32 operands at ``HIGHEST`` (``q * s`` and ``W * scale`` exactly, as an
+e4m3 GEMM with f32 scaling has them; rounding them to bf16 would flip the rounding of the next
+quantisation: 1.5% error instead of 0.4%), slower on GPUs than the kernels will be. Gradients: the float8 weights get zero (they are
+frozen, not trainable); ``x``, the routing weights, the biases and the scales get theirs, the
+activation quantisation acting as the identity (straight-through).
 """
 
 from __future__ import annotations
@@ -54,6 +67,51 @@ ACTIVATIONS = {  # unary activations of the gate: h = act(gate) * up
 # Every fused_moe activation: the unary ones and gpt-oss's clamped SwiGLU.
 MOE_ACTIVATIONS = (*ACTIVATIONS, "swigluoai")
 PATHS = ("auto", "capacity", "loop")
+FP8 = jnp.dtype(jnp.float8_e4m3fn)
+FP8_MAX = 448.0  # largest finite e4m3fn value
+ACT_QUANTS = ("fp8_token_group",)
+
+
+class Quant(NamedTuple):
+    """Static description of float8 experts: ``block_shape`` ``(bk, bn)`` or None (one scale
+    per output channel) and ``act_quant`` (None or "fp8_token_group", group ``bk``)."""
+
+    block_shape: tuple | None
+    act_quant: str | None
+
+
+def dequantize_weight(w, scale, block_shape, dtype):
+    """``W * scale`` in ``dtype`` for ``w`` ``[..., K, N]`` (float8) and its scale: ``[..., N]``
+    per channel (``block_shape`` None), else ``[..., ceil(K/bk), ceil(N/bn)]`` per block. The
+    float8 values get no gradient (frozen weights); the scale does."""
+    k, n = w.shape[-2:]
+    if block_shape is None:
+        s = scale[..., None, :]
+    else:
+        bk, bn = block_shape
+        s = jnp.repeat(scale, bk, axis=-2)[..., :k, :]
+        s = jnp.repeat(s, bn, axis=-1)[..., :n]
+    return (lax.stop_gradient(w.astype(jnp.float32)) * s).astype(dtype)
+
+
+def quantize_groups(v, group: int):
+    """``e4m3(v / s) * s`` in f32 per row and group of ``group`` contiguous features of the last
+    axis (the last group may be shorter), ``s = max(absmax(group), 1e-10) / 448``: SPEC 4.2's
+    activation quantisation. The gradient is the identity (straight-through)."""
+    v = v.astype(jnp.float32)
+    k = v.shape[-1]
+    pad = -k % group
+    vp = jnp.pad(lax.stop_gradient(v), [(0, 0)] * (v.ndim - 1) + [(0, pad)])
+    vg = vp.reshape(*v.shape[:-1], (k + pad) // group, group)
+    absmax = jnp.maximum(jnp.max(jnp.abs(vg), axis=-1, keepdims=True), 1e-10)
+    # Exact IEEE divisions (the rounding to e4m3 hinges on them: ties are common for bf16 inputs):
+    # the barriers keep XLA from rewriting ``a / 448`` and ``a / broadcast(s)`` as multiplications
+    # by a rounded reciprocal.
+    s = absmax / lax.optimization_barrier(jnp.full(absmax.shape, FP8_MAX, jnp.float32))
+    s = lax.optimization_barrier(jnp.broadcast_to(s, vg.shape))
+    q = jnp.clip(vg / s, -FP8_MAX, FP8_MAX).astype(FP8).astype(jnp.float32) * s
+    q = q.reshape(vp.shape)[..., :k]
+    return q + (v - lax.stop_gradient(v))  # the value q, the derivative 1
 
 
 def moe_glu(gate, up, activation: str, alpha: float, limit: float):
@@ -198,58 +256,81 @@ def _precision(dtype):
     return _HI if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _tile_fn(act, dtype):
+def _operands(quant, dtype):
+    """``(weight, activation, mm_dtype)``: how a GEMM's float8 weight (with its scale) and its
+    input (already in ``dtype``) enter the matmul, and the matmul's operand dtype: ``dtype``,
+    float32 with ``act_quant`` (the quantised ``q * s`` and ``W * scale`` exactly, as an e4m3
+    GEMM with f32 scaling computes them). Identities without ``quant``."""
+    if quant is None:
+        return (lambda w, s: w), (lambda v: v), dtype
+    mm_dtype = dtype if quant.act_quant is None else jnp.dtype(jnp.float32)
+
+    def weight(w, s):
+        return dequantize_weight(w, s, quant.block_shape, mm_dtype)
+
+    def activation(v):
+        if quant.act_quant is None:
+            return v
+        return quantize_groups(v, quant.block_shape[0])
+
+    return weight, activation, mm_dtype
+
+
+def _tile_fn(act, dtype, quant=None):
     """y0 = glu(xs @ Wgu + bgu) @ Wd + bd for one tile of the loop, f32 accumulation; the
     intermediate passes through ``dtype`` as in the kernels. ``act``: (activation, alpha,
-    limit); absent biases are ``None``."""
+    limit); absent biases and scales are ``None``; ``quant``: float8 experts (or None)."""
+    weight, activation, mm_dtype = _operands(quant, dtype)
     dot = functools.partial(
-        jnp.dot, precision=_precision(dtype), preferred_element_type=jnp.float32
+        jnp.dot, precision=_precision(mm_dtype), preferred_element_type=jnp.float32
     )
 
-    def tile(xs, w_gate_up, w_down, b_gate_up, b_down):
-        h = dot(xs, w_gate_up)
+    def tile(xs, w_gate_up, w_down, b_gate_up, b_down, s_gate_up, s_down):
+        h = dot(activation(xs), weight(w_gate_up, s_gate_up))
         if b_gate_up is not None:
             h = h + b_gate_up.astype(jnp.float32)
         inter = w_down.shape[0]
         a = moe_glu(h[:, :inter], h[:, inter:], *act)
-        y = dot(a.astype(dtype), w_down)
+        y = dot(activation(a.astype(dtype)), weight(w_down, s_down))
         return y if b_down is None else y + b_down.astype(jnp.float32)
 
     return tile
 
 
-def _stage_fn(act, dtype, ok):
+def _stage_fn(act, dtype, ok, quant=None):
     """The capacity form's two batched matmuls on ``xs`` [E, C, Hd]: y0 [E, C, Hd] f32.
     Empty slots (``~ok``) get h = 0 before the activation, so an expert with no pair, whatever
     its weights, gives a = 0 there and a zero gradient; their y0 rows are never read."""
+    weight, activation, mm_dtype = _operands(quant, dtype)
     einsum = functools.partial(
-        jnp.einsum, precision=_precision(dtype), preferred_element_type=jnp.float32
+        jnp.einsum, precision=_precision(mm_dtype), preferred_element_type=jnp.float32
     )
 
-    def stage(xs, w_gate_up, w_down, b_gate_up, b_down):
-        h = einsum("ech,ehn->ecn", xs, w_gate_up)
+    def stage(xs, w_gate_up, w_down, b_gate_up, b_down, s_gate_up, s_down):
+        h = einsum("ech,ehn->ecn", activation(xs), weight(w_gate_up, s_gate_up))
         if b_gate_up is not None:
             h = h + b_gate_up.astype(jnp.float32)[:, None, :]
         h = jnp.where(ok[..., None], h, 0.0)
         inter = w_down.shape[1]
         a = moe_glu(h[..., :inter], h[..., inter:], *act)
-        y = einsum("eci,eih->ech", a.astype(dtype), w_down)
+        y = einsum("eci,eih->ech", activation(a.astype(dtype)), weight(w_down, s_down))
         return y if b_down is None else y + b_down.astype(jnp.float32)[:, None, :]
 
     return stage
 
 
-def _loop(x, params, topk_weights, order, counts, starts, act, plan, body, init):
+def _loop(x, params, topk_weights, order, counts, starts, act, plan, body, init, quant):
     """Runs ``carry = body(carry, tile, xs, expert_params, w, rows_ok, token, pair, e)`` over
     the loop's tiles in use (each expert's pairs past its capacity), from ``init``: ``xs`` the
-    tile's rows of x (0 past its rows), ``expert_params`` expert e's (Wgu, Wd, bgu, bd) (absent
-    biases: None), ``w`` the rows' routing weights, ``tile`` the tile's math."""
+    tile's rows of x (0 past its rows), ``expert_params`` expert e's (Wgu, Wd, bgu, bd, sgu,
+    sd) (absent biases and scales: None), ``w`` the rows' routing weights, ``tile`` the tile's
+    math."""
     num_pairs = order.shape[0]
     top_k = num_pairs // x.shape[0]
     block = plan.block
     expert, first, rows, used = _tiles(order, counts, starts, block, plan.capacity)
     weights = topk_weights.reshape(-1).astype(jnp.float32)
-    tile = _tile_fn(act, x.dtype)
+    tile = _tile_fn(act, x.dtype, quant)
     r = jnp.arange(block, dtype=jnp.int32)
 
     def step(i, carry):
@@ -285,12 +366,12 @@ def _per_token(rows_by_slot, pair_slot, num_tokens: int):
     return jnp.sum(per_pair.reshape(num_tokens, -1, flat.shape[-1]), axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_moe(x, params, topk_weights, topk_ids, act, plan):
-    return _fused_moe_fwd(x, params, topk_weights, topk_ids, act, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_moe(x, params, topk_weights, topk_ids, act, plan, quant):
+    return _fused_moe_fwd(x, params, topk_weights, topk_ids, act, plan, quant)[0]
 
 
-def _fused_moe_fwd(x, params, topk_weights, topk_ids, act, plan):
+def _fused_moe_fwd(x, params, topk_weights, topk_ids, act, plan, quant):
     num_tokens, hidden = x.shape
     num_experts = params[0].shape[0]
     key, order, counts, starts = _sort_pairs(topk_ids, num_experts)
@@ -298,7 +379,7 @@ def _fused_moe_fwd(x, params, topk_weights, topk_ids, act, plan):
         _, ok, pair_slot, xs, w_slot = _capacity_inputs(
             x, topk_weights, key, order, counts, starts, plan
         )
-        y = _stage_fn(act, x.dtype, ok)(xs, *params) * w_slot[..., None]
+        y = _stage_fn(act, x.dtype, ok, quant)(xs, *params) * w_slot[..., None]
         out = _per_token(y, pair_slot, num_tokens)
     else:
         out = jnp.zeros((num_tokens, hidden), jnp.float32)
@@ -308,11 +389,11 @@ def _fused_moe_fwd(x, params, topk_weights, topk_ids, act, plan):
             y = tile(xs, *expert_params) * w[:, None]
             return out.at[jnp.where(ok, token, num_tokens)].add(y, mode="drop")
 
-        out = _loop(x, params, topk_weights, order, counts, starts, act, plan, body, out)
+        out = _loop(x, params, topk_weights, order, counts, starts, act, plan, body, out, quant)
     return out.astype(x.dtype), (x, params, topk_weights, topk_ids)
 
 
-def _fused_moe_bwd(act, plan, residuals, cotangent):
+def _fused_moe_bwd(act, plan, quant, residuals, cotangent):
     """The forward recomputed, then the VJP of the batched stage and of each overflow tile:
     an expert no token selects gets a zero gradient (biases included)."""
     x, params, topk_weights, topk_ids = residuals
@@ -327,7 +408,7 @@ def _fused_moe_bwd(act, plan, residuals, cotangent):
             x, topk_weights, key, order, counts, starts, plan
         )
         dy_slot = jnp.take(dy, slot_pair // topk_ids.shape[1], axis=0, mode="fill", fill_value=0)
-        y0, vjp = jax.vjp(_stage_fn(act, x.dtype, ok), xs, *params)
+        y0, vjp = jax.vjp(_stage_fn(act, x.dtype, ok, quant), xs, *params)
         dxs, *dparams = vjp(dy_slot * w_slot[..., None])
         dx = _per_token(dxs.astype(jnp.float32), pair_slot, num_tokens)
         dw_slot = jnp.sum(y0 * dy_slot, axis=-1)  # [E, C]; empty slots: never read
@@ -355,7 +436,7 @@ def _fused_moe_bwd(act, plan, residuals, cotangent):
 
         init = (dx, dparams, dw)
         dx, dparams, dw = _loop(
-            x, params, topk_weights, order, counts, starts, act, plan, body, init
+            x, params, topk_weights, order, counts, starts, act, plan, body, init, quant
         )
     return (
         dx.astype(x.dtype),
@@ -380,18 +461,27 @@ def fused_moe(
     b_down=None,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
+    w_gate_up_scale=None,
+    w_down_scale=None,
+    block_shape=None,
+    act_quant=None,
     interpret=False,
     path: str = "auto",
 ):
     """Fused MoE (``interfaces.MoEKernels``): expert-sorted routed rows through batched
     matmuls over per-expert slots, the pairs past an expert's slots through a tile loop (module
-    docstring); the biases are added to the f32 accumulators. ``path`` ("auto", "capacity" or
+    docstring); the biases are added to the f32 accumulators. float8 weights take their scales
+    (SPEC 4.2, validated by ``jax_paged_attn.fused_moe``). ``path`` ("auto", "capacity" or
     "loop") forces a form (probes and tests); "auto" is :func:`moe_plan`'s choice."""
     del interpret
     if x.shape[0] == 0 or topk_ids.shape[1] == 0:
         return jnp.zeros(x.shape, x.dtype)
     topk_ids = topk_ids.astype(jnp.int32)
-    params = (w_gate_up, w_down, b_gate_up, b_down)
+    quant = None
+    if w_gate_up.dtype == FP8:
+        block_shape = None if block_shape is None else tuple(int(b) for b in block_shape)
+        quant = Quant(block_shape, act_quant)
+    params = (w_gate_up, w_down, b_gate_up, b_down, w_gate_up_scale, w_down_scale)
     act = (activation, float(swiglu_alpha), float(swiglu_limit))
     plan = moe_plan(x.shape[0], topk_ids.shape[1], w_gate_up.shape[0], path)
-    return _fused_moe(x, params, topk_weights, topk_ids, act, plan)
+    return _fused_moe(x, params, topk_weights, topk_ids, act, plan, quant)

@@ -45,15 +45,24 @@ def check_supported(
     dtype=None,
     activation=None,
     bias=False,
+    w_dtype=None,
+    act_quant=None,
 ) -> None:
     """Raises NotImplementedError for configurations the Metal kernels do not cover.
 
     Attention: ``check_supported(head_dim=, block_size=, q_dtype=, kv_dtype=)``.
     MoE: ``check_supported(num_tokens=, top_k=, num_experts=, hidden=, inter=, dtype=,
-    activation=, bias=)`` (every activation, with or without biases).
+    activation=, bias=, w_dtype=, act_quant=)`` (every activation, with or without biases;
+    weights in x's dtype: float8 experts run on the xla backend).
     """
     if head_dim is None and block_size is None:
         del bias  # the GEMV kernels take biases
+        w_name = None if w_dtype is None else _name(w_dtype)
+        if act_quant is not None or (w_name is not None and w_name != _name(dtype or w_dtype)):
+            raise NotImplementedError(
+                f"metal backend: fused_moe has no float8 expert kernels (weights {w_name}, "
+                f'act_quant={act_quant!r}); use backend="xla"'
+            )
         if activation is not None and activation not in specs.MOE_ACTIVATIONS:
             raise _unsupported("activation", activation, tuple(specs.MOE_ACTIVATIONS))
         return check_moe_supported(num_tokens=num_tokens, top_k=top_k, dtype=dtype)

@@ -71,17 +71,31 @@ def glu(gate, up, activation: str, alpha: float = 1.702, limit: float = 7.0):
 
 
 def check_supported(
-    *, dtype, backend: str, activation: str = "silu", w_dtype=None, bias=False, **_shape
+    *,
+    dtype,
+    backend: str,
+    activation: str = "silu",
+    w_dtype=None,
+    act_quant=None,
+    bias=False,
+    **_shape,
 ) -> None:
     """Raises NotImplementedError for what the kernel backends cannot run.
 
     Every shape runs (edge tiles are masked), with or without biases (``bias``: whether the
     call has any); what is refused is the dtype (one float dtype for x and both weights
-    among bf16/f16/f32) and an unknown activation.
+    among bf16/f16/f32; float8 experts, ``w_dtype`` float8_e4m3fn or an ``act_quant``, run on
+    the xla backend only for now) and an unknown activation.
     """
     del bias
     dtype = jnp.dtype(dtype)
     w_dtype = dtype if w_dtype is None else jnp.dtype(w_dtype)
+    if w_dtype == jnp.dtype(jnp.float8_e4m3fn) or act_quant is not None:
+        raise NotImplementedError(
+            f"fused_moe backend={backend!r} has no float8 expert kernels yet (weights "
+            f'{w_dtype.name}, act_quant={act_quant!r}); use backend="xla" (backend="auto" '
+            "picks it for float8 experts)"
+        )
     if dtype not in SUPPORTED_DTYPES or w_dtype != dtype:
         raise NotImplementedError(
             f"fused_moe backend={backend!r} supports x and weights of one dtype among "

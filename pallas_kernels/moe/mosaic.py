@@ -109,12 +109,18 @@ def check_supported(
     inter=None,
     activation: str = "silu",
     w_dtype=None,
+    act_quant=None,
     bias: bool = False,
 ) -> None:
     """NotImplementedError (naming what runs, suggesting backend="xla") if this can't run."""
     del num_tokens, top_k, num_experts
     common.check_supported(
-        dtype=dtype, w_dtype=w_dtype, activation=activation, bias=bias, backend="mosaic"
+        dtype=dtype,
+        w_dtype=w_dtype,
+        act_quant=act_quant,
+        activation=activation,
+        bias=bias,
+        backend="mosaic",
     )
     if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
         return  # f32: runs on the Triton kernels (see fused_moe)

@@ -55,12 +55,18 @@ def check_supported(
     inter=None,
     activation: str = "silu",
     w_dtype=None,
+    act_quant=None,
     bias: bool = False,
 ) -> None:
     """NotImplementedError (naming what runs, suggesting backend="xla") if this can't run."""
     del num_tokens, top_k, num_experts, hidden, inter  # every shape runs (masked edges)
     common.check_supported(
-        dtype=dtype, w_dtype=w_dtype, activation=activation, bias=bias, backend="triton"
+        dtype=dtype,
+        w_dtype=w_dtype,
+        act_quant=act_quant,
+        activation=activation,
+        bias=bias,
+        backend="triton",
     )
 
 
