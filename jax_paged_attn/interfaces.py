@@ -135,6 +135,8 @@ class MoEKernels(Protocol):
         inter=None,
         activation: str = "silu",
         bias: bool = False,  # whether the call has b_gate_up or b_down
+        w_dtype=None,  # the expert weights' dtype (float8_e4m3fn: SPEC 4.2, xla only today)
+        act_quant: str | None = None,  # None | "fp8_token_group"
     ) -> None: ...
 
     def fused_moe(
