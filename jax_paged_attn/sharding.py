@@ -17,6 +17,9 @@ replicated cache means *the same* as the original under the attention contract (
 undoes it, :func:`kv_head_layout` spells out the mapping. Requires ``H % n == 0`` and either
 ``Hkv % n == 0`` or ``n % Hkv == 0``.
 
+Context parallelism (decode; ``jax_paged_attn.context_parallel``, re-exported here): every
+sequence's KV blocks split over the devices, each device's attention state merged.
+
 Expert parallelism (MoE; ``jax_paged_attn.expert_parallel``, re-exported here):
 ``w_gate_up [E, Hd, 2I]`` and ``w_down [E, I, Hd]`` are sharded
 ``P(axis)`` on the expert axis, so device ``d`` holds experts ``d*E/n : (d+1)*E/n``; tokens,
@@ -48,6 +51,13 @@ from jax.sharding import PartitionSpec as P
 from jax_paged_attn import _checks
 from jax_paged_attn.attention import PagedAttention, paged_attention, paged_decode
 from jax_paged_attn.cache import KVCache, validated_cache, write_kv
+from jax_paged_attn.context_parallel import (
+    ContextParallelSpecs,
+    context_parallel_decode,
+    context_parallel_specs,
+    merge_states_across,
+    split_context,
+)
 from jax_paged_attn.expert_parallel import local_expert_ids, moe_specs, shard_fused_moe
 from jax_paged_attn.metadata import AttentionMetadata, validated
 
@@ -58,6 +68,11 @@ from jax_paged_attn.metadata import AttentionMetadata, validated
 
 __all__ = [
     "AttentionSpecs",
+    "ContextParallelSpecs",
+    "context_parallel_decode",
+    "context_parallel_specs",
+    "merge_states_across",
+    "split_context",
     "KVHeadLayout",
     "attention_specs",
     "kv_head_layout",
