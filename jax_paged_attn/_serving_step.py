@@ -18,7 +18,8 @@ from ``cu_seqlens_q`` (static shapes say nothing about the mix):
   decode results then overwrite), and the decode kernel on the one-row sequences.
 
 Rows outside ``cu_seqlens_q[0]:cu_seqlens_q[S]`` stay zeros (lse ``-inf``), as the contract
-says. The branch is a ``lax.switch`` on device-side predicates. Exact: each row is computed by
+says. The branch is a ``lax.switch`` on device-side predicates under ``jax.jit`` (an eager
+call with concrete metadata runs the one branch it needs). Exact: each row is computed by
 a kernel that implements the same contract for it.
 """
 
@@ -80,4 +81,6 @@ def serving_step(
         in_order_step = jnp.all(cu_seqlens_q == jnp.arange(num_seqs + 1))
         branches.append(in_order)
         which = jnp.where(in_order_step, 2, which)
+    if not isinstance(which, jax.core.Tracer):  # an eager call: the metadata is known here
+        return branches[int(which)]()
     return lax.switch(which, branches)

@@ -38,6 +38,24 @@ def _with_leading_rows(case, n):
     return dataclasses.replace(case, q=jnp.concatenate([pad, case.q]), meta=meta, cu_seqlens_q=cu)
 
 
+def test_jitted_steps_pick_their_branch_on_the_device(backend, rng):
+    """Under jit (the branch picked on the device): an in-order decode step and a mixed one,
+    padded with NaN rows, against the oracle."""
+    step = jax.jit(lambda q, c, m: jpa.paged_attention(q, c, m, **run_kw(backend)))
+    cases = [
+        build_case(rng, MIXES[m], dtype=suite_dtype(backend), num_blocks=40, max_blocks=6)
+        for m in ("in_order", "decode_first")
+    ]
+    for case in cases:  # NaN rows past cu_seqlens_q[S] must come out as zeros
+        q = jnp.concatenate(
+            [case.q, jnp.full((40 - case.q.shape[0],) + case.q.shape[1:], jnp.nan, case.q.dtype)]
+        )
+        out = step(q, case.cache, case.meta)
+        ref = case.reference()
+        assert_close(out[: case.q.shape[0]], ref, case.q.dtype, what=backend)
+        assert np.all(np.asarray(out[case.q.shape[0] :], np.float32) == 0)
+
+
 @pytest.mark.parametrize("mix", list(MIXES))
 @pytest.mark.parametrize("opts", [{}, {"sliding_window": 9, "softcap": 20.0}, {"sinks": True}])
 def test_serving_steps_match_the_oracle(backend, rng, mix, opts):
@@ -80,7 +98,8 @@ def test_one_row_sequences_take_the_decode_kernel(backend, rng, monkeypatch, exp
         monkeypatch.setattr(module, "paged_decode", spy)
     case = build_case(rng, MIXES["interleaved"], dtype=suite_dtype(backend))
     kw = run_kw(backend) if explicit else {}
-    out = jpa.paged_attention(case.q, case.cache, case.meta, **kw)
+    # Under jit: the branch is chosen on the device, so every branch is traced.
+    out = jax.jit(lambda q, c, m: jpa.paged_attention(q, c, m, **kw))(case.q, case.cache, case.meta)
     # Traced in every branch (decode rows in order, decode-only, mixed), one row per sequence.
     assert seen == [(6,) + case.q.shape[1:]] * 3
     assert_close(out, case.reference(), case.q.dtype, what=backend)
