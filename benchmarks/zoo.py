@@ -55,7 +55,12 @@ import numpy as np  # noqa: E402
 
 from benchmarks import peers, timing  # noqa: E402
 from benchmarks import zoo_models as Z  # noqa: E402
-from benchmarks.attention import CHECK_WINDOW, contiguous_kv, paged_cache  # noqa: E402
+from benchmarks.attention import (  # noqa: E402
+    CHECK_WINDOW,
+    check_windows,
+    contiguous_kv,
+    paged_cache,
+)
 from benchmarks.ceilings import bench_ceilings  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     Ctx,
@@ -222,12 +227,10 @@ def spread(n: int, k: int) -> list[int]:
 
 
 def row_windows(case: Z.Case, seq_ids, m: int = CHECK_WINDOW):
-    """Checked rows: ``(seq, j0, j1)``, the head and tail ``m`` rows of each sequence."""
-    out = []
-    for i in seq_ids:
-        n = case.seqs[i][1]
-        out += [(i, 0, n)] if n <= 2 * m else [(i, 0, m), (i, n - m, n)]
-    return out
+    """Checked rows of the sequences ``seq_ids`` (in that order): ``(seq, j0, j1)``, the head
+    and tail ``m`` rows of each (``benchmarks.attention.check_windows``)."""
+    wins = check_windows(case, m)
+    return [w for i in seq_ids for w in wins if w[0] == i]
 
 
 def reference(case: Z.Case, q, p, windows, sinks, **opts):

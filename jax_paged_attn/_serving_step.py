@@ -30,9 +30,18 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _zeros(q, return_lse):
+def zero_rows(q, return_lse):
+    """The result of rows that see no key: zeros (and lse ``-inf``), shaped as ``q``'s rows."""
     out = jnp.zeros(q.shape, q.dtype)
     return (out, jnp.full(q.shape[:2], -jnp.inf, jnp.float32)) if return_lse else out
+
+
+def _pad_rows(res, num_rows):
+    """``res`` (``out`` or ``(out, lse)``) with zero rows (lse ``-inf``) up to ``num_rows``."""
+    pad = lambda x, fill: jnp.pad(  # noqa: E731
+        x, [(0, num_rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1), constant_values=fill
+    )
+    return (pad(res[0], 0), pad(res[1], -jnp.inf)) if isinstance(res, tuple) else pad(res, 0)
 
 
 def _put_rows(base, part, rows):
@@ -49,7 +58,8 @@ def serving_step(
     ``prefill(q, ..., cu_seqlens_q)`` alone."""
     num_rows = q.shape[0]
     first = cu_seqlens_q[:-1]
-    one_row = (cu_seqlens_q[1:] - first) == 1
+    q_lens = cu_seqlens_q[1:] - first
+    one_row = q_lens == 1
     # The row of each one-row sequence; other sequences point past the end (dropped).
     rows = jnp.where(one_row, first, num_rows)
 
@@ -59,7 +69,7 @@ def serving_step(
         return decode(q_dec, k, v, block_tables, lens, return_lse=return_lse, **kw)
 
     def decode_only():
-        return _put_rows(_zeros(q, return_lse), decode_rows(), rows)
+        return _put_rows(zero_rows(q, return_lse), decode_rows(), rows)
 
     def mixed():
         lens = jnp.where(one_row, 0, context_lens)
@@ -67,7 +77,7 @@ def serving_step(
         return _put_rows(base, decode_rows(), rows)
 
     branches = [decode_only, mixed]
-    which = jnp.where(jnp.all((cu_seqlens_q[1:] - first) <= 1), 0, 1)
+    which = jnp.where(jnp.all(q_lens <= 1), 0, 1)
     num_seqs = block_tables.shape[0]
     if num_seqs <= num_rows:  # sequence i's one row is row i: no gather, no scatter
 
@@ -75,8 +85,7 @@ def serving_step(
             res = decode(
                 q[:num_seqs], k, v, block_tables, context_lens, return_lse=return_lse, **kw
             )
-            pad = lambda x, b: jnp.concatenate([x, b[num_seqs:]]) if num_rows > num_seqs else x
-            return jax.tree.map(pad, res, _zeros(q, return_lse))
+            return _pad_rows(res, num_rows)
 
         in_order_step = jnp.all(cu_seqlens_q == jnp.arange(num_seqs + 1))
         branches.append(in_order)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jax_paged_attn import _checks, _grad, backends
 from jax_paged_attn import reference as xla
-from jax_paged_attn._serving_step import serving_step
+from jax_paged_attn._serving_step import serving_step, zero_rows
 from jax_paged_attn.cache import KVCache, validated_cache, write_kv
 from jax_paged_attn.metadata import AttentionMetadata, validated
 
@@ -62,8 +62,7 @@ def _run(
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
     if q.shape[0] == 0 or block_tables.shape[0] == 0 or block_tables.shape[1] == 0:
-        out = jnp.zeros(q.shape, q.dtype)  # no rows, or no sequence any row could belong to
-        return (out, jnp.full(q.shape[:2], -jnp.inf, jnp.float32)) if return_lse else out
+        return zero_rows(q, return_lse)  # no rows, or no sequence any row could belong to
     op = "decode" if kind == "decode" else "attention"
     config = dict(
         head_dim=cache.head_dim,

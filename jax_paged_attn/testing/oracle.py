@@ -204,6 +204,7 @@ def fused_moe(
     b_down=None,
     swiglu_alpha=1.702,
     swiglu_limit=7.0,
+    quantize=None,
 ):
     """``y[t] = sum_j weights[t, j] * (glu(x[t] @ Wgu[e] + bgu[e]) @ Wd[e] + bd[e])`` with
     ``e = ids[t, j]``; ``w_gate_up[e] = [Wg | Wu]`` (``[hidden, 2 * inter]``), the gate ``g`` and
@@ -211,19 +212,21 @@ def fused_moe(
     ``(clip(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')`` with ``g' = min(g, limit)``.
     Absent biases are zero. Ids outside ``[0, E)`` (experts of other devices) contribute zero.
     With ``h_dtype`` the intermediate is rounded to that dtype, as a kernel that passes it
-    through memory in ``x.dtype`` does."""
+    through memory in ``x.dtype`` does. ``quantize`` (float64 -> float64, e.g. float8 token
+    groups, ``oracle_fp8``) is applied to each GEMM's input: ``x``, then ``h``."""
     x, wgu, wd = _f64(x), _f64(w_gate_up), _f64(w_down)
     weights, ids = _f64(weights), np.asarray(ids)
     num_experts, inter = wd.shape[0], wd.shape[1]
     bgu = np.zeros((num_experts, 2 * inter)) if b_gate_up is None else _f64(b_gate_up)
     bd = np.zeros((num_experts, wd.shape[2])) if b_down is None else _f64(b_down)
-    out = np.zeros_like(x)
+    quantize = quantize or (lambda v: v)
+    xq, out = quantize(x), np.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
             if not 0 <= e < num_experts:
                 continue
-            gu = x[t] @ wgu[e] + bgu[e]
+            gu = xq[t] @ wgu[e] + bgu[e]
             g, u = gu[:inter], gu[inter:]
             if activation == "swigluoai":
                 g = np.minimum(g, swiglu_limit)
@@ -233,7 +236,7 @@ def fused_moe(
                 h = activation_fn(g, activation) * u
             if h_dtype is not None:
                 h = h.astype(np.float32).astype(jnp.dtype(h_dtype)).astype(np.float64)
-            out[t] += weights[t, j] * (h @ wd[e] + bd[e])
+            out[t] += weights[t, j] * (quantize(h) @ wd[e] + bd[e])
     return out
 
 

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jax_paged_attn.testing.oracle import FP8, FP8_MAX, activation_fn
-
-
-def _f64(x) -> np.ndarray:
-    return np.asarray(x).astype(np.float64)
+from jax_paged_attn.testing import oracle
+from jax_paged_attn.testing.oracle import FP8, FP8_MAX, _f64
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -86,35 +83,24 @@ def fused_moe_fp8(
         raise ValueError(f"unknown act_quant {act_quant!r}")
     if act_quant is not None and block_shape is None:
         raise ValueError("act_quant needs block_shape")
-    wgu = dequantize_weight(w_gate_up, w_gate_up_scale, block_shape)
-    wd = dequantize_weight(w_down, w_down_scale, block_shape)
-    x, weights, ids = _f64(x), _f64(weights), np.asarray(ids)
-    num_experts, inter = wd.shape[0], wd.shape[1]
-    bgu = np.zeros((num_experts, 2 * inter)) if b_gate_up is None else _f64(b_gate_up)
-    bd = np.zeros((num_experts, wd.shape[2])) if b_down is None else _f64(b_down)
 
     def quant(v):
         return v if act_quant is None else quantize_token_groups(v, block_shape[0])
 
-    xq = quant(x)
-    out = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if not 0 <= e < num_experts:
-                continue
-            gu = xq[t] @ wgu[e] + bgu[e]
-            g, u = gu[:inter], gu[inter:]
-            if activation == "swigluoai":
-                g = np.minimum(g, swiglu_limit)
-                u = np.clip(u, -swiglu_limit, swiglu_limit)
-                h = (u + 1.0) * g / (1.0 + np.exp(-swiglu_alpha * g))
-            else:
-                h = activation_fn(g, activation) * u
-            if h_dtype is not None:
-                h = _f64(np.asarray(h, np.float32).astype(np.dtype(h_dtype)))
-            out[t] += weights[t, j] * (quant(h) @ wd[e] + bd[e])
-    return out
+    return oracle.fused_moe(
+        x,
+        dequantize_weight(w_gate_up, w_gate_up_scale, block_shape),
+        dequantize_weight(w_down, w_down_scale, block_shape),
+        weights,
+        ids,
+        activation,
+        h_dtype=h_dtype,
+        b_gate_up=b_gate_up,
+        b_down=b_down,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+        quantize=quant,
+    )
 
 
 def quantize_weight(w, block_shape=None):
